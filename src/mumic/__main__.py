@@ -1,0 +1,3 @@
+from mumic.cli import main
+
+raise SystemExit(main())
