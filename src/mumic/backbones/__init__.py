@@ -1,0 +1,57 @@
+"""Backbones: image and text towers with projections into one embedding space.
+
+`load_backbone("lite")` or `load_backbone("hf:<name or local dir>")`; see base.Backbone for
+the interface every adapter provides.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from mumic.backbones.base import IMAGE_TOWER_MODES, TEXT_TOWER_MODES, Backbone
+from mumic.errors import BackboneError
+
+__all__ = ["Backbone", "load_backbone", "IMAGE_TOWER_MODES", "TEXT_TOWER_MODES", "VALID_SPECS"]
+
+logger = logging.getLogger(__name__)
+
+VALID_SPECS = "'lite', or 'hf:<model name or local directory>' (a CLIP or SigLIP model)"
+
+
+def load_backbone(
+    spec: str,
+    *,
+    image_size: int | None = None,
+    image_head: str | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Backbone:
+    """Build the backbone named by `spec`, with frozen towers, in eval mode, on `device`.
+
+    image_size: resolution to run at (default: the adapter's). image_head: "mlp" (default)
+    or "linear" for 'lite'; 'hf:' always uses its pretrained projection ("pretrained").
+    New heads are initialised from `seed`, without touching the global random state.
+    """
+    if not isinstance(spec, str):
+        raise BackboneError(f"backbone must be a string: {VALID_SPECS}; got {spec!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise BackboneError(f"unknown device {device!r}: use e.g. 'cpu' or 'cuda'") from exc
+    name = spec.strip()
+    if name == "lite":
+        from mumic.backbones.lite import LiteBackbone
+
+        backbone: Backbone = LiteBackbone(image_size=image_size, image_head=image_head, seed=seed)
+    elif name.startswith("hf:"):
+        from mumic.backbones.hf import HFBackbone
+
+        backbone = HFBackbone(name[3:].strip(), image_size=image_size, image_head=image_head, seed=seed)
+    else:
+        raise BackboneError(f"unknown backbone {spec!r}: use {VALID_SPECS}")
+    try:
+        return backbone.to(dev)
+    except (RuntimeError, AssertionError) as exc:
+        raise BackboneError(f"could not move backbone {spec!r} to {dev}: {exc}") from exc

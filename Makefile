@@ -1,0 +1,28 @@
+# `make demo` and `make test` set up the environment when needed, then run.
+# Setup creates .venv in the repo unless a virtual environment is already active,
+# and reinstalls only when pyproject.toml changed.
+SHELL := /bin/bash
+VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mumic-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@rm -f $(VENV)/.mumic-* && touch $@
+
+demo: setup
+	$(VENV)/bin/mumic demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf .venv runs/demo data/shapes

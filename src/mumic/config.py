@@ -1,0 +1,179 @@
+"""Typed run configuration: a YAML file plus command-line overrides.
+
+One flat dataclass keeps the YAML, the command line (`mumic train --help` lists every
+field) and the saved `config.yaml` of a run in one-to-one correspondence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mumic.errors import ConfigError
+from mumic.losses import LOSS_NAMES
+
+DEFAULT_TEMPLATES = ["a photo of {}.", "a picture of {}.", "an image showing {}."]
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # data
+    manifest: str | None = _f(None, "training manifest (CSV/TSV/JSONL/Parquet with image, labels[, split])")
+    val_manifest: str | None = _f(None, "validation manifest; default: rows of --manifest whose split is val")
+    test_manifest: str | None = _f(None, "test manifest evaluated at the end; default: split test if present")
+    labels_file: str | None = _f(None, "labels file (YAML/JSON): label names, prompts, seen/unseen, templates")
+    templates: list[str] = _f(DEFAULT_TEMPLATES, "prompt templates with {} for the label; a label's prompts are averaged")
+    unlisted: str = _f("negative", "labels not listed for an image are negatives or unknown (masked)", ("negative", "unknown"))
+    out: str | None = _f(None, "run directory to write")
+    # model
+    backbone: str = _f("lite", "backbone: 'lite' (offline default) or 'hf:<hub name or local dir>'")
+    image_size: int | None = _f(None, "input resolution in pixels (default: the backbone's)")
+    image_head: str = _f("mlp", "lite image projection: mlp or linear", ("mlp", "linear"))
+    image_tower: str = _f("frozen", "image tower: frozen (features cached), last (last stage tuned), full", ("frozen", "last", "full"))
+    text_tower: str = _f("frozen", "text tower: frozen (class embeddings cached) or tuned", ("frozen", "tuned"))
+    loss: str = _f("tempered_sigmoid", "training loss", LOSS_NAMES)
+    tau: float | None = _f(None, "initial temperature (default: 1/the backbone's logit scale, else 0.07; 1.0 for tempered_sigmoid_fixed)")
+    learn_tau: bool = _f(True, "learn the temperature (tempered_sigmoid_fixed never does)")
+    bias: str = _f("shared", "logit bias b: one shared scalar, one per label, or none", ("shared", "per_label", "none"))
+    bias_init: str = _f("prior", "initial b: from the label prior (mean p near the positive rate) or zero", ("prior", "zero"))
+    # optimisation
+    epochs: int = _f(30, "maximum number of epochs")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = _f(64, "images per optimizer step (before accumulation)")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    lr_tower: float = _f(1e-5, "learning rate of tuned tower weights")
+    lr_head: float = _f(1e-3, "learning rate of projection heads / linear classifier")
+    lr_temp: float = _f(1e-2, "learning rate of tau and b")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to tau, b, norms and biases)")
+    warmup_steps: int = _f(20, "linear warmup steps, then cosine decay to 0")
+    eval_every: int = _f(50, "evaluate on validation every N optimizer steps (and at the end of each epoch)")
+    patience: int = _f(6, "early stopping: evaluations without a better validation GAP@10")
+    seed: int = _f(0, "random seed (data order, head initialisation, augmentation)")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto")
+    amp: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
+    num_workers: int = _f(0, "DataLoader worker processes for image decoding")
+    cache_dir: str | None = _f(None, "frozen-feature cache (default: $MUMIC_CACHE or ~/.cache/mumic)")
+    majority_n: int = _f(32, "number of most frequent training labels in the majority-label mAP")
+
+    def resolved_tau(self, backbone_logit_scale: float | None) -> float:
+        if self.tau is not None:
+            return float(self.tau)
+        if self.loss == "tempered_sigmoid_fixed":
+            return 1.0
+        if backbone_logit_scale:
+            return 1.0 / min(float(backbone_logit_scale), 100.0)
+        return 0.07
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_type(name: str, value: Any, where: str) -> Any:
+    """Coerce a YAML/CLI value to the field's type or raise a ConfigError naming the key."""
+    f = FIELDS[name]
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if typing.get_origin(hint) is list:
+        base = hint
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: key '{name}' must not be empty")
+    if typing.get_origin(base) is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: key '{name}' must be a list of strings, got {value!r}")
+        return list(value)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: key '{name}' must be true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: key '{name}' must be an integer, got {value!r}")
+        try:
+            value = int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: key '{name}' must be an integer, got {value!r}") from None
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: key '{name}' must be a number, got {value!r}")
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: key '{name}' must be a number, got {value!r}") from None
+    elif base is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: key '{name}' must be a string, got {value!r}")
+        value = str(value)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: key '{name}' is {value!r}; choose one of {', '.join(choices)}")
+    if base in (int, float) and name not in ("seed", "tau") and value is not None and value < 0:
+        raise ConfigError(f"{where}: key '{name}' must not be negative, got {value!r}")
+    if name in ("batch_size", "grad_accum", "eval_every", "epochs", "max_steps") and value == 0:
+        raise ConfigError(f"{where}: key '{name}' must be at least 1")
+    if name == "tau" and value is not None and value <= 0:
+        raise ConfigError(f"{where}: key 'tau' must be > 0, got {value!r}")
+    return value
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config (optional), apply overrides (None values are ignored), validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: a config must be a mapping of key: value")
+        for k, v in data.items():
+            if k not in FIELDS:
+                raise _unknown_key(str(k), str(p))
+            values[k] = _check_type(k, v, str(p))
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if k not in FIELDS:
+            raise _unknown_key(k, "command line")
+        values[k] = _check_type(k, v, "command line")
+    return TrainConfig(**values)
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    from mumic.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

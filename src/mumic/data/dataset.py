@@ -1,0 +1,111 @@
+"""A torch Dataset of decoded, cropped images, a seeded DataLoader, and file digests.
+
+Train-time randomness comes from a generator seeded by (seed, epoch, index), so a
+batch is the same whatever the number of workers or the order items are fetched in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mumic.data.images import MAX_PIXELS, load_image, random_resized_crop, resize_center_crop
+from mumic.errors import ImageError
+
+_CHUNK = 1 << 20
+
+
+class ImageDataset(Dataset):
+    """Items are ``(index, uint8 tensor [3, size, size])``.
+
+    Eval (``train=False``): resize the shorter side to ``size`` and center-crop.
+    Train: random resized crop + flip, deterministic given (seed, epoch, index).
+    Unreadable images raise ImageError.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        size: int,
+        *,
+        train: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:
+        if size <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        self.paths = [Path(p) for p in paths]
+        self.size = int(size)
+        self.train = bool(train)
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+        self.max_pixels = int(max_pixels)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the train augmentation for a new epoch (workers see it on the next
+        iterator, since loaders from :func:`make_loader` do not keep workers alive)."""
+        self.epoch = int(epoch)
+
+    def rng(self, index: int) -> np.random.Generator:
+        """The augmentation generator of item ``index`` in the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        index = int(index)
+        img = load_image(self.paths[index], size_hint=self.size, max_pixels=self.max_pixels)
+        if self.train:
+            arr = random_resized_crop(img, self.size, self.rng(index))
+        else:
+            arr = resize_center_crop(img, self.size)
+        return index, torch.from_numpy(arr)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader whose shuffle order is fixed by ``seed``; workers are not persistent
+    (so ``set_epoch`` reaches them) and memory is pinned when CUDA is available."""
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """Hex blake2b-128 of the file's bytes, read in 1 MiB chunks (feature-cache keys)."""
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, not a file") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read: {e.strerror or e}") from None
+    return h.hexdigest()

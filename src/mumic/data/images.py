@@ -1,0 +1,217 @@
+"""Image decoding and the two geometric transforms (eval: resize + center crop; train:
+random resized crop + flip).
+
+``load_image`` turns anything Pillow can read into an RGB image, or raises
+:class:`~mumic.errors.ImageError` with the path and the reason. Transforms return
+``uint8`` arrays ``[3, size, size]``; normalisation belongs to the backbone.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mumic.errors import ImageError
+
+log = logging.getLogger(__name__)
+
+MAX_PIXELS = 89_478_485
+"""Default pixel limit (Pillow's own decompression-bomb limit)."""
+
+REDUCING_GAP = 3.0
+"""Pillow's ``reducing_gap``: shrink by an integer factor first when downscaling a lot;
+3.0 is indistinguishable from exact resampling and much faster on large photos."""
+
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_INT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_WHITE = (255, 255, 255)
+
+
+def _check_file(path: Path) -> None:
+    """Raise ImageError unless ``path`` is a non-empty regular file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        reason = "broken symlink" if os.path.islink(path) else "file not found"
+        raise ImageError(f"{path}: {reason}") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError(f"{path}: symlink loop") from None
+        raise ImageError(f"{path}: cannot access: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{path}: is a directory, not an image")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{path}: not a regular file")
+    if st.st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes)")
+
+
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    out = Image.new("RGB", rgba.size, _WHITE)
+    out.paste(rgba, mask=rgba.getchannel("A"))
+    return out
+
+
+def _int_to_rgb(img: Image.Image) -> Image.Image:
+    """16/32-bit integer grey -> 8-bit RGB, scaling the 16-bit range (Pillow would clip)."""
+    arr = np.asarray(img).astype(np.float64)
+    arr = np.clip(arr, 0, 65535) / 257.0
+    return Image.fromarray(np.round(arr).astype(np.uint8), mode="L").convert("RGB")
+
+
+def _float_to_rgb(img: Image.Image) -> Image.Image:
+    """Float grey -> 8-bit RGB; values in [0, 1] are taken as fractions, else as 0..255."""
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+    if arr.size and arr.max() <= 1.0:
+        arr = arr * 255.0
+    return Image.fromarray(np.round(np.clip(arr, 0, 255)).astype(np.uint8), mode="L").convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB; transparency is composited onto white."""
+    mode = img.mode
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in img.info):
+        return _composite_on_white(img)
+    if mode == "RGB":
+        return img
+    if mode in _INT_MODES:
+        return _int_to_rgb(img)
+    if mode == "F":
+        return _float_to_rgb(img)
+    if mode == "LAB":
+        return _lab_to_rgb(img)
+    return img.convert("RGB")
+
+
+def _lab_to_rgb(img: Image.Image) -> Image.Image:
+    """CIE L*a*b* -> sRGB through a colour transform (a plain convert copies channels)."""
+    from PIL import ImageCms
+
+    transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+    out = ImageCms.applyTransform(img, transform)
+    assert out is not None
+    return out
+
+
+def load_image(
+    path: str | os.PathLike[str],
+    *,
+    size_hint: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> Image.Image:
+    """Decode an image file to RGB (EXIF orientation applied, first frame of animations).
+
+    ``size_hint`` lets JPEGs decode at a reduced scale whose sides stay >= ``size_hint``.
+    Raises ImageError (with path and reason) for a missing path, a directory, an empty
+    or non-image file, truncated data, or more than ``max_pixels`` pixels.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{path}: too many pixels ({width}x{height} = {width * height:,}, "
+                    f"limit {max_pixels:,}); downscale the image or raise max_pixels"
+                )
+            if size_hint is not None and img.format == "JPEG":
+                img.draft("RGB", (size_hint, size_hint))
+            img.load()  # force the full decode here, so truncated data fails here
+            try:
+                oriented = ImageOps.exif_transpose(img)
+            except Exception as e:  # a broken EXIF block must not lose the image
+                log.warning("%s: ignoring unreadable EXIF orientation (%s)", path, e)
+                oriented = img
+            rgb = to_rgb(oriented)
+            if rgb is img:
+                rgb = img.copy()  # detach from the file before it closes
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: too many pixels ({e}); raise max_pixels only for trusted files") from None
+    except MemoryError:
+        raise
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    except (OSError, EOFError) as e:
+        reason = str(e) or e.__class__.__name__
+        if "truncated" in reason or isinstance(e, EOFError):
+            reason = f"truncated or corrupt data ({reason})"
+        raise ImageError(f"{path}: cannot decode: {reason}") from None
+    except Exception as e:  # decoders also raise SyntaxError, ValueError, struct.error, ...
+        raise ImageError(f"{path}: cannot decode: {e.__class__.__name__}: {e}") from None
+    return rgb
+
+
+def _as_chw(img: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def _crop_resize(img: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
+    if img.mode != "RGB":
+        img = to_rgb(img)
+    return img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=REDUCING_GAP)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
+    """Resize so the shorter side is ``size``, center-crop ``size`` x ``size``: uint8 [3, size, size].
+
+    Done as one resample of the central square (same result, less work).
+    """
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) / 2.0, (h - s) / 2.0
+    return _as_chw(_crop_resize(img, (left, top, left + s, top + s), size))
+
+
+def random_resized_crop(
+    img: Image.Image,
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.7, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: bool = True,
+) -> np.ndarray:
+    """Train augmentation: a random crop of ``scale`` of the area and ``ratio`` aspect,
+    resized to ``size`` x ``size``, flipped left-right with probability 1/2 when
+    ``hflip``. Deterministic given the state of ``rng``. Returns uint8 [3, size, size]."""
+    w, h = img.size
+    area = float(w * h)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    box: tuple[float, float, float, float] | None = None
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(rng.integers(0, h - ch + 1))
+            left = int(rng.integers(0, w - cw + 1))
+            box = (left, top, left + cw, top + ch)
+            break
+    if box is None:  # fall back to the largest central crop within the ratio range
+        in_ratio = w / h
+        if in_ratio < ratio[0]:
+            cw, ch = w, int(round(w / ratio[0]))
+        elif in_ratio > ratio[1]:
+            ch, cw = h, int(round(h * ratio[1]))
+        else:
+            cw, ch = w, h
+        left, top = (w - cw) // 2, (h - ch) // 2
+        box = (left, top, left + cw, top + ch)
+    out = _crop_resize(img, box, size)
+    flip = rng.random() < 0.5
+    if hflip and flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _as_chw(out)

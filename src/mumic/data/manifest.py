@@ -1,0 +1,660 @@
+"""Manifests (which image has which labels) and labels files (label names, prompts).
+
+A manifest is a CSV, TSV, JSONL or Parquet table with a column ``image`` (a path,
+relative to the manifest's folder unless absolute) and ``labels`` (a list in
+JSONL/Parquet; ``|``-separated in CSV/TSV). Optional columns: ``negatives`` (explicit
+negatives, same format), ``split``, and anything else, which is kept in
+``Manifest.frame`` so it can be passed through to predictions.
+
+Every problem in a file is reported as a :class:`~mumic.errors.ManifestError` that names
+the file, the line (as a text editor shows it; Parquet has rows instead) and the problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from mumic.errors import ConfigError, ImageError, ManifestError
+
+log = logging.getLogger(__name__)
+
+SEPARATOR = "|"
+"""Separator of several labels in one CSV/TSV cell (and in a JSONL string)."""
+
+_FORMATS: dict[str, str] = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+_UNLISTED = ("negative", "unknown")
+
+
+def _supported() -> str:
+    return ", ".join(_FORMATS)
+
+
+def _is_missing(value: Any) -> bool:
+    """True for None and NaN (how pandas and JSON spell an absent cell)."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return value is pd.NA or value is pd.NaT
+
+
+# --------------------------------------------------------------------------- Manifest
+
+
+@dataclass(eq=False, repr=False)
+class Manifest:
+    """A parsed manifest: one entry per row, in file order.
+
+    ``images`` are absolute paths; ``labels`` and ``negatives`` are stripped and
+    de-duplicated per row (order kept); ``frame`` holds the original columns; ``lines``
+    the file line of each row (the row number for Parquet) for error messages.
+    """
+
+    path: Path
+    images: list[Path]
+    labels: list[list[str]]
+    negatives: list[list[str]] | None = None
+    splits: list[str] | None = None
+    frame: pd.DataFrame = field(default_factory=pd.DataFrame)
+    lines: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        if not self.lines:
+            self.lines = list(range(1, n + 1))
+        for name in ("labels", "negatives", "splits", "lines"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"Manifest.{name} has {len(value)} entries for {n} images")
+        if len(self.frame) != n:
+            raise ValueError(f"Manifest.frame has {len(self.frame)} rows for {n} images")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __repr__(self) -> str:
+        return f"Manifest(path={str(self.path)!r}, rows={len(self)}, labels={len(self.label_names())})"
+
+    def where(self, i: int) -> str:
+        """``'<file> line N'`` (``row N`` for Parquet) for row ``i``, for messages."""
+        return _where(self.path, self.lines[i])
+
+    def label_names(self) -> list[str]:
+        """Sorted unique label names over ``labels`` and ``negatives``."""
+        names: set[str] = set()
+        for row in self.labels:
+            names.update(row)
+        for row in self.negatives or ():
+            names.update(row)
+        return sorted(names)
+
+    def select(self, mask_or_indices: Sequence[int] | Sequence[bool] | np.ndarray) -> Manifest:
+        """A new manifest with the rows picked by a boolean mask or by integer indices."""
+        idx = np.asarray(mask_or_indices)
+        if idx.dtype == bool:
+            if idx.shape != (len(self),):
+                raise ValueError(f"boolean mask has shape {idx.shape}, expected ({len(self)},)")
+            idx = np.flatnonzero(idx)
+        elif idx.size == 0:
+            idx = idx.astype(np.int64)
+        elif not np.issubdtype(idx.dtype, np.integer):
+            raise TypeError(f"select() takes a boolean mask or integer indices, got {idx.dtype}")
+        idx = idx.reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"row index out of range for a manifest of {len(self)} rows")
+        pick = idx.tolist()
+        return Manifest(
+            path=self.path,
+            images=[self.images[i] for i in pick],
+            labels=[list(self.labels[i]) for i in pick],
+            negatives=None if self.negatives is None else [list(self.negatives[i]) for i in pick],
+            splits=None if self.splits is None else [self.splits[i] for i in pick],
+            frame=self.frame.iloc[pick].reset_index(drop=True),
+            lines=[self.lines[i] for i in pick],
+        )
+
+    def split_names(self) -> list[str]:
+        """The non-empty split names present, sorted (empty when there is no split column)."""
+        return sorted({s for s in self.splits or () if s})
+
+    def split(self, name: str) -> Manifest:
+        """The rows whose ``split`` is ``name``."""
+        if self.splits is None:
+            raise ManifestError(
+                f"{self.path}: no 'split' column, so there is no split {name!r}; "
+                "add a split column (e.g. train/val/test) or pass separate manifests"
+            )
+        mask = np.array([s == name for s in self.splits], dtype=bool)
+        if not mask.any():
+            present = ", ".join(self.split_names()) or "(none)"
+            raise ManifestError(f"{self.path}: no rows with split {name!r}; splits present: {present}")
+        return self.select(mask)
+
+    def targets(
+        self,
+        label_names: Sequence[str],
+        unlisted: str = "negative",
+        *,
+        ignore_unknown: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Targets ``y`` (float32 [N, C]) and the mask ``known`` (bool [N, C]).
+
+        Listed labels are 1 and known; explicit negatives are 0 and known; every other
+        cell is 0, and known if ``unlisted == "negative"``, unknown if ``"unknown"``.
+        A manifest label missing from ``label_names`` is an error unless
+        ``ignore_unknown`` (then it is dropped, as for zero-shot labels held out).
+        """
+        if unlisted not in _UNLISTED:
+            raise ConfigError(f"unlisted must be one of {', '.join(_UNLISTED)}, got {unlisted!r}")
+        index = {name: c for c, name in enumerate(label_names)}
+        if len(index) != len(label_names):
+            dup = sorted({n for n in label_names if list(label_names).count(n) > 1})
+            raise ValueError(f"label_names has duplicates: {', '.join(dup)}")
+        n, c = len(self), len(index)
+        y = np.zeros((n, c), dtype=np.float32)
+        known = np.full((n, c), unlisted == "negative", dtype=bool)
+
+        def columns(i: int, names: list[str]) -> list[int]:
+            out = []
+            for name in names:
+                col = index.get(name)
+                if col is None:
+                    if ignore_unknown:
+                        continue
+                    raise ManifestError(
+                        f"{self.where(i)}: label {name!r} is not one of the {c} known labels; "
+                        "add it to the labels file or remove it from the manifest"
+                    )
+                out.append(col)
+            return out
+
+        for i in range(n):
+            pos = columns(i, self.labels[i])
+            y[i, pos] = 1.0
+            known[i, pos] = True
+            if self.negatives is not None:
+                neg = columns(i, self.negatives[i])
+                known[i, neg] = True
+        return y, known
+
+    def check_images_exist(self) -> None:
+        """Raise ImageError naming the first missing image (and how many are missing)."""
+        missing = [i for i, p in enumerate(self.images) if not p.is_file()]
+        if missing:
+            i = missing[0]
+            raise ImageError(
+                f"{self.where(i)}: image not found: {self.images[i]} "
+                f"({len(missing)} of {len(self)} images are missing)"
+            )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _where(path: Path, line: int) -> str:
+    unit = "row" if _FORMATS.get(path.suffix.lower()) == "parquet" else "line"
+    return f"{path} {unit} {line}"
+
+
+def _read_text(path: Path) -> str:
+    """The file as text (UTF-8, optional BOM); bad bytes are reported with their line."""
+    data = _read_bytes(path)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data.count(b"\n", 0, start) + 1
+        col = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        raise ManifestError(
+            f"{path} line {line}: not valid UTF-8 (byte 0x{data[start]:02x} at column {col}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ManifestError(f"{path}: is a directory, not a manifest file") from None
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _read_delimited(path: Path, delimiter: str) -> tuple[pd.DataFrame, list[int]]:
+    text = _read_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    last = 0
+    while True:
+        start = last + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise ManifestError(f"{path} line {reader.line_num}: cannot parse: {e}") from None
+        last = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue  # blank line
+        if header is None:
+            header = [cell.strip() for cell in row]
+            dup = sorted({h for h in header if header.count(h) > 1})
+            if dup:
+                raise ManifestError(f"{path} line {start}: duplicate column name(s): {', '.join(dup)}")
+            continue
+        if len(row) != len(header):
+            raise ManifestError(
+                f"{path} line {start}: expected {len(header)} fields ({', '.join(header)}), "
+                f"found {len(row)}; quote fields that contain {delimiter!r}"
+            )
+        rows.append(row)
+        lines.append(start)
+    if header is None:
+        raise ManifestError(f"{path}: empty manifest (no header and no rows)")
+    return pd.DataFrame(rows, columns=header, dtype=object), lines
+
+
+def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[int]]:
+    text = _read_text(path)
+    records: list[dict[str, Any]] = []
+    lines: list[int] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path} line {number}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise ManifestError(
+                f"{path} line {number}: expected a JSON object like "
+                f'{{"image": "a.jpg", "labels": ["cat"]}}, got {type(record).__name__}'
+            )
+        records.append(record)
+        lines.append(number)
+    return pd.DataFrame.from_records(records), lines
+
+
+def _read_parquet(path: Path) -> tuple[pd.DataFrame, list[int]]:
+    if not path.exists():
+        raise ManifestError(f"{path}: file not found")
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a directory, not a manifest file")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several unrelated types for bad files
+        raise ManifestError(f"{path}: not a readable Parquet file: {e}") from None
+    frame = frame.reset_index(drop=True)
+    return frame, list(range(1, len(frame) + 1))
+
+
+def _parse_label_cell(value: Any, where: str, column: str, list_allowed: bool) -> list[str]:
+    """One labels/negatives cell -> stripped, de-duplicated labels (order kept)."""
+    if _is_missing(value):
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        items: list[Any] = text.split(SEPARATOR) if text else []
+    elif list_allowed and isinstance(value, (list, tuple, np.ndarray)):
+        items = list(value)
+    else:
+        expected = "a list of strings or a '|'-separated string" if list_allowed else "a '|'-separated string"
+        raise ManifestError(f"{where}: {column} must be {expected}, got {type(value).__name__}: {value!r}")
+    out: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        if not isinstance(item, str):
+            raise ManifestError(
+                f"{where}: {column} must contain only strings, got {type(item).__name__}: {item!r}"
+            )
+        name = item.strip()
+        if not name:
+            raise ManifestError(
+                f"{where}: empty label in {column} {value!r} (check for a doubled or trailing '|')"
+            )
+        if name not in seen:
+            seen.add(name)
+            out.append(name)
+    return out
+
+
+def read_manifest(path: str | os.PathLike[str], *, require_labels: bool = True) -> Manifest:
+    """Read a CSV/TSV/JSONL/Parquet manifest (chosen by extension) and validate every row.
+
+    Image files are not opened here (see :meth:`Manifest.check_images_exist`).
+    """
+    path = Path(path)
+    kind = _FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise ManifestError(
+            f"{path}: unsupported manifest extension {path.suffix or '(none)'!r}; supported: {_supported()}"
+        )
+    if kind == "csv":
+        frame, lines = _read_delimited(path, ",")
+    elif kind == "tsv":
+        frame, lines = _read_delimited(path, "\t")
+    elif kind == "jsonl":
+        frame, lines = _read_jsonl(path)
+    else:
+        frame, lines = _read_parquet(path)
+
+    columns = [str(c) for c in frame.columns]
+    required = ["image"] + (["labels"] if require_labels else [])
+    for name in required:
+        if name not in frame.columns:
+            found = ", ".join(columns) or "(none)"
+            raise ManifestError(f"{path}: missing '{name}' column; columns found: {found}")
+    if len(frame) == 0:
+        raise ManifestError(f"{path}: empty manifest (no rows)")
+
+    list_allowed = kind in ("jsonl", "parquet")
+    folder = path.parent.absolute()
+    has_labels = "labels" in frame.columns
+    has_negatives = "negatives" in frame.columns
+    has_split = "split" in frame.columns
+
+    image_col = frame["image"].tolist()
+    label_col = frame["labels"].tolist() if has_labels else None
+    neg_col = frame["negatives"].tolist() if has_negatives else None
+    split_col = frame["split"].tolist() if has_split else None
+
+    images: list[Path] = []
+    labels: list[list[str]] = []
+    negatives: list[list[str]] | None = [] if has_negatives else None
+    splits: list[str] | None = [] if has_split else None
+    for i, line in enumerate(lines):
+        where = _where(path, line)
+        raw = image_col[i]
+        if _is_missing(raw) or (isinstance(raw, str) and not raw.strip()):
+            raise ManifestError(f"{where}: empty image path")
+        if not isinstance(raw, str):
+            raise ManifestError(f"{where}: image must be a path string, got {type(raw).__name__}: {raw!r}")
+        image = Path(raw.strip()).expanduser()
+        images.append(Path(os.path.normpath(folder / image)))
+
+        row = _parse_label_cell(label_col[i], where, "labels", list_allowed) if label_col is not None else []
+        if require_labels and not row:
+            raise ManifestError(f"{where}: empty label list")
+        labels.append(row)
+
+        if neg_col is not None and negatives is not None:
+            neg = _parse_label_cell(neg_col[i], where, "negatives", list_allowed)
+            both = [n for n in neg if n in row]
+            if both:
+                raise ManifestError(f"{where}: label {both[0]!r} is in both labels and negatives")
+            negatives.append(neg)
+
+        if split_col is not None and splits is not None:
+            s = split_col[i]
+            if _is_missing(s):
+                s = ""
+            if not isinstance(s, str):
+                raise ManifestError(f"{where}: split must be a string, got {type(s).__name__}: {s!r}")
+            splits.append(s.strip())
+
+    manifest = Manifest(
+        path=path,
+        images=images,
+        labels=labels,
+        negatives=negatives,
+        splits=splits,
+        frame=frame,
+        lines=lines,
+    )
+    log.debug("read %d rows from %s", len(manifest), path)
+    return manifest
+
+
+# --------------------------------------------------------------------------- labels files
+
+
+@dataclass
+class LabelSpec:
+    """One label: its name, optional own prompts and description, and whether it is
+    trained on (``seen``) or only predicted zero-shot."""
+
+    name: str
+    prompts: list[str] | None = None
+    description: str | None = None
+    seen: bool = True
+
+    def texts(self, templates: Sequence[str] | None = None) -> list[str]:
+        """The prompt texts for this label: its own prompts if it has any, else the
+        templates filled with its name, else the name itself."""
+        if self.prompts:
+            return list(self.prompts)
+        if templates:
+            return [fill_template(t, self.name) for t in templates]
+        return [self.name]
+
+
+PLACEHOLDER = "{}"
+"""Where a template takes the label name; ``{label}`` is accepted and rewritten to ``{}``."""
+
+_ENTRY_KEYS = ("name", "prompts", "description", "seen")
+_TOP_KEYS = ("labels", "templates")
+
+
+def fill_template(template: str, name: str) -> str:
+    """``template`` with its ``{}`` replaced by ``name`` (other braces are left alone)."""
+    return template.replace(PLACEHOLDER, name, 1)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate mapping keys instead of keeping the last."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:
+            continue  # unhashable keys are rejected by the base constructor
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _load_structured(path: Path) -> Any:
+    text = _read_text(path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+
+        def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for k, v in pairs:
+                if k in out:
+                    raise ManifestError(f"{path}: duplicate key {k!r}")
+                out[k] = v
+            return out
+
+        try:
+            return json.loads(text, object_pairs_hook=no_duplicates)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path} line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if suffix in (".yaml", ".yml"):
+        try:
+            return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            problem = " ".join(p for p in (e.context, e.problem) if p)
+            raise ManifestError(f"{path}{line}: invalid YAML: {problem}") from None
+        except yaml.YAMLError as e:
+            raise ManifestError(f"{path}: invalid YAML: {e}") from None
+    raise ManifestError(
+        f"{path}: unsupported labels file extension {suffix or '(none)'!r}; supported: .yaml, .yml, .json"
+    )
+
+
+def _label_name(path: Path, value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ManifestError(
+            f"{path}: {what} is {value!r} ({type(value).__name__}), not a string; "
+            "quote label names in YAML (e.g. \"no\", \"1\")"
+        )
+    name = value.strip()
+    if not name:
+        raise ManifestError(f"{path}: {what} is an empty label name")
+    if SEPARATOR in name:
+        raise ManifestError(f"{path}: label {name!r} contains '|', which separates labels in manifests")
+    return name
+
+
+def _str_list(path: Path, value: Any, what: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ManifestError(f"{path}: {what} must be a list of strings, got {value!r}")
+    out = [v.strip() for v in value]
+    if not out:
+        raise ManifestError(f"{path}: {what} is empty; remove it or give at least one")
+    if any(not v for v in out):
+        raise ManifestError(f"{path}: {what} contains an empty string")
+    return out
+
+
+def _label_entry(path: Path, name: str, entry: Any) -> LabelSpec:
+    """A LabelSpec from ``name`` and its entry (a mapping of prompts/description/seen, or None)."""
+    if entry is None:
+        return LabelSpec(name=name)
+    if not isinstance(entry, dict):
+        raise ManifestError(
+            f"{path}: label {name!r}: expected a mapping with keys prompts, description, seen "
+            f"(or nothing), got {type(entry).__name__}"
+        )
+    for key in entry:
+        if key not in _ENTRY_KEYS[1:]:
+            raise ManifestError(
+                f"{path}: label {name!r}: unknown key {key!r}; allowed: {', '.join(_ENTRY_KEYS[1:])}"
+            )
+    return _spec_from_fields(path, name, entry)
+
+
+def _spec_from_fields(path: Path, name: str, entry: dict[str, Any]) -> LabelSpec:
+    prompts = entry.get("prompts")
+    description = entry.get("description")
+    seen = entry.get("seen", True)
+    if prompts is not None:
+        prompts = _str_list(path, prompts, f"label {name!r}: prompts")
+    if description is not None and not isinstance(description, str):
+        raise ManifestError(f"{path}: label {name!r}: description must be a string, got {description!r}")
+    if not isinstance(seen, bool):
+        raise ManifestError(f"{path}: label {name!r}: seen must be true or false, got {seen!r}")
+    return LabelSpec(name=name, prompts=prompts, description=description, seen=seen)
+
+
+def _labels_from_list(path: Path, items: list[Any]) -> list[LabelSpec]:
+    specs = []
+    for k, item in enumerate(items, start=1):
+        if isinstance(item, dict):
+            for key in item:
+                if key not in _ENTRY_KEYS:
+                    raise ManifestError(
+                        f"{path}: label #{k}: unknown key {key!r}; allowed: {', '.join(_ENTRY_KEYS)}"
+                    )
+            if "name" not in item:
+                raise ManifestError(f"{path}: label #{k} has no 'name'")
+            name = _label_name(path, item["name"], f"label #{k} name")
+            specs.append(_spec_from_fields(path, name, item))
+        else:
+            specs.append(LabelSpec(name=_label_name(path, item, f"label #{k}")))
+    return specs
+
+
+def _labels_from_mapping(path: Path, mapping: dict[Any, Any]) -> list[LabelSpec]:
+    return [_label_entry(path, _label_name(path, key, f"label key {key!r}"), entry) for key, entry in mapping.items()]
+
+
+def _is_wrapped(data: dict[Any, Any]) -> bool:
+    """True for form (c) ``{labels: ..., templates: ...}``, False for form (b) ``{name: entry}``."""
+    if "labels" not in data:
+        return False
+    value = data["labels"]
+    if "templates" in data or isinstance(value, list):
+        return True
+    # {labels: {prompts: ...}} is a label called "labels" (form b).
+    return isinstance(value, dict) and not set(value) <= set(_ENTRY_KEYS[1:])
+
+
+def _templates(path: Path, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    templates = _str_list(path, value, "templates")
+    out = []
+    for t in templates:
+        t = t.replace("{label}", PLACEHOLDER)
+        if t.count(PLACEHOLDER) != 1:
+            raise ManifestError(
+                f"{path}: template {t!r} must contain the placeholder {{}} (or {{label}}) exactly once"
+            )
+        out.append(t)
+    return out
+
+
+def read_labels_file(path: str | os.PathLike[str]) -> tuple[list[LabelSpec], list[str] | None]:
+    """Read a YAML/JSON labels file; return the label specs and the prompt templates (if any).
+
+    Accepted forms: (a) a list of names (or of ``{name, prompts, description, seen}``
+    mappings); (b) a mapping ``name -> {prompts, description, seen}`` or ``name -> null``;
+    (c) a mapping with ``labels`` (form a or b) and optional ``templates``, a list of
+    strings each containing ``{}`` (or ``{label}``) once, where the label name goes.
+    """
+    path = Path(path)
+    data = _load_structured(path)
+    templates: list[str] | None = None
+    if isinstance(data, dict) and _is_wrapped(data):
+        for key in data:
+            if key not in _TOP_KEYS:
+                raise ManifestError(f"{path}: unknown key {key!r}; allowed: {', '.join(_TOP_KEYS)}")
+        templates = _templates(path, data.get("templates"))
+        data = data["labels"]
+    if isinstance(data, list):
+        specs = _labels_from_list(path, data)
+    elif isinstance(data, dict):
+        specs = _labels_from_mapping(path, data)
+    elif data is None:
+        raise ManifestError(f"{path}: the labels file is empty")
+    else:
+        raise ManifestError(
+            f"{path}: expected a list of label names or a mapping of label names, got {type(data).__name__}"
+        )
+    if not specs:
+        raise ManifestError(f"{path}: no labels")
+    names = [s.name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ManifestError(f"{path}: duplicate label name(s): {', '.join(dup)}")
+    return specs, templates

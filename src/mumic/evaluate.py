@@ -1,0 +1,237 @@
+"""Evaluation of a model on a manifest, predictions and embeddings for manifests, reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mumic.data.manifest import LabelSpec, Manifest, read_manifest
+from mumic.errors import ManifestError
+from mumic.io import atomic_write_json, atomic_write_text
+from mumic.model import MuMIC
+
+log = logging.getLogger(__name__)
+
+# the paper's figures first, then the rest
+HEADLINE = ("gap10", "gap", "map_macro", "map_majority", "zsl_map", "gzsl_map", "map_micro", "f1_micro_thr", "f1_macro_thr")
+
+
+@torch.inference_mode()
+def manifest_embeddings(
+    model: MuMIC,
+    paths: Sequence[Path],
+    *,
+    features: torch.Tensor | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """[N, D] unnormalised image embeddings P_img(f_img(x)), from cached features if given."""
+    from mumic.data.dataset import ImageDataset, make_loader
+
+    model.eval()
+    device = device or model.device
+    if features is not None:
+        return torch.cat([model.image_embeddings(features=features[s : s + 4096].to(device)).float().cpu() for s in range(0, len(features), 4096)])
+    ds = ImageDataset(list(paths), model.backbone.image_size)
+    out = []
+    for _, px in tqdm(make_loader(ds, batch_size, num_workers=num_workers), desc="images", unit="batch", disable=not progress, leave=False):
+        out.append(model.image_embeddings(px.to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros((0, model.backbone.embed_dim))
+
+
+def _scored_labels(model: MuMIC) -> list[LabelSpec]:
+    # a linear head scores only its trained labels
+    return list(model.seen) if model.classifier is not None else list(model.labels)
+
+
+def evaluate_probs(
+    model: MuMIC,
+    manifest: Manifest,
+    probs: np.ndarray,
+    *,
+    labels: Sequence[LabelSpec] | None = None,
+    seen_only: bool = False,
+    train_counts: dict[str, int] | None = None,
+    majority_n: int = 32,
+) -> dict[str, float]:
+    """Metrics of probabilities [N, C] over `labels` (default: the seen labels if seen_only)."""
+    from mumic.metrics import evaluate_scores
+
+    labels = list(model.seen if seen_only or labels is None else labels)
+    names = [l.name for l in labels]
+    y, _ = manifest.targets(names, unlisted="negative", ignore_unknown=True)
+    unseen = np.array([not l.seen for l in labels])
+    counts = np.array([(train_counts or {}).get(n, 0) for n in names]) if train_counts else None
+    th = getattr(model, "thresholds", None)
+    thresholds = None
+    if th:
+        thresholds = np.array([th["per_label"].get(n, th["default"]) for n in names], np.float32)
+    out = evaluate_scores(
+        np.asarray(y), probs, train_counts=counts, majority_n=majority_n,
+        unseen=unseen if unseen.any() else None, thresholds=thresholds,
+    )
+    return {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for k, v in out.items()}
+
+
+def evaluate_model(
+    model: MuMIC,
+    manifest: Manifest,
+    *,
+    train_counts: dict[str, int] | None = None,
+    majority_n: int = 32,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """All metrics of a model on a manifest: seen labels, and zero-shot on unseen ones."""
+    known = {l.name for l in model.labels}
+    for i, labels in enumerate(manifest.labels):
+        bad = [l for l in labels if l not in known]
+        if bad:
+            raise ManifestError(f"{manifest.path}, line {manifest.lines[i]}: label '{bad[0]}' is not a label of this run")
+    feats = None
+    if cache_dir is not None:
+        from mumic.features import cached_features
+
+        feats = cached_features(model.backbone, manifest.images, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, device=model.device, progress=progress)
+    u = manifest_embeddings(model, manifest.images, features=feats, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    labels = _scored_labels(model)
+    probs = model.proba_from_embeddings(u, labels)
+    return evaluate_probs(model, manifest, probs, labels=labels, train_counts=train_counts, majority_n=majority_n)
+
+
+def evaluate_run(run_dir: str | Path, manifest_path: str | Path, *, split: str | None = None, out: str | Path | None = None,
+                 batch_size: int = 64, num_workers: int = 0, device: str = "auto", progress: bool = True) -> dict[str, float]:
+    """`mumic evaluate`: metrics of a run on a manifest (or one split of it), written as JSON."""
+    model = MuMIC.from_run(run_dir, device=device)
+    manifest = read_manifest(manifest_path)
+    if split:
+        manifest = manifest.split(split)
+    meta = json.loads((Path(run_dir) / "labels.json").read_text())
+    counts = {l["name"]: l.get("train_positives", 0) for l in meta["labels"]}
+    metrics = evaluate_model(model, manifest, train_counts=counts, majority_n=model.config.majority_n,
+                             batch_size=batch_size, num_workers=num_workers, progress=progress)
+    target = Path(out) if out else Path(run_dir) / f"eval-{Path(manifest_path).stem}{'-' + split if split else ''}.json"
+    atomic_write_json(target, {"manifest": str(manifest_path), "split": split, "images": len(manifest), "metrics": metrics})
+    return metrics
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """Metrics as aligned text, the paper's figures first."""
+    keys = [k for k in HEADLINE if k in metrics] + [k for k in metrics if k not in HEADLINE]
+    lines = []
+    for k in keys:
+        v = metrics[k]
+        lines.append(f"{k:>14}  {v:.4f}" if isinstance(v, float) else f"{k:>14}  {v}")
+    return "\n".join(lines)
+
+
+def predict_manifest(
+    model: MuMIC,
+    manifest: Manifest,
+    out_path: str | Path,
+    *,
+    labels: Sequence[str] | None = None,
+    top_k: int | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> int:
+    """Write one JSON line per image: probabilities, calibrated decisions, other columns."""
+    specs = model.resolve_labels(labels) if labels else _scored_labels(model)
+    names = [s.name for s in specs]
+    extra_cols = [c for c in manifest.frame.columns if c not in ("image",)]
+    lines: list[str] = []
+    from mumic.data.dataset import ImageDataset, make_loader
+
+    ds = ImageDataset(manifest.images, model.backbone.image_size)
+    pos = 0
+    with torch.inference_mode():
+        for _, px in tqdm(make_loader(ds, batch_size, num_workers=num_workers), desc="predict", unit="batch", disable=not progress):
+            u = model.image_embeddings(px)
+            p = model.proba_from_embeddings(u, specs)
+            decided = model.decide(p, specs)
+            for r in range(len(p)):
+                i = pos + r
+                order = np.argsort(-p[r], kind="stable")
+                if top_k:
+                    order = order[:top_k]
+                rec: dict[str, Any] = {"image": str(manifest.images[i])}
+                for c in extra_cols:
+                    v = manifest.frame.iloc[i][c]
+                    rec[c] = v.item() if hasattr(v, "item") else (list(v) if isinstance(v, np.ndarray) else v)
+                rec["scores"] = {names[j]: round(float(p[r, j]), 6) for j in order}
+                rec["predicted"] = [names[j] for j in np.argsort(-p[r], kind="stable") if decided[r, j]]
+                lines.append(json.dumps(rec, default=str))
+            pos += len(p)
+    atomic_write_text(Path(out_path), "\n".join(lines) + ("\n" if lines else ""))
+    return len(lines)
+
+
+def embed_manifest(model: MuMIC, manifest: Manifest, out_path: str | Path, *, batch_size: int = 32, num_workers: int = 0, progress: bool = True) -> int:
+    """Write a Parquet file: the manifest's columns plus a normalised `embedding` column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    emb = manifest_embeddings(model, manifest.images, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    emb = F.normalize(emb, dim=-1).numpy().astype(np.float32)
+    frame = manifest.frame.reset_index(drop=True).copy()
+    frame["image"] = [str(p) for p in manifest.images]
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    d = emb.shape[1]
+    table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d))
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(out)
+    return len(frame)
+
+
+def write_report(run: Path, metrics: dict[str, Any], log_rows: list[dict[str, Any]]) -> None:
+    """report.md and a learning-curve plot for a finished run."""
+    lines = [f"# Run {run.name}", ""]
+    for split in ("val", "test"):
+        if split in metrics:
+            lines += [f"## {split}", "", "| metric | value |", "|---|---|"]
+            m = metrics[split]
+            for k in [k for k in HEADLINE if k in m] + [k for k in m if k not in HEADLINE]:
+                v = m[k]
+                lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) and not math.isnan(v) else f"| {k} | {v} |")
+            lines.append("")
+    lines += [f"best step {metrics.get('best_step')} of {metrics.get('steps')}, tau {metrics.get('tau', float('nan')):.4f}, "
+              f"train time {metrics.get('train_time_s')} s", ""]
+    if log_rows:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            steps = [r["step"] for r in log_rows]
+            ax.plot(steps, [r["val_gap10"] for r in log_rows], marker="o", label="val GAP@10")
+            ax2 = ax.twinx()
+            ax2.plot(steps, [r["train_loss"] for r in log_rows], color="tab:red", alpha=0.6, label="train loss")
+            ax.set_xlabel("step")
+            ax.set_ylabel("val GAP@10")
+            ax2.set_ylabel("train loss")
+            fig.tight_layout()
+            fig.savefig(run / "curve.png", dpi=100)
+            plt.close(fig)
+            lines += ["![learning curve](curve.png)", ""]
+        except Exception as e:  # a report without a plot is still a report
+            log.warning("could not draw the learning curve: %s", e)
+    atomic_write_text(run / "report.md", "\n".join(lines))

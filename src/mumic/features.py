@@ -1,0 +1,134 @@
+"""Frozen image-tower features, computed once and cached on disk.
+
+When the image tower is frozen, f_img(x) never changes during training, so it is computed
+once per image and reused by every epoch and every later run. The cache is keyed by the
+backbone (its spec, resolution and a hash of the tower's weights) and by each image
+file's content, so renamed files hit and edited files miss. Each call that computes new
+features writes one safetensors shard atomically; shards are never rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from mumic.data.dataset import ImageDataset, file_digest, make_loader
+from mumic.io import save_tensors
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MUMIC_CACHE") or Path.home() / ".cache" / "mumic")
+
+
+def backbone_key(backbone: torch.nn.Module) -> str:
+    """A key for the image tower's exact function: config plus a hash of its weights."""
+    h = hashlib.blake2b(digest_size=12)
+    cfg = {k: v for k, v in backbone.config().items() if k not in ("seed", "image_head")}
+    h.update(json.dumps(cfg, sort_keys=True).encode())
+    h.update(str(backbone.image_size).encode())
+    prefixes = backbone.tuned_prefixes()
+    for name, t in sorted(backbone.state_dict().items()):
+        if any(name.startswith(p) for p in prefixes):
+            continue  # heads and tuned parts are trained; the key covers frozen weights only
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """digest -> feature vector, stored as safetensors shards under cache_dir/key/."""
+
+    def __init__(self, root: Path, key: str) -> None:
+        self.dir = Path(root) / key
+        self.index: dict[str, tuple[Path, int]] = {}
+        if self.dir.is_dir():
+            for shard in sorted(self.dir.glob("shard-*.safetensors")):
+                try:
+                    with safe_open(str(shard), framework="pt") as f:
+                        digests = json.loads(f.metadata()["digests"])
+                except Exception as e:  # a broken shard is skipped, never trusted
+                    log.warning("ignoring unreadable feature shard %s (%s)", shard, e)
+                    continue
+                for i, d in enumerate(digests):
+                    self.index[d] = (shard, i)
+
+    def get(self, digests: list[str]) -> torch.Tensor:
+        by_shard: dict[Path, list[tuple[int, int]]] = {}
+        for pos, d in enumerate(digests):
+            shard, row = self.index[d]
+            by_shard.setdefault(shard, []).append((pos, row))
+        out: torch.Tensor | None = None
+        for shard, pairs in by_shard.items():
+            with safe_open(str(shard), framework="pt") as f:
+                feats = f.get_tensor("features")
+            if out is None:
+                out = torch.empty((len(digests), feats.shape[1]), dtype=feats.dtype)
+            pos = torch.tensor([p for p, _ in pairs])
+            rows = torch.tensor([r for _, r in pairs])
+            out[pos] = feats[rows]
+        assert out is not None
+        return out
+
+    def put(self, digests: list[str], feats: torch.Tensor) -> None:
+        name = hashlib.blake2b("".join(digests).encode(), digest_size=8).hexdigest()
+        shard = self.dir / f"shard-{name}.safetensors"
+        save_tensors(shard, {"features": feats.float()}, metadata={"digests": json.dumps(digests)})
+        for i, d in enumerate(digests):
+            self.index[d] = (shard, i)
+
+
+@torch.inference_mode()
+def extract_features(
+    backbone: torch.nn.Module,
+    paths: list[Path],
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    amp: bool = True,
+    progress: bool = True,
+) -> torch.Tensor:
+    """[N, F] tower features of the images, without any cache."""
+    device = torch.device(device)
+    ds = ImageDataset(list(paths), backbone.image_size)
+    loader = make_loader(ds, batch_size, num_workers=num_workers)
+    out = []
+    use_amp = amp and device.type == "cuda"
+    for _, px in tqdm(loader, desc="image features", unit="batch", disable=not progress, leave=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out.append(backbone.image_features(px.to(device, non_blocking=True)).float().cpu())
+    if not out:
+        return torch.zeros((0, backbone.image_feature_dim))
+    return torch.cat(out)
+
+
+def cached_features(
+    backbone: torch.nn.Module,
+    paths: list[Path],
+    cache_dir: Path | None = None,
+    **kw,
+) -> torch.Tensor:
+    """Tower features of the images, computing only those not yet in the cache."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    digests = [file_digest(p) for p in paths]
+    cache = FeatureCache(root, backbone_key(backbone))
+    missing: dict[str, Path] = {}
+    for d, p in zip(digests, paths):
+        if d not in cache.index and d not in missing:
+            missing[d] = p
+    if missing:
+        log.info("computing image features for %d of %d images (cache: %s)", len(missing), len(paths), cache.dir)
+        feats = extract_features(backbone, list(missing.values()), **kw)
+        cache.put(list(missing), feats)
+    else:
+        log.info("all %d image features found in the cache %s", len(paths), cache.dir)
+    return cache.get(digests)

@@ -1,0 +1,61 @@
+import pytest
+import yaml
+
+from mumic.config import TrainConfig, load_config, save_config
+from mumic.errors import ConfigError
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("backbone: lite\nlr_head: 0.01\nepochs: 3\ntemplates: ['a {}']\nlearn_tau: false\n")
+    cfg = load_config(p, {"epochs": "5", "seed": None})
+    assert cfg.lr_head == 0.01 and cfg.epochs == 5 and cfg.templates == ["a {}"] and cfg.learn_tau is False
+    assert cfg.seed == 0  # None override ignored
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(overrides={"manifest": "m.csv", "bias": "per_label", "tau": 0.05})
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("lr_hed: 0.1\n", r"unknown key 'lr_hed' \(did you mean 'lr_head'\?\)"),
+        ("epochs: many\n", "key 'epochs' must be an integer"),
+        ("epochs: 1.5\n", "key 'epochs' must be an integer"),
+        ("loss: focal\n", "key 'loss' is 'focal'; choose one of"),
+        ("learn_tau: maybe\n", "key 'learn_tau' must be true or false"),
+        ("tau: -1\n", "key 'tau' must be > 0"),
+        ("batch_size: 0\n", "key 'batch_size' must be at least 1"),
+        ("templates: 3\n", "key 'templates' must be a list of strings"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("a: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_file_and_key(tmp_path, text, match):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(p)
+    assert "bad.yaml" in str(e.value)
+
+
+def test_bad_override_names_command_line():
+    with pytest.raises(ConfigError, match="command line: unknown key 'nope'"):
+        load_config(overrides={"nope": 1})
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resolved_tau():
+    assert TrainConfig().resolved_tau(None) == 0.07
+    assert TrainConfig().resolved_tau(50.0) == pytest.approx(0.02)
+    assert TrainConfig().resolved_tau(1000.0) == pytest.approx(0.01)  # 1/tau clamped at 100
+    assert TrainConfig(loss="tempered_sigmoid_fixed").resolved_tau(50.0) == 1.0
+    assert TrainConfig(tau=0.2).resolved_tau(50.0) == 0.2
+    assert yaml.safe_load(yaml.safe_dump(TrainConfig().to_dict()))["loss"] == "tempered_sigmoid"
