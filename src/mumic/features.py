@@ -40,7 +40,7 @@ def backbone_key(backbone: torch.nn.Module) -> str:
         if any(name.startswith(p) for p in prefixes):
             continue  # heads and tuned parts are trained; the key covers frozen weights only
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -315,7 +315,7 @@ def _train(cfg: TrainConfig, run: Path, *, resume: bool, progress: bool, on_step
         probs = score_data(model, val, cfg, device)
         g10 = gap(val.y.numpy(), probs, k=10)
         row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "train_loss": round(train_loss, 6), "val_gap10": round(g10, 6),
-               "tau": round(model.tau, 6), "bias_mean": round(float(model.bias.mean()), 6), "lr_head": opt.param_groups[0]["lr"],
+               "tau": round(model.tau, 6), "bias_mean": round(float(model.bias.detach().mean()), 6), "lr_head": opt.param_groups[0]["lr"],
                "elapsed_s": round(time.time() - t_start, 2)}
         state["log"].append(row)
         if g10 > state["best"] + 1e-9:
@@ -360,7 +360,7 @@ def _train(cfg: TrainConfig, run: Path, *, resume: bool, progress: bool, on_step
                         z = model(pixels=px)
                     loss = loss_fn(z.float(), train.y[idx].to(device), train.known[idx].to(device))
                 (loss * (len(idx) / weight_total)).backward()
-                loss_sum += float(loss) * len(idx) / weight_total
+                loss_sum += float(loss.detach()) * len(idx) / weight_total
             if not math.isfinite(loss_sum):
                 raise RunError(
                     f"training loss became {loss_sum} at step {step + 1}; lower the learning rates. "

@@ -86,6 +86,50 @@ def _triple(value: Any, default: tuple[float, float, float]) -> tuple[float, flo
     return default
 
 
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """None if the configured model hub answers one request, else the reason it does not.
+
+    One request without retries, so an offline machine fails in seconds instead of waiting
+    through the hub client's retry back-off.
+    """
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as exc:  # any transport failure means "unreachable"
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def _load_parts(name: str, source: str, *, local_only: bool, quiet: bool) -> tuple[Any, nn.Module, Any]:
+    """(config, CLIPModel | SiglipModel, tokenizer) for `source`, or a BackboneError."""
+    from transformers import AutoConfig, AutoTokenizer, CLIPModel, SiglipModel
+
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(name, exc) from exc
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise BackboneError(
+            f"'hf:{name}' is a {model_type!r} model; supported model types: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    model_cls = CLIPModel if model_type == "clip" else SiglipModel
+    try:
+        with quiet_local_loading(quiet):
+            model = model_cls.from_pretrained(
+                source, config=config, local_files_only=local_only, dtype=torch.float32
+            )
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except ImportError as exc:
+        raise BackboneError(f"could not load 'hf:{name}': {exc}; install the missing package") from exc
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc) from exc
+    return config, model, tokenizer
+
+
 class HFBackbone(Backbone):
     """A transformers CLIPModel / SiglipModel behind the Backbone interface.
 
@@ -93,11 +137,12 @@ class HFBackbone(Backbone):
     the vision config's; another size interpolates the position embeddings.
     image_tower="last" trains the last vision encoder layer and the post layernorm (plus, for
     SigLIP, the attention-pooling head).
+
+    A hub name already in the local cache loads from the cache without any network request;
+    otherwise one quick request checks that the hub is reachable before downloading.
     """
 
     def __init__(self, name: str, *, image_size: int | None = None, image_head: str | None = None, seed: int = 0) -> None:
-        from transformers import AutoConfig, AutoTokenizer, CLIPModel, SiglipModel
-
         if not name:
             raise BackboneError("'hf:' needs a model name or a local directory, e.g. hf:openai/clip-vit-base-patch32")
         if image_head is not None and image_head not in IMAGE_HEADS:
@@ -114,28 +159,23 @@ class HFBackbone(Backbone):
                 f"could not load 'hf:{name}': no such directory; give a local directory saved "
                 f"with save_pretrained, or check the name and network"
             )
-        local_only = local or _offline()
-        try:
-            config = AutoConfig.from_pretrained(source, local_files_only=local_only)
-        except (OSError, ValueError, KeyError) as exc:
-            raise _load_error(name, exc) from exc
-        model_type = getattr(config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise BackboneError(
-                f"'hf:{name}' is a {model_type!r} model; supported model types: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        model_cls = CLIPModel if model_type == "clip" else SiglipModel
-        try:
-            with quiet_local_loading(local):
-                model = model_cls.from_pretrained(
-                    source, config=config, local_files_only=local_only, dtype=torch.float32
-                )
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        except ImportError as exc:
-            raise BackboneError(f"could not load 'hf:{name}': {exc}; install the missing package") from exc
-        except (OSError, ValueError) as exc:
-            raise _load_error(name, exc) from exc
+        local_only = True
+        if local or _offline():
+            config, model, tokenizer = _load_parts(name, source, local_only=True, quiet=local)
+        else:
+            try:  # a model already in the local cache loads without touching the network
+                config, model, tokenizer = _load_parts(name, source, local_only=True, quiet=False)
+            except BackboneError:
+                unreachable = _hub_unreachable()
+                if unreachable:
+                    raise BackboneError(
+                        f"could not load 'hf:{name}': it is not in the local cache and the model hub "
+                        f"is unreachable ({unreachable}); give a local directory saved with "
+                        f"save_pretrained, or check the name and network"
+                    ) from None
+                local_only = False
+                config, model, tokenizer = _load_parts(name, source, local_only=False, quiet=False)
+        model_type = config.model_type
 
         vision_cfg, text_cfg = config.vision_config, config.text_config
         native = int(vision_cfg.image_size)

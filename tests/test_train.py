@@ -1,0 +1,174 @@
+"""End to end: train lite and a tiny hf CLIP on a tiny real manifest, reload, predict, resume."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mumic.config import load_config
+from mumic.data.manifest import read_manifest
+from mumic.data.synthetic import make_shapes
+from mumic.errors import RunError
+from mumic.evaluate import evaluate_run
+from mumic.model import MuMIC
+from mumic.train import fit, resume
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("shapes"), n=120, size=64, seed=1).parent
+
+
+def _cfg(shapes, out, cache, **kw):
+    base = {
+        "manifest": str(shapes / "manifest.csv"), "labels_file": str(shapes / "labels.yaml"), "out": str(out),
+        "cache_dir": str(cache), "batch_size": 16, "eval_every": 5, "max_steps": 20, "warmup_steps": 2, "patience": 100,
+        "majority_n": 3,
+    }
+    base.update(kw)
+    return load_config(overrides=base)
+
+
+def _log(run):
+    with open(run / "log.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _assert_reload_same_scores(run, shapes):
+    """The reloaded run reproduces its own test metrics, and the API paths agree."""
+    saved = json.loads((run / "metrics.json").read_text())["test"]
+    again = evaluate_run(run, shapes / "manifest.csv", split="test", progress=False)
+    for k in ("gap10", "gap", "map_macro"):
+        assert again[k] == pytest.approx(saved[k], abs=1e-6), k
+    model = MuMIC.from_run(run, device="cpu")
+    test = read_manifest(shapes / "manifest.csv").split("test")
+    paths = test.images[:6]
+    p_paths = model.predict_proba(paths)
+    from PIL import Image
+
+    p_pil = model.predict_proba([Image.open(p) for p in paths])
+    np.testing.assert_allclose(p_paths, p_pil, atol=1e-5)
+    assert p_paths.shape == (6, len(model.labels)) and np.all((p_paths >= 0) & (p_paths <= 1))
+    return model
+
+
+@pytest.mark.slow
+def test_lite_trains_reloads_and_predicts_zero_shot(shapes, tmp_path):
+    run = fit(_cfg(shapes, tmp_path / "run", tmp_path / "cache", image_size=64, max_steps=30), progress=False)
+    for f in ("config.yaml", "labels.json", "model.safetensors", "thresholds.json", "metrics.json", "log.csv", "report.md"):
+        assert (run / f).is_file(), f
+    assert not (run / "checkpoint.safetensors").exists()
+    rows = _log(run)
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    # the run stores only trained weights: heads, tau, b - not the frozen towers
+    keys = load_file(str(run / "model.safetensors")).keys()
+    assert "log_inv_tau" in keys and "bias" in keys
+    assert not any(k.startswith("backbone.image_tower") or k.startswith("backbone.text_tower") for k in keys)
+    model = _assert_reload_same_scores(run, shapes)
+    # zero-shot: an unseen label of the run and a brand-new one, no retraining
+    p = model.predict_proba(read_manifest(shapes / "manifest.csv").images[:3], labels=["yellow", "purple star"])
+    assert p.shape == (3, 2)
+    metrics = json.loads((run / "metrics.json").read_text())["test"]
+    assert {"gap10", "gap", "map_macro", "map_majority", "zsl_map", "gzsl_map"} <= set(metrics)
+    th = json.loads((run / "thresholds.json").read_text())
+    assert set(th["per_label"]) == {l.name for l in model.seen}
+
+
+@pytest.mark.slow
+def test_cached_features_make_a_second_run_cheap(shapes, tmp_path):
+    cache = tmp_path / "cache"
+    fit(_cfg(shapes, tmp_path / "a", cache, image_size=64, max_steps=2, eval_every=2), progress=False)
+    shards = sorted(cache.rglob("shard-*.safetensors"))
+    assert shards
+    fit(_cfg(shapes, tmp_path / "b", cache, image_size=64, max_steps=2, eval_every=2, seed=3), progress=False)
+    assert sorted(cache.rglob("shard-*.safetensors")) == shards  # nothing recomputed
+
+
+def test_tiny_hf_clip_fine_tunes_and_reloads(shapes, tmp_path, tiny_clip_dir):
+    run = fit(_cfg(shapes, tmp_path / "run", tmp_path / "cache", backbone=f"hf:{tiny_clip_dir}", image_tower="full",
+                   lr_tower=1e-3, max_steps=20), progress=False)
+    rows = _log(run)
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    keys = load_file(str(run / "model.safetensors")).keys()
+    assert any(k.startswith("backbone.image_tower") for k in keys)  # the tuned tower is saved
+    _assert_reload_same_scores(run, shapes)
+
+
+@pytest.mark.parametrize("image_tower", ["last", "frozen"])
+def test_resume_after_interruption_gives_the_same_weights(shapes, tmp_path, tiny_clip_dir, image_tower):
+    kw = dict(backbone=f"hf:{tiny_clip_dir}", image_tower=image_tower, lr_tower=1e-3, max_steps=14, eval_every=4, seed=5)
+    full = fit(_cfg(shapes, tmp_path / "full", tmp_path / "cache", **kw), progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_10(step):
+        if step == 10:
+            raise Crash
+
+    cut = _cfg(shapes, tmp_path / "cut", tmp_path / "cache", **kw)
+    with pytest.raises(Crash):
+        fit(cut, progress=False, on_step=crash_at_10)
+    assert (tmp_path / "cut" / "checkpoint.safetensors").is_file()
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    resume(tmp_path / "cut", progress=False)
+    a = load_file(str(full / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads((full / "metrics.json").read_text())["test"] == json.loads((tmp_path / "cut" / "metrics.json").read_text())["test"]
+
+
+def test_existing_run_is_not_overwritten(shapes, tmp_path, tiny_clip_dir):
+    cfg = _cfg(shapes, tmp_path / "run", tmp_path / "cache", backbone=f"hf:{tiny_clip_dir}", max_steps=2, eval_every=2)
+    fit(cfg, progress=False)
+    before = (tmp_path / "run" / "model.safetensors").read_bytes()
+    with pytest.raises(RunError, match="already holds a run.*--overwrite"):
+        fit(cfg, progress=False)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+    with pytest.raises(RunError, match="already finished"):
+        resume(tmp_path / "run", progress=False)
+    fit(cfg, progress=False, overwrite=True)
+
+
+@pytest.mark.parametrize("loss", ["tempered_sigmoid_fixed", "linear_bce", "softmax_ce", "asl"])
+def test_comparison_losses_train(shapes, tmp_path, tiny_clip_dir, loss):
+    run = fit(_cfg(shapes, tmp_path / loss, tmp_path / "cache", backbone=f"hf:{tiny_clip_dir}", loss=loss, max_steps=6, eval_every=3,
+                   bias="per_label"), progress=False)
+    m = json.loads((run / "metrics.json").read_text())
+    assert 0 <= m["test"]["gap10"] <= 1
+    if loss == "linear_bce":
+        assert "zsl_map" not in m["test"]  # a linear head has no zero-shot
+    else:
+        assert "zsl_map" in m["test"]
+    if loss == "tempered_sigmoid_fixed":
+        assert m["tau"] == pytest.approx(1.0)
+
+
+def test_prior_bias_init_matches_label_prior(shapes, tmp_path, tiny_clip_dir):
+    from mumic.train import Data, _init_bias, _targets
+    from mumic.backbones import load_backbone
+    from mumic.data.manifest import read_labels_file
+
+    specs, templates = read_labels_file(shapes / "labels.yaml")
+    bb = load_backbone(f"hf:{tiny_clip_dir}")
+    m = read_manifest(shapes / "manifest.csv").split("train")
+    seen = [s.name for s in specs if s.seen]
+    for mode in ("shared", "per_label"):
+        model = MuMIC(bb, specs, templates, bias=mode, tau=0.05)
+        data = Data(m, *_targets(m, seen, "negative"))
+        from mumic.features import extract_features
+
+        data.features = extract_features(bb, m.images, progress=False)
+        _init_bias(model, data, load_config(overrides={"bias": mode}), torch.device("cpu"))
+        with torch.no_grad():
+            p = torch.sigmoid(model(features=data.features))
+        prior = data.y.mean(0)
+        if mode == "shared":
+            assert p.mean().item() == pytest.approx(prior.mean().item(), abs=1e-3)
+        else:
+            np.testing.assert_allclose(p.mean(0).numpy(), prior.clamp(1e-4, 1 - 1e-4).numpy(), atol=1e-3)
