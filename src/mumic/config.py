@@ -134,6 +134,8 @@ def _check_type(name: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: key '{name}' must not be negative, got {value!r}")
     if name in ("batch_size", "grad_accum", "eval_every", "epochs", "max_steps") and value == 0:
         raise ConfigError(f"{where}: key '{name}' must be at least 1")
+    if name == "backbone" and not (value == "lite" or (value.startswith("hf:") and len(value) > 3)):
+        raise ConfigError(f"{where}: key 'backbone' is {value!r}; use 'lite' or 'hf:<hub name or local dir>'")
     if name == "tau" and value is not None and value <= 0:
         raise ConfigError(f"{where}: key 'tau' must be > 0, got {value!r}")
     return value

@@ -222,7 +222,8 @@ def prepare_run_dir(run: Path, *, overwrite: bool, resume: bool) -> None:
     present = [f for f in RUN_FILES if (run / f).exists()]
     if resume:
         return
-    if present and not overwrite:
+    # a run that failed before its first checkpoint holds only its config: nothing to lose
+    if present and present != ["config.yaml"] and not overwrite:
         raise RunError(f"{run} already holds a run ({', '.join(present[:3])}); pass --overwrite to replace it or --resume to continue it")
     for f in present:
         (run / f).unlink()
@@ -240,9 +241,10 @@ def fit(
     if not cfg.out:
         raise ConfigError("no run directory: give --out or 'out:' in the config")
     run = Path(cfg.out)
+    inputs = _load_inputs(cfg)  # bad data fails here, before anything is written
     prepare_run_dir(run, overwrite=overwrite, resume=False)
     save_config(cfg, run / "config.yaml")
-    return _train(cfg, run, resume=False, progress=progress, on_step=on_step)
+    return _train(cfg, run, inputs, resume=False, progress=progress, on_step=on_step)
 
 
 def resume(run_dir: str | Path, *, progress: bool = True, on_step: Callable[[int], None] | None = None) -> Path:
@@ -255,10 +257,22 @@ def resume(run_dir: str | Path, *, progress: bool = True, on_step: Callable[[int
     if (run / "model.safetensors").is_file() and not (run / "checkpoint.safetensors").is_file():
         raise RunError(f"{run} has already finished; nothing to resume")
     cfg = load_config(run / "config.yaml")
-    return _train(cfg, run, resume=True, progress=progress, on_step=on_step)
+    return _train(cfg, run, _load_inputs(cfg), resume=True, progress=progress, on_step=on_step)
 
 
-def _train(cfg: TrainConfig, run: Path, *, resume: bool, progress: bool, on_step: Callable[[int], None] | None) -> Path:
+def _load_inputs(cfg: TrainConfig) -> tuple:
+    """Manifests of each split, the run's labels and templates, all checked."""
+    train_m, val_m, test_m = _split_manifests(cfg)
+    specs, templates = resolve_labels(cfg, [m for m in (train_m, val_m, test_m) if m is not None])
+    for m in (train_m, val_m, test_m):
+        if m is not None:
+            m.check_images_exist()
+    if not any(s.seen for s in specs):
+        raise ManifestError("every label is marked unseen; at least one label must be trained")
+    return train_m, val_m, test_m, specs, templates
+
+
+def _train(cfg: TrainConfig, run: Path, inputs: tuple, *, resume: bool, progress: bool, on_step: Callable[[int], None] | None) -> Path:
     from mumic.backbones import load_backbone
     from mumic.evaluate import evaluate_probs
     from mumic.features import cached_features
@@ -267,11 +281,8 @@ def _train(cfg: TrainConfig, run: Path, *, resume: bool, progress: bool, on_step
     t_start = time.time()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    train_m, val_m, test_m = _split_manifests(cfg)
-    specs, templates = resolve_labels(cfg, [m for m in (train_m, val_m, test_m) if m is not None])
+    train_m, val_m, test_m, specs, templates = inputs
     seen_names = [s.name for s in specs if s.seen]
-    if not seen_names:
-        raise ManifestError("every label is marked unseen; at least one label must be trained")
 
     backbone = load_backbone(cfg.backbone, image_size=cfg.image_size, image_head=cfg.image_head, device=str(device), seed=cfg.seed)
     backbone.set_trainable(image_tower=cfg.image_tower, text_tower=cfg.text_tower)

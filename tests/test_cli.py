@@ -1,0 +1,97 @@
+"""The `mumic` command as a user runs it: real processes, exit codes, files written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from mumic.config import FIELDS
+from mumic.data.synthetic import make_shapes
+
+
+def mumic(*args, cwd=None, check=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "mumic", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"mumic {args} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def test_help_lists_verbs_and_every_train_option():
+    out = mumic("--help").stdout
+    for verb in ("train", "evaluate", "predict", "embed", "data", "demo"):
+        assert verb in out
+    train_help = mumic("train", "--help").stdout
+    for name in FIELDS:
+        assert "--" + name.replace("_", "-") in train_help, name
+    assert "--resume" in train_help and "--overwrite" in train_help
+
+
+def _one_line_error(p, *needles):
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr
+    lines = [l for l in p.stderr.splitlines() if l.startswith("mumic: error:")]
+    assert len(lines) == 1, p.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_bad_inputs_give_one_line_and_exit_2(tmp_path):
+    _one_line_error(mumic("train", "--manifest", tmp_path / "nope.csv", "--out", tmp_path / "r", check=False), "nope.csv")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochz: 3\n")
+    _one_line_error(mumic("train", bad, check=False), "bad.yaml", "epochz", "epochs")
+    m = tmp_path / "m.csv"
+    m.write_text("image,labels\na.png,cat\nb.png,\n")
+    _one_line_error(mumic("train", "--manifest", m, "--out", tmp_path / "r", check=False), "m.csv", "line 3", "empty label list")
+    m.write_text("picture,labels\na.png,cat\n")
+    _one_line_error(mumic("train", "--manifest", m, "--out", tmp_path / "r", check=False), "image")
+    _one_line_error(mumic("predict", tmp_path / "no-run", "x.png", check=False), "no-run")
+    m.write_text("image,labels,split\na.png,cat,train\nb.png,cat,val\n")
+    _one_line_error(mumic("train", "--manifest", m, "--out", tmp_path / "r", check=False), "a.png", "line 2")
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.png").write_bytes(b"")
+    _one_line_error(mumic("train", "--manifest", m, "--backbone", "resnet", "--out", tmp_path / "r", check=False), "resnet")
+    assert not (tmp_path / "r").exists()  # nothing written for a run that could not start
+    _one_line_error(mumic("train", "--manifest", m, "--backbone", f"hf:{tmp_path / 'no-model'}", "--out", tmp_path / "r", check=False), "no-model")
+    # a run that failed before its first checkpoint does not block the next attempt
+    _one_line_error(mumic("train", "--manifest", m, "--backbone", f"hf:{tmp_path / 'no-model'}", "--out", tmp_path / "r", check=False), "no-model")
+
+
+@pytest.mark.slow
+def test_train_evaluate_predict_embed(tmp_path, tiny_clip_dir):
+    root = make_shapes(tmp_path / "shapes", n=90, size=48, seed=2).parent
+    run = tmp_path / "run"
+    args = ["train", "--manifest", root / "manifest.csv", "--labels-file", root / "labels.yaml", "--out", run,
+            "--backbone", f"hf:{tiny_clip_dir}", "--max-steps", 6, "--eval-every", 3, "--batch-size", 16,
+            "--cache-dir", tmp_path / "cache", "--no-progress", "--no-learn-tau"]
+    out = mumic(*args).stdout
+    assert "gap10" in out
+    # a second train into the same folder is refused, the run is untouched
+    before = (run / "model.safetensors").read_bytes()
+    _one_line_error(mumic(*args, check=False), "already holds a run", "--overwrite")
+    assert (run / "model.safetensors").read_bytes() == before
+
+    out = mumic("evaluate", run, "--manifest", root / "manifest.csv", "--split", "test").stdout
+    assert out.splitlines()[0].split()[0] == "gap10"
+    assert (run / "eval-manifest-test.json").is_file()
+
+    pred = tmp_path / "pred.jsonl"
+    mumic("predict", run, root / "manifest.csv", "--labels", "red", "yellow", "purple star", "--top-k", 2, "--out", pred)
+    rows = [json.loads(l) for l in pred.read_text().splitlines()]
+    assert len(rows) == 90
+    assert all(len(r["scores"]) == 2 and set(r["scores"]) <= {"red", "yellow", "purple star"} for r in rows)
+    assert all("split" in r and "labels" in r for r in rows)  # manifest columns kept
+    one = mumic("predict", run, rows[0]["image"]).stdout
+    assert json.loads(one)["image"] == rows[0]["image"]
+
+    emb = tmp_path / "emb.parquet"
+    mumic("embed", run, root / "manifest.csv", "--out", emb)
+    t = pq.read_table(emb)
+    assert t.num_rows == 90 and {"image", "labels", "split", "embedding"} <= set(t.column_names)
+    e = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
