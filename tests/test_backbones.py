@@ -323,6 +323,16 @@ def test_hf_missing_dir_is_quick(tmp_path):
     assert time.perf_counter() - start < 5
 
 
+def test_hf_unreachable_hub_fails_fast(monkeypatch):
+    """Online mode, a name not in the cache and no network: one probe, then our error."""
+    from mumic.backbones import hf as hf_mod
+
+    monkeypatch.setattr(hf_mod, "_offline", lambda: False)
+    monkeypatch.setattr(hf_mod, "_hub_unreachable", lambda timeout=5.0: "no route to host")
+    with pytest.raises(BackboneError, match="not in the local cache.*unreachable.*no route to host"):
+        load_backbone("hf:org/not-cached-model")
+
+
 def test_hf_unsupported_model_type(tmp_path):
     from transformers import BertConfig
 

@@ -173,11 +173,14 @@ class Backbone(nn.Module):
     # ------------------------------------------------------------------ interface
 
     def normalize(self, pixels: Tensor) -> Tensor:
-        """uint8 [N,3,H,W] -> float32 (x/255 - mean)/std, on the pixels' device."""
+        """uint8 [N,3,H,W] -> float (x/255 - mean)/std, on the pixels' device.
+
+        Computed in float32, returned in the module's float dtype (float32 unless converted).
+        """
         self._check_pixels(pixels)
-        mean = self._mean.to(pixels.device)
-        std = self._std.to(pixels.device)
-        return (pixels.float() / 255.0 - mean) / std
+        mean = self._mean.to(pixels.device, torch.float32)
+        std = self._std.to(pixels.device, torch.float32)
+        return ((pixels.float() / 255.0 - mean) / std).to(self._mean.dtype)
 
     def image_features(self, pixels: Tensor) -> Tensor:
         """The image tower's pooled output, [N, image_feature_dim]."""
