@@ -172,3 +172,38 @@ def test_prior_bias_init_matches_label_prior(shapes, tmp_path, tiny_clip_dir):
             assert p.mean().item() == pytest.approx(prior.mean().item(), abs=1e-3)
         else:
             np.testing.assert_allclose(p.mean(0).numpy(), prior.clamp(1e-4, 1 - 1e-4).numpy(), atol=1e-3)
+
+
+def test_gradient_accumulation_matches_the_large_batch(shapes, tmp_path, tiny_clip_dir):
+    kw = dict(backbone=f"hf:{tiny_clip_dir}", max_steps=3, eval_every=3, warmup_steps=0, seed=2)
+    big = fit(_cfg(shapes, tmp_path / "big", tmp_path / "cache", batch_size=16, **kw), progress=False)
+    acc = fit(_cfg(shapes, tmp_path / "acc", tmp_path / "cache", batch_size=8, grad_accum=2, **kw), progress=False)
+    a, b = load_file(str(big / "model.safetensors")), load_file(str(acc / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # and a different split of the same data is a different run
+    other = fit(_cfg(shapes, tmp_path / "other", tmp_path / "cache", batch_size=8, **kw), progress=False)
+    c = load_file(str(other / "model.safetensors"))
+    assert any(not torch.allclose(a[k], c[k]) for k in a)
+
+
+def test_early_stopping_stops_when_validation_stalls(shapes, tmp_path, tiny_clip_dir):
+    # learning rates 0: validation never improves after the first evaluation
+    run = fit(_cfg(shapes, tmp_path / "run", tmp_path / "cache", backbone=f"hf:{tiny_clip_dir}", max_steps=50, eval_every=1,
+                   patience=2, lr_head=0.0, lr_temp=0.0), progress=False)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["steps"] == 3 and m["best_step"] == 1
+    assert len(_log(run)) == 3
+
+
+def test_tuned_text_tower_is_trained_and_saved(shapes, tmp_path, tiny_clip_dir):
+    run = fit(_cfg(shapes, tmp_path / "run", tmp_path / "cache", backbone=f"hf:{tiny_clip_dir}", text_tower="tuned",
+                   lr_tower=1e-3, max_steps=4, eval_every=2), progress=False)
+    saved = load_file(str(run / "model.safetensors"))
+    from mumic.backbones import load_backbone
+
+    fresh = {"backbone." + k: v for k, v in load_backbone(f"hf:{tiny_clip_dir}").state_dict().items()}
+    text_keys = [k for k in saved if k.startswith("backbone.text_tower")]
+    assert text_keys and not any(k.startswith("backbone.image_tower") for k in saved)
+    assert any(not torch.equal(saved[k], fresh[k]) for k in text_keys)  # the tower moved
+    _assert_reload_same_scores(run, shapes)
