@@ -207,3 +207,28 @@ def test_tuned_text_tower_is_trained_and_saved(shapes, tmp_path, tiny_clip_dir):
     assert text_keys and not any(k.startswith("backbone.image_tower") for k in saved)
     assert any(not torch.equal(saved[k], fresh[k]) for k in text_keys)  # the tower moved
     _assert_reload_same_scores(run, shapes)
+
+
+def test_python_api_fit_with_keyword_overrides(shapes, tmp_path, tiny_clip_dir):
+    import mumic
+
+    run = mumic.fit(manifest=str(shapes / "manifest.csv"), labels_file=str(shapes / "labels.yaml"), out=str(tmp_path / "r"),
+                    backbone=f"hf:{tiny_clip_dir}", max_steps=2, eval_every=2, cache_dir=str(tmp_path / "c"), progress=False)
+    assert (run / "model.safetensors").is_file()
+    with pytest.raises(mumic.MumicError, match="unknown key 'epoch'"):
+        mumic.fit(epoch=3)
+
+
+def test_description_is_an_extra_prompt(tiny_clip_dir):
+    from mumic.backbones import load_backbone
+    from mumic.data.manifest import LabelSpec
+
+    assert LabelSpec("pool", description="a swimming pool").texts(["a photo of {}."]) == ["a photo of pool.", "a swimming pool"]
+    bb = load_backbone(f"hf:{tiny_clip_dir}")
+    model = MuMIC(bb, [LabelSpec("cat", description="a kitten"), LabelSpec("dog")], ["a photo of {}."])
+    with torch.no_grad():
+        v = model.class_embeddings(model.labels)
+        # class embedding = P_txt(mean of normalised prompt features), normalised
+        f = torch.nn.functional.normalize(bb.text_features(["a photo of cat.", "a kitten"]), dim=-1).mean(0, keepdim=True)
+        expected = torch.nn.functional.normalize(bb.text_head(f), dim=-1)
+    torch.testing.assert_close(v[:1], expected)

@@ -231,13 +231,24 @@ def prepare_run_dir(run: Path, *, overwrite: bool, resume: bool) -> None:
 
 
 def fit(
-    cfg: TrainConfig,
+    cfg: TrainConfig | str | Path | None = None,
     *,
     overwrite: bool = False,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    **overrides: Any,
 ) -> Path:
-    """Train a MuMIC run as configured; returns the run directory."""
+    """Train a MuMIC run; returns the run directory.
+
+    `cfg` is a TrainConfig, a YAML config path or None; keyword arguments override its
+    keys, as on the command line: `fit(manifest="photos.csv", out="runs/a", epochs=5)`.
+    """
+    from mumic.config import load_config
+
+    if not isinstance(cfg, TrainConfig):
+        cfg = load_config(cfg, overrides)
+    elif overrides:
+        cfg = load_config(None, {**cfg.to_dict(), **overrides})
     if not cfg.out:
         raise ConfigError("no run directory: give --out or 'out:' in the config")
     run = Path(cfg.out)

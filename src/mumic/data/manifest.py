@@ -444,12 +444,17 @@ class LabelSpec:
 
     def texts(self, templates: Sequence[str] | None = None) -> list[str]:
         """The prompt texts for this label: its own prompts if it has any, else the
-        templates filled with its name, else the name itself."""
+        templates filled with its name, else the name itself; a description is one
+        more prompt (the prompts of a label are averaged into its class embedding)."""
         if self.prompts:
-            return list(self.prompts)
-        if templates:
-            return [fill_template(t, self.name) for t in templates]
-        return [self.name]
+            texts = list(self.prompts)
+        elif templates:
+            texts = [fill_template(t, self.name) for t in templates]
+        else:
+            texts = [self.name]
+        if self.description and self.description not in texts:
+            texts.append(self.description)
+        return texts
 
 
 PLACEHOLDER = "{}"
