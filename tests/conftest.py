@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 # Tests never touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tests never write to the user's feature cache.
+os.environ["MUMIC_CACHE"] = tempfile.mkdtemp(prefix="mumic-test-cache-")
 
 TINY_WORDS = (
     "a photo picture of the an cat kitten dog puppy red blue green car tree house "

@@ -84,32 +84,48 @@ def evaluate_probs(
     return {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for k, v in out.items()}
 
 
+def model_probs(
+    model: MuMIC,
+    manifest: Manifest,
+    *,
+    labels: Sequence[LabelSpec] | None = None,
+    use_cache: bool = False,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> tuple[np.ndarray, list[LabelSpec]]:
+    """Probabilities [N, C] of a model on a manifest's images, and the labels scored
+    (default: every label the model can score). `use_cache` reads and fills the frozen
+    image-tower feature cache (only valid while the image tower is frozen)."""
+    feats = None
+    if use_cache:
+        from mumic.features import cached_features
+
+        feats = cached_features(model.backbone, manifest.images, cache_dir=cache_dir, batch_size=batch_size,
+                                num_workers=num_workers, device=model.device, progress=progress)
+    u = manifest_embeddings(model, manifest.images, features=feats, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    specs = list(labels) if labels is not None else _scored_labels(model)
+    return model.proba_from_embeddings(u, specs), specs
+
+
 def evaluate_model(
     model: MuMIC,
     manifest: Manifest,
     *,
     train_counts: dict[str, int] | None = None,
     majority_n: int = 32,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    cache_dir: str | Path | None = None,
-    progress: bool = False,
+    **kw: Any,
 ) -> dict[str, float]:
-    """All metrics of a model on a manifest: seen labels, and zero-shot on unseen ones."""
+    """All metrics of a model on a manifest: seen labels, and zero-shot on unseen ones.
+    Keyword arguments go to model_probs."""
     known = {l.name for l in model.labels}
     for i, labels in enumerate(manifest.labels):
         bad = [l for l in labels if l not in known]
         if bad:
             raise ManifestError(f"{manifest.path}, line {manifest.lines[i]}: label '{bad[0]}' is not a label of this run")
-    feats = None
-    if cache_dir is not None:
-        from mumic.features import cached_features
-
-        feats = cached_features(model.backbone, manifest.images, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, device=model.device, progress=progress)
-    u = manifest_embeddings(model, manifest.images, features=feats, batch_size=batch_size, num_workers=num_workers, progress=progress)
-    labels = _scored_labels(model)
-    probs = model.proba_from_embeddings(u, labels)
-    return evaluate_probs(model, manifest, probs, labels=labels, train_counts=train_counts, majority_n=majority_n)
+    probs, specs = model_probs(model, manifest, **kw)
+    return evaluate_probs(model, manifest, probs, labels=specs, train_counts=train_counts, majority_n=majority_n)
 
 
 def evaluate_run(run_dir: str | Path, manifest_path: str | Path, *, split: str | None = None, out: str | Path | None = None,

@@ -424,7 +424,8 @@ def _train(cfg: TrainConfig, run: Path, inputs: tuple, *, resume: bool, progress
         from mumic.evaluate import evaluate_model
 
         metrics["test"] = evaluate_model(model, test_m, train_counts=train_counts, majority_n=cfg.majority_n,
-                                         batch_size=cfg.batch_size, num_workers=cfg.num_workers, cache_dir=cfg.cache_dir if cfg.image_tower == "frozen" else None)
+                                         batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                         use_cache=cfg.image_tower == "frozen", cache_dir=cfg.cache_dir)
     atomic_write_json(run / "metrics.json", metrics)
     save_tensors(run / "model.safetensors", model.trained_state(), metadata={"format": "mumic-run-1"})
     from mumic.evaluate import write_report
