@@ -154,6 +154,52 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SHARD_ROWS = 4096
+
+
+def _sharded(out: Path, n: int, fingerprint: dict[str, Any], shard_rows: int, suffix: str,
+             write_part, progress: bool, desc: str) -> list[Path]:
+    """Process rows [0, n) in shards, each written atomically to OUT.parts/part-K; shards
+    already written by an interrupted call with the same fingerprint are kept, so a
+    rerun resumes from the last completed shard. Memory is bounded by one shard."""
+    import shutil
+
+    from mumic.io import read_json
+
+    parts_dir = out.with_name(out.name + ".parts")
+    meta = parts_dir / "meta.json"
+    if parts_dir.is_dir() and (not meta.is_file() or read_json(meta) != fingerprint):
+        log.info("discarding parts of a different job in %s", parts_dir)
+        shutil.rmtree(parts_dir)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(meta, fingerprint)
+    parts = []
+    starts = list(range(0, n, shard_rows))
+    done = sum((parts_dir / f"part-{k:05d}{suffix}").is_file() for k in range(len(starts)))
+    if done:
+        log.info("resuming: %d of %d shards already written in %s", done, len(starts), parts_dir)
+    for k, start in enumerate(tqdm(starts, desc=desc, unit="shard", disable=not progress or len(starts) < 2)):
+        part = parts_dir / f"part-{k:05d}{suffix}"
+        if not part.is_file():
+            write_part(start, min(n, start + shard_rows), part)
+        parts.append(part)
+    return parts
+
+
+def _fingerprint(model: MuMIC, manifest: Manifest, **extra: Any) -> dict[str, Any]:
+    return {"run": str(getattr(model, "run_dir", "")), "manifest": str(manifest.path), "rows": len(manifest),
+            "first": str(manifest.images[0]) if len(manifest) else "", "last": str(manifest.images[-1]) if len(manifest) else "", **extra}
+
+
+def _records(manifest: Manifest, start: int, end: int) -> list[dict[str, Any]]:
+    """The manifest's own columns of rows [start, end) as JSON-able dicts, image made absolute."""
+    frame = manifest.frame.iloc[start:end]
+    recs = json.loads(frame.to_json(orient="records", default_handler=str))
+    for r, path in zip(recs, manifest.images[start:end]):
+        r["image"] = str(path)
+    return recs
+
+
 def predict_manifest(
     model: MuMIC,
     manifest: Manifest,
@@ -164,56 +210,106 @@ def predict_manifest(
     batch_size: int = 32,
     num_workers: int = 0,
     progress: bool = True,
+    shard_rows: int = SHARD_ROWS,
 ) -> int:
-    """Write one JSON line per image: probabilities, calibrated decisions, other columns."""
+    """Per image: probabilities, calibrated decisions and the manifest's other columns.
+
+    Writes JSON lines, or Parquet when out_path ends in .parquet (scores as a list aligned
+    with the label names stored in the file's metadata). Streams in bounded memory and
+    resumes an interrupted call from its last completed shard."""
     specs = model.resolve_labels(labels) if labels else _scored_labels(model)
     names = [s.name for s in specs]
-    extra_cols = [c for c in manifest.frame.columns if c not in ("image",)]
-    lines: list[str] = []
-    from mumic.data.dataset import ImageDataset, make_loader
+    out = Path(out_path)
+    parquet = out.suffix.lower() == ".parquet"
 
-    ds = ImageDataset(manifest.images, model.backbone.image_size)
-    pos = 0
-    with torch.inference_mode():
-        for _, px in tqdm(make_loader(ds, batch_size, num_workers=num_workers), desc="predict", unit="batch", disable=not progress):
-            u = model.image_embeddings(px)
-            p = model.proba_from_embeddings(u, specs)
-            decided = model.decide(p, specs)
-            for r in range(len(p)):
-                i = pos + r
-                order = np.argsort(-p[r], kind="stable")
-                if top_k:
-                    order = order[:top_k]
-                rec: dict[str, Any] = {"image": str(manifest.images[i])}
-                for c in extra_cols:
-                    v = manifest.frame.iloc[i][c]
-                    rec[c] = v.item() if hasattr(v, "item") else (list(v) if isinstance(v, np.ndarray) else v)
-                rec["scores"] = {names[j]: round(float(p[r, j]), 6) for j in order}
-                rec["predicted"] = [names[j] for j in np.argsort(-p[r], kind="stable") if decided[r, j]]
-                lines.append(json.dumps(rec, default=str))
-            pos += len(p)
-    atomic_write_text(Path(out_path), "\n".join(lines) + ("\n" if lines else ""))
-    return len(lines)
+    def write_part(start: int, end: int, part: Path) -> None:
+        u = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers)
+        p = model.proba_from_embeddings(u, specs)
+        decided = model.decide(p, specs)
+        recs = _records(manifest, start, end)
+        for r, rec in enumerate(recs):
+            order = np.argsort(-p[r], kind="stable")
+            rec["predicted"] = [names[j] for j in order if decided[r, j]]
+            if parquet:
+                rec["scores"] = p[r].astype(np.float32).tolist()
+            else:
+                rec["scores"] = {names[j]: round(float(p[r, j]), 6) for j in (order[:top_k] if top_k else order)}
+        if parquet:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pylist(recs)
+            # explicit types: a shard where nothing is decided must not infer list<null>
+            for col, typ in (("predicted", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))):
+                table = table.set_column(table.schema.get_field_index(col), col, table.column(col).cast(typ))
+            tmp = part.with_name(f".{part.name}.tmp")
+            pq.write_table(table, tmp)
+            tmp.replace(part)
+        else:
+            atomic_write_text(part, "".join(json.dumps(r, default=str) + "\n" for r in recs))
+
+    fp = _fingerprint(model, manifest, kind="predict", labels=names, top_k=top_k, parquet=parquet)
+    parts = _sharded(out, len(manifest), fp, shard_rows, ".parquet" if parquet else ".jsonl", write_part, progress, "predict")
+    _merge(parts, out, parquet, metadata={"labels": json.dumps(names)})
+    return len(manifest)
 
 
-def embed_manifest(model: MuMIC, manifest: Manifest, out_path: str | Path, *, batch_size: int = 32, num_workers: int = 0, progress: bool = True) -> int:
-    """Write a Parquet file: the manifest's columns plus a normalised `embedding` column."""
+def embed_manifest(model: MuMIC, manifest: Manifest, out_path: str | Path, *, batch_size: int = 32, num_workers: int = 0,
+                   progress: bool = True, shard_rows: int = SHARD_ROWS) -> int:
+    """Write a Parquet file: the manifest's columns plus a normalised `embedding` column.
+    Streams in bounded memory and resumes an interrupted call from its last shard."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    emb = manifest_embeddings(model, manifest.images, batch_size=batch_size, num_workers=num_workers, progress=progress)
-    emb = F.normalize(emb, dim=-1).numpy().astype(np.float32)
-    frame = manifest.frame.reset_index(drop=True).copy()
-    frame["image"] = [str(p) for p in manifest.images]
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    d = emb.shape[1]
-    table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d))
+    def write_part(start: int, end: int, part: Path) -> None:
+        emb = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers)
+        emb = F.normalize(emb, dim=-1).numpy().astype(np.float32)
+        frame = manifest.frame.iloc[start:end].reset_index(drop=True).copy()
+        frame["image"] = [str(p) for p in manifest.images[start:end]]
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]))
+        tmp = part.with_name(f".{part.name}.tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(part)
+
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = _sharded(out, len(manifest), _fingerprint(model, manifest, kind="embed"), shard_rows, ".parquet", write_part, progress, "embed")
+    _merge(parts, out, parquet=True)
+    return len(manifest)
+
+
+def _merge(parts: list[Path], out: Path, parquet: bool, metadata: dict[str, str] | None = None) -> None:
+    """Concatenate the shard files into `out` (atomically), then remove the parts."""
+    import shutil
+
     tmp = out.with_name(f".{out.name}.tmp")
-    pq.write_table(table, tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if parquet:
+        import pyarrow.parquet as pq
+
+        writer = None
+        try:
+            for part in parts:
+                table = pq.read_table(part)
+                if writer is None:
+                    schema = table.schema.with_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in (metadata or {}).items()}})
+                    writer = pq.ParquetWriter(tmp, schema)
+                writer.write_table(table.cast(writer.schema))
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:  # no rows
+            import pyarrow as pa
+
+            pq.write_table(pa.table({}), tmp)
+    else:
+        with open(tmp, "wb") as dst:
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, dst)
     tmp.replace(out)
-    return len(frame)
+    if parts:
+        shutil.rmtree(parts[0].parent)
 
 
 def write_report(run: Path, metrics: dict[str, Any], log_rows: list[dict[str, Any]]) -> None:

@@ -1,0 +1,92 @@
+"""`predict` and `embed` on manifests: streamed in shards, complete, ordered, resumable."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import mumic.evaluate as ev
+from mumic.data.manifest import read_manifest
+from mumic.data.synthetic import make_shapes
+from mumic.model import MuMIC
+from mumic.train import fit
+
+
+@pytest.fixture(scope="module")
+def run_and_manifest(tmp_path_factory, tiny_clip_dir):
+    tmp = tmp_path_factory.mktemp("batch")
+    root = make_shapes(tmp / "shapes", n=70, size=48, seed=4).parent
+    run = fit(manifest=str(root / "manifest.csv"), labels_file=str(root / "labels.yaml"), out=str(tmp / "run"),
+              backbone=f"hf:{tiny_clip_dir}", max_steps=2, eval_every=2, cache_dir=str(tmp / "cache"), progress=False)
+    return MuMIC.from_run(run, device="cpu"), read_manifest(root / "manifest.csv")
+
+
+class Boom(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch, calls_ok):
+    real = ev.manifest_embeddings
+    count = {"n": 0}
+
+    def flaky(*a, **kw):
+        count["n"] += 1
+        if count["n"] > calls_ok:
+            raise Boom
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ev, "manifest_embeddings", flaky)
+    return count
+
+
+def test_embed_in_shards_equals_one_pass_and_resumes(run_and_manifest, tmp_path, monkeypatch):
+    model, m = run_and_manifest
+    whole = tmp_path / "whole.parquet"
+    ev.embed_manifest(model, m, whole, shard_rows=1000, progress=False)
+    ref = pq.read_table(whole)
+    assert ref.num_rows == len(m)
+    assert ref.column("image").to_pylist() == [str(p) for p in m.images]  # complete and in order
+
+    out = tmp_path / "cut.parquet"
+    _interrupt_after(monkeypatch, 2)
+    with pytest.raises(Boom):
+        ev.embed_manifest(model, m, out, shard_rows=20, progress=False)
+    parts = sorted((tmp_path / "cut.parquet.parts").glob("part-*.parquet"))
+    assert len(parts) == 2 and not out.exists()
+    monkeypatch.undo()
+    count = _interrupt_after(monkeypatch, 100)
+    ev.embed_manifest(model, m, out, shard_rows=20, progress=False)
+    assert count["n"] == 2  # only the 2 missing shards of 4 were computed
+    got = pq.read_table(out)
+    assert got.column("image").to_pylist() == ref.column("image").to_pylist()
+    np.testing.assert_allclose(np.stack(got.column("embedding").to_numpy(zero_copy_only=False)),
+                               np.stack(ref.column("embedding").to_numpy(zero_copy_only=False)), atol=1e-6)
+    assert not (tmp_path / "cut.parquet.parts").exists()
+
+
+def test_predict_jsonl_and_parquet_agree(run_and_manifest, tmp_path):
+    model, m = run_and_manifest
+    ev.predict_manifest(model, m, tmp_path / "p.jsonl", shard_rows=25, progress=False)
+    ev.predict_manifest(model, m, tmp_path / "p.parquet", shard_rows=25, progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "p.jsonl").read_text().splitlines()]
+    t = pq.read_table(tmp_path / "p.parquet")
+    names = json.loads(t.schema.metadata[b"labels"])
+    assert len(rows) == t.num_rows == len(m)
+    for r, scores, pred in zip(rows, t.column("scores").to_pylist(), t.column("predicted").to_pylist()):
+        assert pred == r["predicted"]
+        np.testing.assert_allclose([r["scores"][n] for n in names], scores, atol=1e-5)
+    direct = model.predict_proba(m.images)
+    np.testing.assert_allclose(np.array(t.column("scores").to_pylist()), direct, atol=1e-5)
+
+
+def test_a_different_job_does_not_reuse_parts(run_and_manifest, tmp_path, monkeypatch):
+    model, m = run_and_manifest
+    out = tmp_path / "p.jsonl"
+    _interrupt_after(monkeypatch, 1)
+    with pytest.raises(Boom):
+        ev.predict_manifest(model, m, out, shard_rows=20, progress=False)
+    monkeypatch.undo()
+    ev.predict_manifest(model, m, out, labels=["red", "zebra"], shard_rows=20, progress=False)
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == len(m) and all(set(r["scores"]) == {"red", "zebra"} for r in rows)
