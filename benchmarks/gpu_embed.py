@@ -1,0 +1,234 @@
+"""GPU embedding throughput, end to end: a folder of 640x480 JPEGs -> embeddings on disk,
+against the model alone, for the CLIP ViT-B/32 and ViT-B/16 vision architectures.
+
+End to end is mumic's input pipeline: ImageDataset + make_loader with N worker processes
+(JPEG draft decoding at the model's resolution, uint8 tensors between processes, pinned
+memory), non-blocking copies to the GPU, bf16 autocast, embeddings gathered on the GPU and
+written to a .npy file. Model only is the same forward (uint8 -> normalise -> tower ->
+projection -> L2 norm) on random uint8 batches already on the GPU, same batch size. The
+report gives images/s for each and the fraction of the model-only rate that end to end
+reaches; a low fraction means the input pipeline, not the GPU, sets the pace. A
+loader-only pass (decode + copy, no model) shows the pipeline's own ceiling.
+
+The models have random weights: each is built from a transformers CLIPConfig, saved with
+save_pretrained to a temporary folder, and loaded through mumic's `hf:<folder>` path.
+The JPEGs are drawn by the script (smooth colour fields, shapes and noise, about 90 KiB
+each, like real photos). Nothing is downloaded.
+
+On the project's device machine (one H100 or H200; its python3 has torch and transformers),
+from the repository root, one command (about 2 minutes, the machine's start not counted):
+
+    PYTHONPATH=src PYTHONUNBUFFERED=1 python3 benchmarks/gpu_embed.py --compile --channels-last
+
+Without CUDA it runs on the CPU (batch 32, no autocast, no pinned memory); `--quick` there
+uses tiny vision towers of the same patch sizes and 64 images, so the script is tested on
+any machine:
+
+    python benchmarks/gpu_embed.py --quick
+
+Ends with one line `ratio=<end-to-end / model-only>` for the first model of --models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from _common import (
+    add_threads_option,
+    apply_threads,
+    VIT_B16,
+    VIT_B32,
+    VIT_B_PROJECTION,
+    folder_bytes,
+    machine_line,
+    make_photos,
+    n_params,
+    quiet_transformers,
+    save_clip,
+    tiny_vision,
+)
+from mumic.backbones import load_backbone
+from mumic.data.dataset import ImageDataset, make_loader
+
+ARCHS = {"vit-b32": VIT_B32, "vit-b16": VIT_B16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+
+def make_encoder(bb, *, compile_: bool, channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 [N,3,H,W] on the device -> L2-normalised float32 embeddings [N, D]."""
+    if channels_last:
+        bb.image_tower.to(memory_format=torch.channels_last)
+
+    def encode(px: torch.Tensor) -> torch.Tensor:
+        return F.normalize(bb.encode_image(px).float(), dim=-1)
+
+    return torch.compile(encode) if compile_ else encode
+
+
+def prepare(px: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    px = px.to(device, non_blocking=True)
+    return px.contiguous(memory_format=torch.channels_last) if channels_last else px
+
+
+@torch.inference_mode()
+def model_only(encode, size: int, batch: int, device: torch.device, amp: bool, channels_last: bool,
+               min_seconds: float) -> float:
+    """images/s of the forward alone on random uint8 batches already on the device."""
+    px = prepare(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device), device, channels_last)
+    with autocast(device, amp):
+        for _ in range(3):
+            encode(px)
+        sync(device)
+        t = time.perf_counter()
+        encode(px)
+        sync(device)
+        one = time.perf_counter() - t
+        iters = int(min(200, max(5, math.ceil(min_seconds / max(one, 1e-6)))))
+        t = time.perf_counter()
+        for _ in range(iters):
+            encode(px)
+        sync(device)
+        dt = time.perf_counter() - t
+    return iters * batch / dt
+
+
+@torch.inference_mode()
+def loader_only(paths: list[Path], size: int, batch: int, workers: int, device: torch.device) -> float:
+    """images/s of decode + crop + (pinned) copy to the device, no model."""
+    t = time.perf_counter()
+    loader = make_loader(ImageDataset(paths, size), batch, num_workers=workers)
+    last = None
+    for _, px in loader:
+        last = px.to(device, non_blocking=True)
+    sync(device)
+    del last
+    return len(paths) / (time.perf_counter() - t)
+
+
+@torch.inference_mode()
+def end_to_end(encode, dim: int, paths: list[Path], size: int, batch: int, workers: int, device: torch.device,
+               amp: bool, channels_last: bool, out_file: Path) -> float:
+    """images/s from JPEG files to a .npy of embeddings, worker start-up and writing included."""
+    t = time.perf_counter()
+    loader = make_loader(ImageDataset(paths, size), batch, num_workers=workers)
+    out = torch.empty((len(paths), dim), dtype=torch.float32, device=device)
+    pos = 0
+    with autocast(device, amp):
+        for _, px in loader:
+            e = encode(prepare(px, device, channels_last))
+            out[pos : pos + len(e)] = e
+            pos += len(e)
+    np.save(out_file, out.cpu().numpy())
+    return len(paths) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer images (4096 on GPU, 64 on CPU); on CPU also tiny towers")
+    ap.add_argument("-n", type=int, default=None, help="number of JPEGs (default 16384 on GPU, 256 on CPU)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 1024 on GPU, 32 on CPU")
+    ap.add_argument("--num-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="DataLoader worker processes (default: CPUs - 1)")
+    ap.add_argument("--models", default="vit-b32,vit-b16", help=f"comma-separated, from {', '.join(ARCHS)}")
+    ap.add_argument("--tiny", action="store_true", help="tiny towers (width 64, 2 layers) with the same patch sizes")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the forward")
+    ap.add_argument("--channels-last", action="store_true", help="channels_last input and patch embedding")
+    ap.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU (it is always off on CPU)")
+    ap.add_argument("--out", help="folder for the embedding .npy files (default: a temporary folder, removed)")
+    ap.add_argument("--seconds", type=float, default=None, help="model-only timing length (default 2 GPU, 1 CPU)")
+    add_threads_option(ap)
+    a = ap.parse_args()
+    apply_threads(a.threads)
+
+    quiet_transformers()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    tiny = a.tiny or (a.quick and not cuda)
+    n = a.n or ((4096 if a.quick else 16384) if cuda else (64 if a.quick else 256))
+    batch = a.batch_size or (1024 if cuda else 32)
+    amp = cuda and not a.no_amp
+    seconds = a.seconds or (2.0 if cuda else 1.0)
+    names = [m.strip() for m in a.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in ARCHS]
+    if unknown or not names:
+        raise SystemExit(f"unknown model {unknown[0] if unknown else a.models!r}: choose from {', '.join(ARCHS)}")
+
+    print(machine_line())
+    print(f"device: {device}; batch {batch}; workers {a.num_workers}; pinned memory {'yes' if cuda else 'no'}; "
+          f"bf16 autocast {'on' if amp else 'off'}; compile {'on' if a.compile else 'off'}; "
+          f"channels_last {'on' if a.channels_last else 'off'}")
+    if not cuda:
+        print("no CUDA device: running on the CPU" + (" with tiny towers" if tiny else ""))
+
+    tmp = Path(tempfile.mkdtemp(prefix="mumic-bench-gpu-"))
+    out_dir = Path(a.out) if a.out else tmp / "embeddings"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        t = time.perf_counter()
+        paths = make_photos(tmp / "images", n, size=(640, 480), workers=os.cpu_count() or 1)
+        print(f"images: {n} JPEGs 640x480, {folder_bytes(paths) / n / 1024:.0f} KiB each on average "
+              f"(drawn in {time.perf_counter() - t:.1f} s)")
+        size = 224
+        rate_loader = loader_only(paths, size, batch, a.num_workers, device)
+        print(f"loader only (decode + crop + copy, {a.num_workers} workers): {rate_loader:9.1f} images/s")
+
+        ratios: dict[str, float] = {}
+        for name in names:
+            vision = tiny_vision(ARCHS[name]["patch_size"]) if tiny else ARCHS[name]
+            folder = save_clip(tmp / name, vision, projection_dim=64 if tiny else VIT_B_PROJECTION)
+            bb = load_backbone(f"hf:{folder}", device=device)
+            encode = make_encoder(bb, compile_=a.compile, channels_last=a.channels_last)
+            t = time.perf_counter()
+            with torch.inference_mode(), autocast(device, amp):  # warm-up (and compile) at both batch shapes
+                for b in {batch, n % batch or batch}:
+                    encode(prepare(torch.zeros(b, 3, size, size, dtype=torch.uint8), device, a.channels_last))
+            sync(device)
+            warm = time.perf_counter() - t
+            rate_model = model_only(encode, size, batch, device, amp, a.channels_last, seconds)
+            out_file = out_dir / f"{name}.npy"
+            rate_e2e = end_to_end(encode, bb.embed_dim, paths, size, batch, a.num_workers, device, amp,
+                                  a.channels_last, out_file)
+            emb = np.load(out_file, mmap_mode="r")
+            assert emb.shape == (n, bb.embed_dim) and np.isfinite(emb[:16]).all()
+            ratios[name] = rate_e2e / rate_model
+            label = f"{name}{' (tiny)' if tiny else ''}"
+            print(f"{label}: {n_params(bb.image_tower) / 1e6:.1f} M vision weights, warm-up {warm:.1f} s")
+            print(f"  model only : {rate_model:9.1f} images/s")
+            print(f"  end to end : {rate_e2e:9.1f} images/s -> {out_file.name} {list(emb.shape)}")
+            print(f"  end to end reaches {100 * ratios[name]:.1f}% of the model-only rate")
+            del bb, encode
+            if cuda:
+                torch.cuda.empty_cache()
+        first = names[0]
+        print(f"ratio below: {first} end to end / model only")
+        print(f"ratio={ratios[first]:.3f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Load test of `mumic serve`: POST /predict from N concurrent clients on loopback, with
+micro-batching on and off (the baseline), on the same run.
+
+    python benchmarks/serve_load.py [--run RUN] [--quick] [--clients N] [--duration S]
+
+Without --run it trains a small `lite` run at 64 px on generated shapes first. Each mode
+starts its own server process on 127.0.0.1, warms it up, then sends one-image requests
+from N clients for a bounded time and count. Prints requests/s and p50/p99 latency per
+mode, and ends with one line `ratio=<batched/unbatched requests per second>`.
+The clients share the machine with the server, so absolute numbers are pessimistic;
+the ratio is the figure to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_small_run(work: Path) -> tuple[Path, list[Path]]:
+    from mumic.config import load_config
+    from mumic.data.manifest import read_manifest
+    from mumic.data.synthetic import make_shapes
+    from mumic.train import fit
+
+    manifest = make_shapes(work / "shapes", n=60, size=64, seed=0)
+    cfg = load_config(overrides={
+        "manifest": str(manifest), "labels_file": str(manifest.parent / "labels.yaml"), "out": str(work / "run"),
+        "cache_dir": str(work / "cache"), "backbone": "lite", "image_size": 64, "batch_size": 16, "max_steps": 4,
+        "eval_every": 4, "warmup_steps": 1, "patience": 100, "majority_n": 3, "device": "cpu",
+    })
+    run = fit(cfg, progress=False)
+    return run, read_manifest(manifest).images[:8]
+
+
+class Server:
+    def __init__(self, run: Path, log: Path, batching: bool, timeout: float = 180.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "mumic.serve", str(run), "--host", "127.0.0.1", "--port", str(self.port),
+               "--device", "cpu", "--log-level", "warning", "--max-connections", "1024"]
+        if not batching:
+            cmd.append("--no-batching")
+        self.log = log
+        with open(log, "wb") as fh:
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{log.read_text(errors='replace')}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not start in {timeout:.0f} s:\n{log.read_text(errors='replace')}")
+
+    def stats(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()["batching"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+async def load(url: str, images: list[bytes], clients: int, duration: float, max_requests: int) -> dict:
+    """N clients send one-image /predict requests back to back until `duration` seconds
+    or `max_requests` requests in total; returns throughput and latency percentiles."""
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    stop_at = time.perf_counter() + duration
+
+    async def client(i: int, http: httpx.AsyncClient) -> None:
+        nonlocal errors, sent
+        j = i
+        while time.perf_counter() < stop_at and sent < max_requests:
+            sent += 1
+            data = images[j % len(images)]
+            j += 1
+            t0 = time.perf_counter()
+            try:
+                r = await http.post("/predict", files=[("images", ("x.png", data, "image/png"))])
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*[client(i, http) for i in range(clients)])
+        elapsed = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+    return {"requests": len(latencies), "errors": errors, "seconds": elapsed, "rps": len(latencies) / elapsed,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", help="run directory (default: train a small lite run at 64 px)")
+    p.add_argument("--quick", action="store_true", help="short phases: the whole benchmark in under a minute on CPU")
+    p.add_argument("--clients", type=int, default=None, help="concurrent clients (default: 32; quick: 16)")
+    p.add_argument("--duration", type=float, default=None, help="seconds of load per mode (default: 20; quick: 6)")
+    p.add_argument("--max-requests", type=int, default=20000, help="upper bound on requests per mode")
+    a = p.parse_args(argv)
+    clients = a.clients or (16 if a.quick else 32)
+    duration = a.duration or (6.0 if a.quick else 20.0)
+    warmup = 1.0 if a.quick else 3.0
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mumic-serve-load-") as tmp:
+        work = Path(tmp)
+        if a.run:
+            from mumic.data.synthetic import make_shapes
+
+            run = Path(a.run)
+            paths = sorted((make_shapes(work / "shapes", n=8, size=64, seed=0).parent / "images").glob("*.png"))
+        else:
+            run, paths = train_small_run(work)
+        images = [Path(x).read_bytes() for x in paths]
+        results = {}
+        for mode, batching in (("batched", True), ("unbatched", False)):
+            server = Server(run, work / f"{mode}.log", batching)
+            try:
+                asyncio.run(load(server.url, images, clients, warmup, 10 * clients))
+                before = server.stats()
+                res = asyncio.run(load(server.url, images, clients, duration, a.max_requests))
+                after = server.stats()
+                done = after["batches"] - before["batches"]
+                res["mean_batch"] = (after["images"] - before["images"]) / done if done else float("nan")
+                results[mode] = res
+            finally:
+                server.stop()
+    print(f"run: {run if a.run else 'lite @ 64 px, trained here'}; {clients} clients, {duration:g} s per mode, one image per request, 127.0.0.1")
+    print(f"{'mode':<10} {'requests':>8} {'errors':>6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'images/batch':>12}")
+    for mode, r in results.items():
+        print(f"{mode:<10} {r['requests']:>8} {r['errors']:>6} {r['rps']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['mean_batch']:>12.1f}")
+    ratio = results["batched"]["rps"] / results["unbatched"]["rps"] if results["unbatched"]["rps"] else float("inf")
+    print(f"total time {time.perf_counter() - t_start:.0f} s")
+    print(f"ratio={ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
