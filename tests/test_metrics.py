@@ -307,7 +307,7 @@ def test_fit_thresholds_hand_worked():
     # every image positive: best is "predict all" -> midpoint of 0.7 and 0 = 0.35
     y = np.stack([col0_y, col1_y], axis=1)
     s = np.stack([col0_s, col1_s], axis=1)
-    thr = fit_thresholds(y, s)
+    thr = fit_thresholds(y, s, min_positives=3)
     assert thr == pytest.approx([0.45, 0.35])
 
 
