@@ -86,6 +86,10 @@ class MuMIC(nn.Module):
         self.classifier = nn.Linear(backbone.embed_dim, n) if loss == "linear_bce" else None
         # frozen text tower: mean normalised tower feature of each prompt set, computed once
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        # set by from_run / training: calibrated thresholds, the run folder and its config
+        self.thresholds: dict[str, Any] | None = None
+        self.run_dir: Path | None = None
+        self.config: Any = None
 
     # -- parameters ---------------------------------------------------------------------
     @property
