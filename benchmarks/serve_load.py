@@ -87,37 +87,66 @@ class Server:
                 self.proc.wait(5)
 
 
-async def load(url: str, images: list[bytes], clients: int, duration: float, max_requests: int) -> dict:
-    """N clients send one-image /predict requests back to back until `duration` seconds
-    or `max_requests` requests in total; returns throughput and latency percentiles."""
+def predict_request(port: int, image: bytes) -> bytes:
+    """A complete HTTP/1.1 POST /predict with one image, as bytes (built once, sent many times)."""
+    boundary = "mumicbenchboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"x.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n").encode()
+    return head + body
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bool]:
+    """Send one request on a keep-alive connection; (status, server keeps the connection)."""
+    writer.write(request)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:] if l)}
+    await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers.get("connection", "").lower() != "close"
+
+
+async def load(port: int, images: list[bytes], clients: int, duration: float, max_requests: int) -> dict:
+    """N clients, each on its own keep-alive connection, send one-image /predict requests
+    back to back until `duration` seconds or `max_requests` requests in total; returns
+    throughput and latency percentiles. The client is a few lines over asyncio streams, so
+    that it takes little of the CPU it shares with the server."""
+    requests = [predict_request(port, img) for img in images]
     latencies: list[float] = []
     errors = 0
     sent = 0
     stop_at = time.perf_counter() + duration
 
-    async def client(i: int, http: httpx.AsyncClient) -> None:
+    async def client(i: int) -> None:
         nonlocal errors, sent
+        conn = None
         j = i
         while time.perf_counter() < stop_at and sent < max_requests:
             sent += 1
-            data = images[j % len(images)]
             j += 1
             t0 = time.perf_counter()
             try:
-                r = await http.post("/predict", files=[("images", ("x.png", data, "image/png"))])
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if ok:
+                if conn is None:
+                    conn = await asyncio.open_connection("127.0.0.1", port)
+                status, keep = await asyncio.wait_for(_exchange(*conn, requests[j % len(requests)]), timeout=60)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError, IndexError):
+                status, keep = 0, False
+            if status == 200:
                 latencies.append(time.perf_counter() - t0)
             else:
                 errors += 1
+            if not keep and conn is not None:
+                conn[1].close()
+                conn = None
+        if conn is not None:
+            conn[1].close()
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
-        t0 = time.perf_counter()
-        await asyncio.gather(*[client(i, http) for i in range(clients)])
-        elapsed = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*[client(i) for i in range(clients)])
+    elapsed = time.perf_counter() - t0
     lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
     return {"requests": len(latencies), "errors": errors, "seconds": elapsed, "rps": len(latencies) / elapsed,
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
@@ -149,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         for mode, batching in (("batched", True), ("unbatched", False)):
             server = Server(run, work / f"{mode}.log", batching)
             try:
-                asyncio.run(load(server.url, images, clients, warmup, 10 * clients))
+                asyncio.run(load(server.port, images, clients, warmup, 10 * clients))
                 before = server.stats()
-                res = asyncio.run(load(server.url, images, clients, duration, a.max_requests))
+                res = asyncio.run(load(server.port, images, clients, duration, a.max_requests))
                 after = server.stats()
                 done = after["batches"] - before["batches"]
                 res["mean_batch"] = (after["images"] - before["images"]) / done if done else float("nan")

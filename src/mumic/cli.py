@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files and/or manifests (.csv .tsv .jsonl .parquet)")
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="score these labels (names not in the run are zero-shot, from the prompt templates)")
     p.add_argument("--top-k", type=int, help="keep the K highest scores per image")
-    p.add_argument("--out", help="JSON-lines output file (default: standard output)")
+    p.add_argument("--out", help="output file: JSON lines, or Parquet if it ends in .parquet (default: JSON lines on standard output)")
+    p.add_argument("--compile", action="store_true", help="run the image tower through torch.compile (pays off on large jobs)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("manifest", help="manifest (only the image column is needed)")
     p.add_argument("--out", required=True, help="output .parquet file")
+    p.add_argument("--compile", action="store_true", help="run the image tower through torch.compile (pays off on large jobs)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -96,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/emoji", help="EmojiTags folder, built if missing (default: data/emoji)")
     p.add_argument("--from", dest="from_dir", help="folder with the already-downloaded npm tarballs")
     p.add_argument("--overwrite", action="store_true", help="train again even where a run already finished")
+    from mumic import export, search, serve
+
+    serve.add_serve_parser(sub)
+    search.add_index_parser(sub)
+    search.add_search_parser(sub)
+    export.add_export_parser(sub)
     return parser
 
 
@@ -157,6 +165,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     from mumic.model import MuMIC
 
     model = MuMIC.from_run(a.run, device=a.device)
+    if a.compile:
+        model.compile_image_tower()
     manifest = _inputs_manifest(a.inputs)
     manifest.check_images_exist()
     if a.out:
@@ -176,6 +186,8 @@ def _cmd_embed(a: argparse.Namespace) -> int:
     from mumic.model import MuMIC
 
     model = MuMIC.from_run(a.run, device=a.device)
+    if a.compile:
+        model.compile_image_tower()
     manifest = read_manifest(a.manifest, require_labels=False)
     manifest.check_images_exist()
     n = embed_manifest(model, manifest, a.out, batch_size=a.batch_size, num_workers=a.num_workers)
@@ -203,7 +215,11 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "embed": _cmd_embed, "data": _cmd_data, "demo": _cmd_demo}
+def _commands() -> dict:
+    from mumic import export, search, serve
+
+    return {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "embed": _cmd_embed, "data": _cmd_data,
+            "demo": _cmd_demo, "serve": serve.cmd_serve, "index": search.cmd_index, "search": search.cmd_search, "export": export.cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return COMMANDS[a.verb](a)
+        return _commands()[a.verb](a)
     except MumicError as e:
         print(f"mumic: error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from mumic.errors import ConfigError, MumicError, RunError
 log = logging.getLogger(__name__)
 
 MAX_INV_TAU = 100.0
+TEXT_CACHE_SIZE = 8192  # prompt sets whose frozen text features are kept
 FORMAT = "mumic-run-1"
 
 
@@ -85,7 +87,9 @@ class MuMIC(nn.Module):
             self.bias = nn.Parameter(torch.zeros(1 if bias == "shared" else n))
         self.classifier = nn.Linear(backbone.embed_dim, n) if loss == "linear_bce" else None
         # frozen text tower: mean normalised tower feature of each prompt set, computed once
-        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        # (bounded: a service may be asked for any number of new labels)
+        self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+        self.amp = True  # bf16 autocast for inference on CUDA
         # set by from_run / training: calibrated thresholds, the run folder and its config
         self.thresholds: dict[str, Any] | None = None
         self.run_dir: Path | None = None
@@ -124,8 +128,32 @@ class MuMIC(nn.Module):
         if features is None:
             if pixels is None:
                 raise MumicError("image_embeddings needs pixels or features")
-            features = self.backbone.image_features(pixels.to(self.device, non_blocking=True))
-        return self.backbone.image_head(features.to(self.device))
+            features = self._tower(pixels.to(self.device, non_blocking=True))
+        return self.backbone.image_head(features.to(self.device).float())
+
+    def compile_image_tower(self, **kwargs: Any) -> "MuMIC":
+        """Run the image tower through torch.compile at inference (kwargs go to it).
+        The weights and the saved run are unchanged; the first batches pay the compile."""
+        self._compiled_tower = torch.compile(self.backbone.image_features, **kwargs)
+        return self
+
+    def _tower(self, pixels: torch.Tensor) -> torch.Tensor:
+        """f_img(x). At inference on CUDA: bf16 autocast, and a batch that does not fit in
+        GPU memory is split in halves instead of failing."""
+        fn = getattr(self, "_compiled_tower", None) or self.backbone.image_features
+        if self.training:
+            return fn(pixels)
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp and pixels.device.type == "cuda"):
+                return fn(pixels).float()
+        except torch.cuda.OutOfMemoryError:
+            if len(pixels) < 2:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(pixels) // 2
+            log.warning("batch of %d images does not fit in GPU memory; splitting it", len(pixels))
+            return torch.cat([self._tower(pixels[:half]), self._tower(pixels[half:])])
 
     def _prompt_features(self, prompt_sets: Sequence[Sequence[str]]) -> torch.Tensor:
         """[C, F_txt]: per label, the mean of its prompts' normalised tower features."""
@@ -136,6 +164,7 @@ class MuMIC(nn.Module):
             key = tuple(ps)
             if use_cache and key in self._text_cache:
                 out[i] = self._text_cache[key]
+                self._text_cache.move_to_end(key)
             else:
                 todo.append(i)
         if todo:
@@ -154,6 +183,8 @@ class MuMIC(nn.Module):
                 out[i] = f
                 if use_cache:
                     self._text_cache[tuple(prompt_sets[i])] = f.detach()
+                    while len(self._text_cache) > TEXT_CACHE_SIZE:
+                        self._text_cache.popitem(last=False)
         return torch.stack(out)  # type: ignore[arg-type]
 
     def class_embeddings(self, labels: Sequence[LabelSpec]) -> torch.Tensor:
@@ -165,7 +196,8 @@ class MuMIC(nn.Module):
         self._text_cache.clear()
 
     # -- scores ---------------------------------------------------------------------------
-    def _bias_for(self, labels: Sequence[LabelSpec]) -> torch.Tensor:
+    def label_biases(self, labels: Sequence[LabelSpec]) -> torch.Tensor:
+        """b for each label: its own where b is per label and the label was trained, else the mean."""
         if self.bias.numel() == 1:
             return self.bias.expand(len(labels))
         mean = self.bias.mean()
@@ -182,7 +214,7 @@ class MuMIC(nn.Module):
             return z[:, [self.seen_index[l.name] for l in labels]]
         v = self.class_embeddings(labels)
         s = F.normalize(u_raw, dim=-1) @ v.t()
-        return s * self.inv_tau + self._bias_for(labels)
+        return s * self.inv_tau + self.label_biases(labels)
 
     def forward(self, pixels: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the seen labels, from pixels or cached tower features."""

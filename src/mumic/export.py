@@ -1,0 +1,380 @@
+"""ONNX export of a run: the image tower + head and the text tower + head as two graphs.
+
+`mumic export RUN --format onnx --out DIR` writes
+
+    DIR/
+      image_encoder.onnx     pixels uint8 [batch, 3, S, S] (RGB, NCHW, already resized and
+                             center-cropped to S) -> image_embedding float32 [batch, D],
+                             L2-normalised. (x/255 - mean)/std happens inside the graph.
+      text_encoder.onnx      input_ids int64 [batch, seq] (+ attention_mask int64 [batch, seq]
+                             where the backbone uses one) -> text_embedding float32
+                             [batch, D] L2-normalised, and text_embedding_raw
+                             P_txt(normalize(f_txt(t))) unnormalised
+      label_embeddings.npy   float32 [C, D]: the run's class embeddings v_c, normalised
+      scoring.json           labels (name, seen, b, threshold), tau, and the formula
+      tokenizer/             the tokenizer files (transformers save_pretrained format)
+      README.json            inputs, outputs, preprocessing (size, mean, std), tokenizer
+                             settings, and the measured ONNX vs PyTorch differences
+
+Probabilities: p = sigmoid((image_embedding . v_c) / tau + b_c). A new (zero-shot) label:
+embed each of its prompts with the text graph, average `text_embedding_raw` over the
+prompts, L2-normalise (P_txt is affine, so this equals MuMIC's class embedding), and use
+the default b of scoring.json. Both graphs have a dynamic batch axis (the text graph a
+dynamic sequence axis too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from mumic.errors import ConfigError, MumicError, RunError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mumic-onnx-1"
+FORMATS = ("onnx",)
+DEFAULT_OPSET = 17
+IMAGE_FILE = "image_encoder.onnx"
+TEXT_FILE = "text_encoder.onnx"
+
+
+class ExportError(MumicError):
+    """A run could not be exported, or the exported graphs disagree with PyTorch."""
+
+
+def _backbone_kind(backbone: Any) -> str:
+    if backbone.spec == "lite":
+        return "lite"
+    kind = getattr(backbone, "model_type", None)
+    if kind in ("clip", "siglip"):
+        return kind
+    raise ExportError(f"ONNX export does not know the backbone {backbone.spec!r}; supported: lite, hf CLIP, hf SigLIP")
+
+
+def public_spec(spec: str) -> str:
+    """The backbone spec without the local folder it was loaded from (only its name)."""
+    if spec.startswith("hf:") and Path(spec[3:]).expanduser().is_dir():
+        return "hf:" + Path(spec[3:]).expanduser().resolve().name
+    return spec
+
+
+def tokenizer_settings(backbone: Any) -> dict[str, Any]:
+    """How the backbone tokenises prompts (the same call its text_features makes)."""
+    kind = _backbone_kind(backbone)
+    if kind == "lite":
+        from mumic.backbones.lite import TEXT_MAX_LENGTH
+
+        return {"padding": "longest", "truncation": True, "max_length": TEXT_MAX_LENGTH, "attention_mask": True}
+    if kind == "siglip":
+        return {"padding": "max_length", "truncation": True, "max_length": int(backbone.text_max_length), "attention_mask": False}
+    return {"padding": "longest", "truncation": True, "max_length": int(backbone.text_max_length), "attention_mask": True}
+
+
+def tokenize(backbone: Any, texts: list[str]) -> dict[str, Any]:
+    """Token ids (and attention mask where used) as int64 tensors, as the backbone does."""
+    s = tokenizer_settings(backbone)
+    padding = True if s["padding"] == "longest" else "max_length"
+    enc = backbone.tokenizer(list(texts), padding=padding, truncation=True, max_length=s["max_length"], return_tensors="pt")
+    out = {"input_ids": enc["input_ids"].long()}
+    if s["attention_mask"]:
+        out["attention_mask"] = enc["attention_mask"].long()
+    return out
+
+
+def _graphs(backbone: Any) -> tuple[Any, Any]:
+    """(image module, text module) wrapping the backbone for tracing."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    kind = _backbone_kind(backbone)
+
+    class ImageGraph(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return F.normalize(self.backbone.image_head(self.backbone.image_features(pixels)), dim=-1)
+
+    class TextGraph(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone
+
+        def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+            tower = self.backbone.text_tower
+            if kind == "lite":  # mean of MiniLM's last hidden states over real tokens
+                hidden = tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            if kind == "siglip":  # trained without a mask, on max_length padding
+                return tower(input_ids=input_ids).pooler_output
+            return tower(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            raw = self.backbone.text_head(F.normalize(self.features(input_ids, attention_mask), dim=-1))
+            return F.normalize(raw, dim=-1), raw
+
+    return ImageGraph().eval(), TextGraph().eval()
+
+
+def _export(module: Any, args: tuple, path: Path, input_names: list[str], output_names: list[str], dynamic: dict[str, dict[int, str]], opset: int) -> None:
+    import torch
+
+    with warnings.catch_warnings():
+        # the TorchScript-based exporter warns about its own deprecation and about traced
+        # Python conditionals that are constant for a given model
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                module, args, str(path), dynamo=False, opset_version=opset, input_names=input_names,
+                output_names=output_names, dynamic_axes=dynamic, do_constant_folding=True,
+            )
+        except Exception as e:
+            raise ExportError(f"ONNX export of {path.name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RunError(f"{out} exists and is not a folder; choose another --out")
+    if not any(out.iterdir()):
+        return
+    if not (out / "README.json").is_file():
+        raise RunError(f"{out} exists and is not an export folder; choose another --out (it is never replaced)")
+    if not overwrite:
+        raise RunError(f"{out} already holds an export; pass --overwrite to replace it")
+
+
+def onnx_probabilities(folder: str | Path, pixels: Any) -> Any:
+    """Probabilities [N, C] of the run's labels from an export folder with onnxruntime:
+    uint8 pixels [N, 3, S, S] in, the README's formula applied. (For checks and examples.)"""
+    import numpy as np
+
+    folder = Path(folder)
+    sess = _session(folder / IMAGE_FILE)
+    u = sess.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.uint8)})[0]
+    v = np.load(folder / "label_embeddings.npy", allow_pickle=False)
+    scoring = json.loads((folder / "scoring.json").read_text())
+    b = np.array([l["bias"] for l in scoring["labels"]], dtype=np.float32)
+    return 1.0 / (1.0 + np.exp(-(u @ v.T / scoring["tau"] + b)))
+
+
+def _session(path: Path) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConfigError("checking an ONNX export needs onnxruntime: pip install onnxruntime") from None
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _verify(folder: Path, model: Any, text_graph: Any, prompts: list[str], seed: int = 0) -> dict[str, float]:
+    """Max absolute differences between onnxruntime and PyTorch on random pixels (batch 3)
+    and the run's prompts: embeddings and probabilities."""
+    import numpy as np
+    import torch
+
+    size = model.backbone.image_size
+    gen = torch.Generator().manual_seed(seed)
+    px = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=gen)
+    with torch.inference_mode():
+        u_torch = torch.nn.functional.normalize(model.image_embeddings(px).float(), dim=-1).numpy()
+        p_torch = model.proba_from_embeddings(model.image_embeddings(px), list(model.labels))
+        tok = tokenize(model.backbone, prompts)
+        t_torch, _ = text_graph(**tok)
+    u_onnx = _session(folder / IMAGE_FILE).run(None, {"pixels": px.numpy()})[0]
+    p_onnx = onnx_probabilities(folder, px.numpy())
+    t_onnx = _session(folder / TEXT_FILE).run(["text_embedding"], {k: v.numpy() for k, v in tok.items()})[0]
+    return {
+        "image_embedding_max_abs_diff": float(np.abs(u_onnx - u_torch).max()),
+        "probability_max_abs_diff": float(np.abs(p_onnx - p_torch).max()),
+        "text_embedding_max_abs_diff": float(np.abs(t_onnx - t_torch.numpy()).max()),
+    }
+
+
+def export_onnx(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+    verify: bool = True,
+    tolerance: float = 1e-4,
+) -> dict[str, Any]:
+    """Export a run to ONNX (see the module docstring); returns the README content.
+
+    With verify, both graphs run in onnxruntime on random pixels and the run's prompts and
+    must agree with PyTorch within `tolerance` (probabilities and embeddings).
+    """
+    import numpy as np
+    import torch
+
+    from mumic.model import MuMIC
+
+    out = Path(out)
+    _check_out(out, overwrite)
+    model = MuMIC.from_run(run_dir, device="cpu")
+    model.eval()
+    if model.classifier is not None:
+        raise ExportError(
+            f"{run_dir} is a linear-head (linear_bce) run: its classifier is not text embeddings, so it has no "
+            "label embeddings to export; export a tempered_sigmoid / softmax_ce / asl run"
+        )
+    backbone = model.backbone
+    kind = _backbone_kind(backbone)
+    settings = tokenizer_settings(backbone)
+    size, dim = backbone.image_size, backbone.embed_dim
+    labels = list(model.labels)
+    prompts = [t for l in labels for t in l.texts(model.templates)]
+    image_graph, text_graph = _graphs(backbone)
+
+    # the token path traced below must compute what the backbone's own text path computes
+    with torch.inference_mode():
+        tok = tokenize(backbone, prompts[:8])
+        ref = backbone.encode_text(prompts[:8]).float()
+        _, mine = text_graph(**tok)
+    if not torch.allclose(ref, mine.float(), atol=1e-5):
+        raise ExportError(f"the text graph of {backbone.spec!r} does not reproduce its text_features; export is not supported for it")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        px = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        _export(image_graph, (px,), tmp / IMAGE_FILE, ["pixels"], ["image_embedding"],
+                {"pixels": {0: "batch"}, "image_embedding": {0: "batch"}}, opset)
+        tok = tokenize(backbone, prompts[:2] if len(prompts) > 1 else prompts * 2)
+        text_inputs = list(tok)
+        dynamic = {name: {0: "batch", 1: "sequence"} for name in text_inputs}
+        dynamic.update({"text_embedding": {0: "batch"}, "text_embedding_raw": {0: "batch"}})
+        _export(text_graph, tuple(tok[n] for n in text_inputs), tmp / TEXT_FILE, text_inputs,
+                ["text_embedding", "text_embedding_raw"], dynamic, opset)
+        try:
+            import onnx
+
+            for name in (IMAGE_FILE, TEXT_FILE):
+                onnx.checker.check_model(str(tmp / name))
+        except ImportError:
+            log.warning("onnx is not installed: the graphs were not checked")
+
+        with torch.inference_mode():
+            v = model.class_embeddings(labels).float().cpu().numpy()
+            b = model.label_biases(labels).detach().float().cpu().numpy()
+        model.clear_text_cache()
+        np.save(tmp / "label_embeddings.npy", v.astype(np.float32), allow_pickle=False)
+        th = getattr(model, "thresholds", None) or {"per_label": {}, "default": 0.5}
+        default_b = float(model.bias.detach().float().mean())
+        scoring = {
+            "formula": "p = sigmoid(dot(image_embedding, label_embedding) / tau + bias)",
+            "tau": model.tau,
+            "bias_mode": model.bias_mode,
+            "default_bias": default_b,
+            "default_threshold": float(th["default"]),
+            "labels": [
+                {"name": l.name, "seen": l.seen, "bias": float(b[i]), "threshold": float(th["per_label"].get(l.name, th["default"])),
+                 "prompts": l.texts(model.templates)}
+                for i, l in enumerate(labels)
+            ],
+            "templates": list(model.templates),
+        }
+        (tmp / "scoring.json").write_text(json.dumps(scoring, indent=2) + "\n", encoding="utf-8")
+        backbone.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+
+        spec = public_spec(backbone.spec)
+        readme: dict[str, Any] = {
+            "format": FORMAT,
+            "run": Path(run_dir).name,
+            "backbone": spec,
+            "opset": opset,
+            "image_encoder": {
+                "file": IMAGE_FILE,
+                "inputs": [{"name": "pixels", "dtype": "uint8", "shape": ["batch", 3, size, size], "layout": "NCHW, RGB, 0..255"}],
+                "outputs": [{"name": "image_embedding", "dtype": "float32", "shape": ["batch", dim], "normalized": True}],
+                "preprocessing": {
+                    "decode": "RGB; EXIF orientation applied; transparency composited onto white; first frame",
+                    "resize": f"shorter side to {size} px (bicubic), then a center crop of {size}x{size}",
+                    "size": size,
+                    "in_graph": "x = (pixels / 255 - mean) / std per channel",
+                    "mean": list(backbone.mean),
+                    "std": list(backbone.std),
+                },
+            },
+            "text_encoder": {
+                "file": TEXT_FILE,
+                "inputs": [{"name": n, "dtype": "int64", "shape": ["batch", "sequence"]} for n in text_inputs],
+                "outputs": [
+                    {"name": "text_embedding", "dtype": "float32", "shape": ["batch", dim], "normalized": True},
+                    {"name": "text_embedding_raw", "dtype": "float32", "shape": ["batch", dim], "normalized": False,
+                     "use": "a label's class embedding is normalize(mean over its prompts of text_embedding_raw)"},
+                ],
+                "tokenizer": {"folder": "tokenizer", **settings},
+            },
+            "labels": {"file": "label_embeddings.npy", "dtype": "float32", "shape": [len(labels), dim], "normalized": True,
+                       "order": "as the labels of scoring.json"},
+            "scoring": {"file": "scoring.json", "formula": scoring["formula"], "tau": model.tau,
+                        "zero_shot_bias": "default_bias of scoring.json (the mean b)"},
+            "backbone_kind": kind,
+        }
+        if verify:
+            diffs = _verify(tmp, model, text_graph, prompts[:16])
+            readme["verification"] = {"against": "PyTorch, 3 random images and the run's prompts", **diffs}
+            worst = max(diffs.values())
+            log.info("ONNX vs PyTorch: %s", ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+            if worst > tolerance:
+                raise ExportError(f"the ONNX graphs differ from PyTorch by {worst:.2e} (> {tolerance:g}); please report this")
+        (tmp / "README.json").write_text(json.dumps(readme, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return readme
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """`mumic export RUN --format onnx --out DIR`."""
+    p = subparsers.add_parser(
+        "export", help="export a run's image and text encoders (ONNX)",
+        description="Write the image tower+head and text tower+head as ONNX graphs, with the label embeddings, "
+        "tau and b, the tokenizer files and a README.json describing inputs, outputs and preprocessing.",
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="export format (default: onnx)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime vs PyTorch check")
+    return p
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    readme = export_onnx(args.run, args.out, opset=args.opset, overwrite=args.overwrite, verify=not args.no_verify)
+    msg = f"exported {readme['run']} to {args.out}"
+    if "verification" in readme:
+        diffs = {k: v for k, v in readme["verification"].items() if k.endswith("diff")}
+        msg += " (onnxruntime vs PyTorch: " + ", ".join(f"{k.replace('_max_abs_diff', '')} {v:.1e}" for k, v in diffs.items()) + ")"
+    print(msg, file=sys.stderr)
+    return 0
