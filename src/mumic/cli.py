@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="keep the K highest scores per image")
     p.add_argument("--out", help="output file: JSON lines, or Parquet if it ends in .parquet (default: JSON lines on standard output)")
     p.add_argument("--compile", action="store_true", help="run the image tower through torch.compile (pays off on large jobs)")
+    p.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
+                   help="an unreadable image stops the job (fail, default) or is left out and listed in OUT.skipped.csv (skip)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="manifest (only the image column is needed)")
     p.add_argument("--out", required=True, help="output .parquet file")
     p.add_argument("--compile", action="store_true", help="run the image tower through torch.compile (pays off on large jobs)")
+    p.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
+                   help="an unreadable image stops the job (fail, default) or is left out and listed in OUT.skipped.csv (skip)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -168,14 +172,20 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     if a.compile:
         model.compile_image_tower()
     manifest = _inputs_manifest(a.inputs)
-    manifest.check_images_exist()
+    if a.on_bad_image == "fail":
+        manifest.check_images_exist()
     if a.out:
-        n = predict_manifest(model, manifest, a.out, labels=a.labels, top_k=a.top_k, batch_size=a.batch_size, num_workers=a.num_workers)
+        n = predict_manifest(model, manifest, a.out, labels=a.labels, top_k=a.top_k, batch_size=a.batch_size, num_workers=a.num_workers,
+                             on_bad_image=a.on_bad_image)
         print(f"wrote {n} predictions to {a.out}", file=sys.stderr)
     else:
         with tempfile.TemporaryDirectory() as d:
             out = Path(d) / "p.jsonl"
-            predict_manifest(model, manifest, out, labels=a.labels, top_k=a.top_k, batch_size=a.batch_size, num_workers=a.num_workers, progress=False)
+            predict_manifest(model, manifest, out, labels=a.labels, top_k=a.top_k, batch_size=a.batch_size, num_workers=a.num_workers,
+                             progress=False, on_bad_image=a.on_bad_image)
+            skipped = out.with_name(out.name + ".skipped.csv")
+            if skipped.is_file():
+                sys.stderr.write("skipped images (row,reason):\n" + skipped.read_text().split("\n", 1)[1])
             sys.stdout.write(out.read_text())
     return 0
 
@@ -189,8 +199,9 @@ def _cmd_embed(a: argparse.Namespace) -> int:
     if a.compile:
         model.compile_image_tower()
     manifest = read_manifest(a.manifest, require_labels=False)
-    manifest.check_images_exist()
-    n = embed_manifest(model, manifest, a.out, batch_size=a.batch_size, num_workers=a.num_workers)
+    if a.on_bad_image == "fail":
+        manifest.check_images_exist()
+    n = embed_manifest(model, manifest, a.out, batch_size=a.batch_size, num_workers=a.num_workers, on_bad_image=a.on_bad_image)
     print(f"wrote {n} embeddings to {a.out}", file=sys.stderr)
     return 0
 

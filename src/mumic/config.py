@@ -67,6 +67,7 @@ class TrainConfig:
     num_workers: int = _f(0, "DataLoader worker processes for image decoding")
     cache_dir: str | None = _f(None, "frozen-feature cache (default: $MUMIC_CACHE or ~/.cache/mumic)")
     majority_n: int = _f(32, "number of most frequent training labels in the majority-label mAP")
+    on_bad_image: str = _f("fail", "an unreadable image stops training (fail) or is left out and listed in RUN/skipped.csv (skip)", ("fail", "skip"))
 
     def resolved_tau(self, backbone_logit_scale: float | None) -> float:
         if self.tau is not None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mumic.data.manifest import LabelSpec, Manifest, read_manifest
-from mumic.errors import ManifestError
+from mumic.errors import ConfigError, ManifestError
 from mumic.io import atomic_write_json, atomic_write_text
 from mumic.model import MuMIC
 
@@ -35,18 +35,28 @@ def manifest_embeddings(
     num_workers: int = 0,
     device: torch.device | None = None,
     progress: bool = False,
+    failures: list[tuple[int, str]] | None = None,
 ) -> torch.Tensor:
-    """[N, D] unnormalised image embeddings P_img(f_img(x)), from cached features if given."""
+    """[N, D] unnormalised image embeddings P_img(f_img(x)), from cached features if given.
+
+    With a `failures` list, unreadable images give NaN rows and a (row, reason) entry
+    instead of an error."""
     from mumic.data.dataset import ImageDataset, make_loader
 
     model.eval()
     device = device or model.device
     if features is not None:
         return torch.cat([model.image_embeddings(features=features[s : s + 4096].to(device)).float().cpu() for s in range(0, len(features), 4096)])
-    ds = ImageDataset(list(paths), model.backbone.image_size)
+    skip = failures is not None
+    ds = ImageDataset(list(paths), model.backbone.image_size, skip_bad=skip)
     out = []
-    for _, px in tqdm(make_loader(ds, batch_size, num_workers=num_workers), desc="images", unit="batch", disable=not progress, leave=False):
-        out.append(model.image_embeddings(px.to(device)).float().cpu())
+    for batch in tqdm(make_loader(ds, batch_size, num_workers=num_workers), desc="images", unit="batch", disable=not progress, leave=False):
+        u = model.image_embeddings(batch[1].to(device)).float().cpu()
+        if skip:
+            bad = [r for r, reason in enumerate(batch[2]) if reason]
+            failures.extend((int(batch[0][r]), batch[2][r]) for r in bad)  # type: ignore[union-attr]
+            u[bad] = float("nan")
+        out.append(u)
     return torch.cat(out) if out else torch.zeros((0, model.backbone.embed_dim))
 
 
@@ -94,6 +104,7 @@ def model_probs(
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = False,
+    failures: list[tuple[int, str]] | None = None,
 ) -> tuple[np.ndarray, list[LabelSpec]]:
     """Probabilities [N, C] of a model on a manifest's images, and the labels scored
     (default: every label the model can score). `use_cache` reads and fills the frozen
@@ -103,8 +114,9 @@ def model_probs(
         from mumic.features import cached_features
 
         feats = cached_features(model.backbone, manifest.images, cache_dir=cache_dir, batch_size=batch_size,
-                                num_workers=num_workers, device=model.device, progress=progress)
-    u = manifest_embeddings(model, manifest.images, features=feats, batch_size=batch_size, num_workers=num_workers, progress=progress)
+                                num_workers=num_workers, device=model.device, progress=progress, failures=failures)
+    u = manifest_embeddings(model, manifest.images, features=feats, batch_size=batch_size, num_workers=num_workers,
+                            progress=progress, failures=None if feats is not None else failures)
     specs = list(labels) if labels is not None else _scored_labels(model)
     return model.proba_from_embeddings(u, specs), specs
 
@@ -125,6 +137,9 @@ def evaluate_model(
         if bad:
             raise ManifestError(f"{manifest.path}, line {manifest.lines[i]}: label '{bad[0]}' is not a label of this run")
     probs, specs = model_probs(model, manifest, **kw)
+    if kw.get("failures"):
+        ok = ~np.isnan(probs).any(1)
+        manifest, probs = manifest.select(np.flatnonzero(ok)), probs[ok]
     return evaluate_probs(model, manifest, probs, labels=specs, train_counts=train_counts, majority_n=majority_n)
 
 
@@ -211,6 +226,7 @@ def predict_manifest(
     num_workers: int = 0,
     progress: bool = True,
     shard_rows: int = SHARD_ROWS,
+    on_bad_image: str = "fail",
 ) -> int:
     """Per image: probabilities, calibrated decisions and the manifest's other columns.
 
@@ -223,10 +239,13 @@ def predict_manifest(
     parquet = out.suffix.lower() == ".parquet"
 
     def write_part(start: int, end: int, part: Path) -> None:
-        u = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers)
+        failures = _failures(on_bad_image)
+        u = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers, failures=failures)
+        keep = _keep_rows(failures, start, end, part)
+        u = u[keep]
         p = model.proba_from_embeddings(u, specs)
         decided = model.decide(p, specs)
-        recs = _records(manifest, start, end)
+        recs = [_records(manifest, start, end)[r] for r in keep]
         for r, rec in enumerate(recs):
             order = np.argsort(-p[r], kind="stable")
             rec["predicted"] = [names[j] for j in order if decided[r, j]]
@@ -248,24 +267,25 @@ def predict_manifest(
         else:
             atomic_write_text(part, "".join(json.dumps(r, default=str) + "\n" for r in recs))
 
-    fp = _fingerprint(model, manifest, kind="predict", labels=names, top_k=top_k, parquet=parquet)
+    fp = _fingerprint(model, manifest, kind="predict", labels=names, top_k=top_k, parquet=parquet, on_bad_image=on_bad_image)
     parts = _sharded(out, len(manifest), fp, shard_rows, ".parquet" if parquet else ".jsonl", write_part, progress, "predict")
-    _merge(parts, out, parquet, metadata={"labels": json.dumps(names)})
-    return len(manifest)
+    return _merge(parts, out, parquet, metadata={"labels": json.dumps(names)})
 
 
 def embed_manifest(model: MuMIC, manifest: Manifest, out_path: str | Path, *, batch_size: int = 32, num_workers: int = 0,
-                   progress: bool = True, shard_rows: int = SHARD_ROWS) -> int:
+                   progress: bool = True, shard_rows: int = SHARD_ROWS, on_bad_image: str = "fail") -> int:
     """Write a Parquet file: the manifest's columns plus a normalised `embedding` column.
     Streams in bounded memory and resumes an interrupted call from its last shard."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     def write_part(start: int, end: int, part: Path) -> None:
-        emb = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers)
-        emb = F.normalize(emb, dim=-1).numpy().astype(np.float32)
-        frame = manifest.frame.iloc[start:end].reset_index(drop=True).copy()
-        frame["image"] = [str(p) for p in manifest.images[start:end]]
+        failures = _failures(on_bad_image)
+        emb = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers, failures=failures)
+        keep = _keep_rows(failures, start, end, part)
+        emb = F.normalize(emb[keep], dim=-1).numpy().astype(np.float32)
+        frame = manifest.frame.iloc[start:end].reset_index(drop=True).iloc[keep].reset_index(drop=True).copy()
+        frame["image"] = [str(manifest.images[start + r]) for r in keep]
         table = pa.Table.from_pandas(frame, preserve_index=False)
         table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]))
         tmp = part.with_name(f".{part.name}.tmp")
@@ -273,14 +293,48 @@ def embed_manifest(model: MuMIC, manifest: Manifest, out_path: str | Path, *, ba
         tmp.replace(part)
 
     out = Path(out_path)
-    parts = _sharded(out, len(manifest), _fingerprint(model, manifest, kind="embed"), shard_rows, ".parquet", write_part, progress, "embed")
-    _merge(parts, out, parquet=True)
-    return len(manifest)
+    parts = _sharded(out, len(manifest), _fingerprint(model, manifest, kind="embed", on_bad_image=on_bad_image), shard_rows, ".parquet", write_part, progress, "embed")
+    return _merge(parts, out, parquet=True)
 
 
-def _merge(parts: list[Path], out: Path, parquet: bool, metadata: dict[str, str] | None = None) -> None:
-    """Concatenate the shard files into `out` (atomically), then remove the parts."""
+def _failures(on_bad_image: str) -> list[tuple[int, str]] | None:
+    if on_bad_image not in ("fail", "skip"):
+        raise ConfigError(f"on_bad_image is {on_bad_image!r}; choose fail or skip")
+    return [] if on_bad_image == "skip" else None
+
+
+def _keep_rows(failures: list[tuple[int, str]] | None, start: int, end: int, part: Path) -> list[int]:
+    """Rows of a shard to write; skipped images go to the shard's .skipped.csv beside it."""
+    bad = {r for r, _ in failures or []}
+    if failures:
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        for r, reason in sorted(failures):
+            w.writerow([start + r, reason])
+        atomic_write_text(part.with_name(part.name + ".skipped.csv"), buf.getvalue())
+        log.warning("skipped %d unreadable images in rows %d-%d", len(bad), start, end - 1)
+    return [r for r in range(end - start) if r not in bad]
+
+
+def _merge(parts: list[Path], out: Path, parquet: bool, metadata: dict[str, str] | None = None) -> int:
+    """Concatenate the shard files into `out` (atomically), write the skipped images to
+    OUT.skipped.csv (row, image, reason) if any, remove the parts; returns rows written."""
     import shutil
+
+    skipped = []
+    for part in parts:
+        sk = part.with_name(part.name + ".skipped.csv")
+        if sk.is_file():
+            skipped.append(sk.read_text())
+    skipped_path = out.with_name(out.name + ".skipped.csv")
+    if skipped:
+        atomic_write_text(skipped_path, "row,reason\n" + "".join(skipped))
+    else:
+        skipped_path.unlink(missing_ok=True)
+    rows = 0
 
     tmp = out.with_name(f".{out.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -295,6 +349,7 @@ def _merge(parts: list[Path], out: Path, parquet: bool, metadata: dict[str, str]
                     schema = table.schema.with_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in (metadata or {}).items()}})
                     writer = pq.ParquetWriter(tmp, schema)
                 writer.write_table(table.cast(writer.schema))
+                rows += table.num_rows
         finally:
             if writer is not None:
                 writer.close()
@@ -307,9 +362,12 @@ def _merge(parts: list[Path], out: Path, parquet: bool, metadata: dict[str, str]
             for part in parts:
                 with open(part, "rb") as src:
                     shutil.copyfileobj(src, dst)
+                with open(part, "rb") as src:
+                    rows += sum(1 for _ in src)
     tmp.replace(out)
     if parts:
         shutil.rmtree(parts[0].parent)
+    return rows
 
 
 def write_report(run: Path, metrics: dict[str, Any], log_rows: list[dict[str, Any]]) -> None:

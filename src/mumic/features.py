@@ -86,6 +86,9 @@ class FeatureCache:
             self.index[d] = (shard, i)
 
 
+Failure = tuple[int, str]  # (row in the paths given, reason)
+
+
 @torch.inference_mode()
 def extract_features(
     backbone: torch.nn.Module,
@@ -96,16 +99,28 @@ def extract_features(
     device: torch.device | str = "cpu",
     amp: bool = True,
     progress: bool = True,
+    failures: list[Failure] | None = None,
 ) -> torch.Tensor:
-    """[N, F] tower features of the images, without any cache."""
+    """[N, F] tower features of the images, without any cache.
+
+    With a `failures` list, unreadable images do not stop the job: their rows are NaN
+    and (row, reason) is appended to the list."""
     device = torch.device(device)
-    ds = ImageDataset(list(paths), backbone.image_size)
+    skip = failures is not None
+    ds = ImageDataset(list(paths), backbone.image_size, skip_bad=skip)
     loader = make_loader(ds, batch_size, num_workers=num_workers)
     out = []
     use_amp = amp and device.type == "cuda"
-    for _, px in tqdm(loader, desc="image features", unit="batch", disable=not progress, leave=False):
+    for batch in tqdm(loader, desc="image features", unit="batch", disable=not progress, leave=False):
+        idx, px = batch[0], batch[1]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out.append(backbone.image_features(px.to(device, non_blocking=True)).float().cpu())
+            f = backbone.image_features(px.to(device, non_blocking=True)).float().cpu()
+        if skip:
+            bad = [r for r, reason in enumerate(batch[2]) if reason]
+            for r in bad:
+                failures.append((int(idx[r]), batch[2][r]))  # type: ignore[union-attr]
+            f[bad] = float("nan")
+        out.append(f)
     if not out:
         return torch.zeros((0, backbone.image_feature_dim))
     return torch.cat(out)
@@ -115,20 +130,53 @@ def cached_features(
     backbone: torch.nn.Module,
     paths: list[Path],
     cache_dir: Path | None = None,
+    failures: list[Failure] | None = None,
     **kw,
 ) -> torch.Tensor:
-    """Tower features of the images, computing only those not yet in the cache."""
+    """Tower features of the images, computing only those not yet in the cache.
+
+    With a `failures` list, unreadable images (including missing files) give NaN rows
+    and a (row, reason) entry instead of an error; they are never cached."""
+    from mumic.errors import ImageError
+
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    digests = [file_digest(p) for p in paths]
+    digests: list[str | None] = []
+    for i, p in enumerate(paths):
+        try:
+            digests.append(file_digest(p))
+        except ImageError as e:
+            if failures is None:
+                raise
+            failures.append((i, str(e)))
+            digests.append(None)
     cache = FeatureCache(root, backbone_key(backbone))
     missing: dict[str, Path] = {}
     for d, p in zip(digests, paths):
-        if d not in cache.index and d not in missing:
+        if d is not None and d not in cache.index and d not in missing:
             missing[d] = p
     if missing:
         log.info("computing image features for %d of %d images (cache: %s)", len(missing), len(paths), cache.dir)
-        feats = extract_features(backbone, list(missing.values()), **kw)
-        cache.put(list(missing), feats)
+        bad: list[Failure] | None = [] if failures is not None else None
+        feats = extract_features(backbone, list(missing.values()), failures=bad, **kw)
+        keys = list(missing)
+        if bad:
+            bad_rows = {r for r, _ in bad}
+            bad_digests = {keys[r]: reason for r, reason in bad}
+            good = [r for r in range(len(keys)) if r not in bad_rows]
+            if good:
+                cache.put([keys[r] for r in good], feats[good])
+            for i, d in enumerate(digests):
+                if d in bad_digests:
+                    failures.append((i, bad_digests[d]))  # type: ignore[union-attr]
+                    digests[i] = None
+        else:
+            cache.put(keys, feats)
     else:
         log.info("all %d image features found in the cache %s", len(paths), cache.dir)
-    return cache.get(digests)
+    ok = [i for i, d in enumerate(digests) if d is not None]
+    out = torch.full((len(paths), backbone.image_feature_dim), float("nan"))
+    if ok:
+        out[ok] = cache.get([digests[i] for i in ok])  # type: ignore[misc]
+    if failures:
+        failures.sort()
+    return out

@@ -275,9 +275,10 @@ def _load_inputs(cfg: TrainConfig) -> tuple:
     """Manifests of each split, the run's labels and templates, all checked."""
     train_m, val_m, test_m = _split_manifests(cfg)
     specs, templates = resolve_labels(cfg, [m for m in (train_m, val_m, test_m) if m is not None])
-    for m in (train_m, val_m, test_m):
-        if m is not None:
-            m.check_images_exist()
+    if cfg.on_bad_image == "fail":
+        for m in (train_m, val_m, test_m):
+            if m is not None:
+                m.check_images_exist()
     if not any(s.seen for s in specs):
         raise ManifestError("every label is marked unseen; at least one label must be trained")
     return train_m, val_m, test_m, specs, templates
@@ -301,14 +302,32 @@ def _train(cfg: TrainConfig, run: Path, inputs: tuple, *, resume: bool, progress
     model = MuMIC(backbone, specs, templates, loss=cfg.loss, tau=tau0, learn_tau=cfg.learn_tau, bias=cfg.bias).to(device)
     loss_fn = get_loss(cfg.loss)
 
-    train = Data(train_m, *_targets(train_m, seen_names, cfg.unlisted))
-    val = Data(val_m, *_targets(val_m, seen_names, "negative"))
+    skip = cfg.on_bad_image == "skip"
+    skipped: dict[str, list[tuple[int, str]]] = {}
+    feats: dict[str, torch.Tensor] = {}
+    for name, m in (("train", train_m), ("val", val_m)):
+        failures: list[tuple[int, str]] | None = [] if skip else None
+        if cfg.image_tower == "frozen":
+            feats[name] = cached_features(backbone, m.images, cache_dir=cfg.cache_dir, batch_size=max(cfg.batch_size, 32),
+                                          num_workers=cfg.num_workers, device=device, amp=cfg.amp, progress=progress, failures=failures)
+        elif skip:
+            from mumic.data.dataset import find_bad_images
+
+            failures = find_bad_images(m.images, backbone.image_size, num_workers=cfg.num_workers)
+        if failures:
+            skipped[name] = [(m.lines[i] if m.lines else i, r) for i, r in failures]
+            keep = np.setdiff1d(np.arange(len(m)), [i for i, _ in failures])
+            if name == "train":
+                train_m = m.select(keep)
+            else:
+                val_m = m.select(keep)
+            if name in feats:
+                feats[name] = feats[name][torch.from_numpy(keep)]
+            log.warning("skipped %d unreadable %s images (listed in %s)", len(failures), name, run / "skipped.csv")
+    train = Data(train_m, *_targets(train_m, seen_names, cfg.unlisted), features=feats.get("train"))
+    val = Data(val_m, *_targets(val_m, seen_names, "negative"), features=feats.get("val"))
     if not bool(val.y.any()):
         raise ManifestError("the validation data has no positive for any trained label; early stopping needs some")
-    if cfg.image_tower == "frozen":
-        kw = dict(cache_dir=cfg.cache_dir, batch_size=max(cfg.batch_size, 32), num_workers=cfg.num_workers, device=device, amp=cfg.amp, progress=progress)
-        train.features = cached_features(backbone, train.paths, **kw)
-        val.features = cached_features(backbone, val.paths, **kw)
     train_counts = dict(zip(seen_names, (train.y * train.known).sum(0).long().tolist()))
     for name, c in train_counts.items():
         if c == 0:
@@ -423,9 +442,16 @@ def _train(cfg: TrainConfig, run: Path, inputs: tuple, *, resume: bool, progress
     if test_m is not None:
         from mumic.evaluate import evaluate_model
 
+        test_failures: list[tuple[int, str]] | None = [] if skip else None
         metrics["test"] = evaluate_model(model, test_m, train_counts=train_counts, majority_n=cfg.majority_n,
                                          batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                         use_cache=cfg.image_tower == "frozen", cache_dir=cfg.cache_dir)
+                                         use_cache=cfg.image_tower == "frozen", cache_dir=cfg.cache_dir, failures=test_failures)
+        if test_failures:
+            skipped["test"] = [(test_m.lines[i] if test_m.lines else i, r) for i, r in test_failures]
+    if skipped:
+        rows = [{"split": k, "line": line, "reason": reason} for k, v in skipped.items() for line, reason in v]
+        _write_log(run / "skipped.csv", rows)
+    metrics["skipped_images"] = {k: len(v) for k, v in skipped.items()}
     atomic_write_json(run / "metrics.json", metrics)
     save_tensors(run / "model.safetensors", model.trained_state(), metadata={"format": "mumic-run-1"})
     from mumic.evaluate import write_report

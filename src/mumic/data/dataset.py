@@ -26,7 +26,9 @@ class ImageDataset(Dataset):
 
     Eval (``train=False``): resize the shorter side to ``size`` and center-crop.
     Train: random resized crop + flip, deterministic given (seed, epoch, index).
-    Unreadable images raise ImageError.
+    Unreadable images raise ImageError; with ``skip_bad=True`` items are instead
+    ``(index, tensor, reason)``, where a bad image gives a zero tensor and its reason
+    (empty for good images), so one bad file never stops a long job.
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class ImageDataset(Dataset):
         seed: int = 0,
         epoch: int = 0,
         max_pixels: int = MAX_PIXELS,
+        skip_bad: bool = False,
     ) -> None:
         if size <= 0:
             raise ValueError(f"size must be positive, got {size}")
@@ -47,6 +50,7 @@ class ImageDataset(Dataset):
         self.seed = int(seed)
         self.epoch = int(epoch)
         self.max_pixels = int(max_pixels)
+        self.skip_bad = bool(skip_bad)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -60,14 +64,31 @@ class ImageDataset(Dataset):
         """The augmentation generator of item ``index`` in the current epoch."""
         return np.random.default_rng([self.seed, self.epoch, index])
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple:
         index = int(index)
-        img = load_image(self.paths[index], size_hint=self.size, max_pixels=self.max_pixels)
+        try:
+            img = load_image(self.paths[index], size_hint=self.size, max_pixels=self.max_pixels)
+        except ImageError as e:
+            if not self.skip_bad:
+                raise
+            return index, torch.zeros((3, self.size, self.size), dtype=torch.uint8), str(e) or "unreadable image"
         if self.train:
             arr = random_resized_crop(img, self.size, self.rng(index))
         else:
             arr = resize_center_crop(img, self.size)
+        if self.skip_bad:
+            return index, torch.from_numpy(arr), ""
         return index, torch.from_numpy(arr)
+
+
+def find_bad_images(paths: Sequence[str | os.PathLike[str]], size: int, *, num_workers: int = 0,
+                    batch_size: int = 64) -> list[tuple[int, str]]:
+    """(row, reason) of every image that cannot be decoded, found by decoding each once."""
+    ds = ImageDataset(paths, size, skip_bad=True)
+    bad: list[tuple[int, str]] = []
+    for idx, _, reasons in make_loader(ds, batch_size, num_workers=num_workers):
+        bad.extend((int(i), r) for i, r in zip(idx, reasons) if r)
+    return bad
 
 
 def make_loader(
