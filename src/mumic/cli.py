@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="run the image tower through torch.compile (pays off on large jobs)")
     p.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
                    help="an unreadable image stops the job (fail, default) or is left out and listed in OUT.skipped.csv (skip)")
+    p.add_argument("--shard-rows", type=int, default=4096,
+                   help="rows per output shard: the unit of resuming and, under torchrun, of work per rank (default: 4096)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="run the image tower through torch.compile (pays off on large jobs)")
     p.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
                    help="an unreadable image stops the job (fail, default) or is left out and listed in OUT.skipped.csv (skip)")
+    p.add_argument("--shard-rows", type=int, default=4096,
+                   help="rows per output shard: the unit of resuming and, under torchrun, of work per rank (default: 4096)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -121,7 +125,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
         overrides = {k: getattr(a, k) for k in FIELDS}
         cfg = load_config(a.config, overrides)
         run = fit(cfg, overwrite=a.overwrite, progress=not a.no_progress)
-    _print_summary(run)
+    from mumic import distributed as dist
+
+    if dist.is_main():
+        _print_summary(run)
     return 0
 
 
@@ -165,10 +172,16 @@ def _inputs_manifest(inputs: list[str]):
 def _cmd_predict(a: argparse.Namespace) -> int:
     import tempfile
 
+    from mumic import distributed as dist
+    from mumic.errors import ConfigError
+
     from mumic.evaluate import predict_manifest
     from mumic.model import MuMIC
 
-    model = MuMIC.from_run(a.run, device=a.device)
+    if a.out is None and dist.launched():
+        raise ConfigError("under torchrun, predict needs --out (the ranks write shards of one file)")
+    dist.init()
+    model = MuMIC.from_run(a.run, device=dist.device_name(a.device))
     if a.compile:
         model.compile_image_tower()
     manifest = _inputs_manifest(a.inputs)
@@ -176,8 +189,9 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         manifest.check_images_exist()
     if a.out:
         n = predict_manifest(model, manifest, a.out, labels=a.labels, top_k=a.top_k, batch_size=a.batch_size, num_workers=a.num_workers,
-                             on_bad_image=a.on_bad_image)
-        print(f"wrote {n} predictions to {a.out}", file=sys.stderr)
+                             on_bad_image=a.on_bad_image, shard_rows=a.shard_rows)
+        if dist.is_main():
+            print(f"wrote {n} predictions to {a.out}", file=sys.stderr)
     else:
         with tempfile.TemporaryDirectory() as d:
             out = Path(d) / "p.jsonl"
@@ -191,18 +205,22 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
 
 def _cmd_embed(a: argparse.Namespace) -> int:
+    from mumic import distributed as dist
     from mumic.data.manifest import read_manifest
     from mumic.evaluate import embed_manifest
     from mumic.model import MuMIC
 
-    model = MuMIC.from_run(a.run, device=a.device)
+    dist.init()
+    model = MuMIC.from_run(a.run, device=dist.device_name(a.device))
     if a.compile:
         model.compile_image_tower()
     manifest = read_manifest(a.manifest, require_labels=False)
     if a.on_bad_image == "fail":
         manifest.check_images_exist()
-    n = embed_manifest(model, manifest, a.out, batch_size=a.batch_size, num_workers=a.num_workers, on_bad_image=a.on_bad_image)
-    print(f"wrote {n} embeddings to {a.out}", file=sys.stderr)
+    n = embed_manifest(model, manifest, a.out, batch_size=a.batch_size, num_workers=a.num_workers, on_bad_image=a.on_bad_image,
+                       shard_rows=a.shard_rows)
+    if dist.is_main():
+        print(f"wrote {n} embeddings to {a.out}", file=sys.stderr)
     return 0
 
 

@@ -176,28 +176,34 @@ def _sharded(out: Path, n: int, fingerprint: dict[str, Any], shard_rows: int, su
              write_part, progress: bool, desc: str) -> list[Path]:
     """Process rows [0, n) in shards, each written atomically to OUT.parts/part-K; shards
     already written by an interrupted call with the same fingerprint are kept, so a
-    rerun resumes from the last completed shard. Memory is bounded by one shard."""
+    rerun resumes from the last completed shard. Memory is bounded by one shard.
+    Under torchrun, rank r writes the shards K with K % world == r."""
     import shutil
 
+    from mumic import distributed as dist
     from mumic.io import read_json
 
     parts_dir = out.with_name(out.name + ".parts")
     meta = parts_dir / "meta.json"
-    if parts_dir.is_dir() and (not meta.is_file() or read_json(meta) != fingerprint):
-        log.info("discarding parts of a different job in %s", parts_dir)
-        shutil.rmtree(parts_dir)
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(meta, fingerprint)
+    if dist.is_main():
+        if parts_dir.is_dir() and (not meta.is_file() or read_json(meta) != fingerprint):
+            log.info("discarding parts of a different job in %s", parts_dir)
+            shutil.rmtree(parts_dir)
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(meta, fingerprint)
+    dist.barrier()
+    rank, world = dist.rank(), dist.world()
     parts = []
     starts = list(range(0, n, shard_rows))
     done = sum((parts_dir / f"part-{k:05d}{suffix}").is_file() for k in range(len(starts)))
     if done:
         log.info("resuming: %d of %d shards already written in %s", done, len(starts), parts_dir)
-    for k, start in enumerate(tqdm(starts, desc=desc, unit="shard", disable=not progress or len(starts) < 2)):
+    for k, start in enumerate(tqdm(starts, desc=desc, unit="shard", disable=not progress or len(starts) < 2 or rank != 0)):
         part = parts_dir / f"part-{k:05d}{suffix}"
-        if not part.is_file():
+        if k % world == rank and not part.is_file():
             write_part(start, min(n, start + shard_rows), part)
         parts.append(part)
+    dist.barrier()
     return parts
 
 
@@ -321,8 +327,14 @@ def _keep_rows(failures: list[tuple[int, str]] | None, start: int, end: int, par
 
 def _merge(parts: list[Path], out: Path, parquet: bool, metadata: dict[str, str] | None = None) -> int:
     """Concatenate the shard files into `out` (atomically), write the skipped images to
-    OUT.skipped.csv (row, image, reason) if any, remove the parts; returns rows written."""
+    OUT.skipped.csv (row, image, reason) if any, remove the parts; returns rows written.
+    Under torchrun only rank 0 merges (the others return 0)."""
     import shutil
+
+    from mumic import distributed as dist
+
+    if not dist.is_main():
+        return 0
 
     skipped = []
     for part in parts:

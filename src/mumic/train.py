@@ -5,6 +5,7 @@ atomic safetensors checkpoints and exact resume.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mumic import distributed as dist
 from mumic.config import TrainConfig, save_config
 from mumic.data.manifest import LabelSpec, Manifest, read_labels_file, read_manifest
 from mumic.errors import ConfigError, ManifestError, RunError
@@ -154,6 +156,16 @@ def _schedule(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
+def _rank_slice(idx: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, int]:
+    """This rank's share of a micro-batch and its weight (images). A rank left without
+    an image (a last batch smaller than the world) runs one image at weight 0, so that
+    every rank takes part in the gradient all-reduce."""
+    mine = idx[rank::world]
+    if len(mine) == 0:
+        return idx[:1], 0
+    return mine, len(mine)
+
+
 def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g)
@@ -161,15 +173,26 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch
 
 
 @torch.no_grad()
-def score_data(model: MuMIC, data: Data, cfg: TrainConfig, device: torch.device, labels: list[LabelSpec] | None = None) -> np.ndarray:
-    """Probabilities [N, C] for a split (seen labels by default)."""
+def score_data(model: MuMIC, data: Data, cfg: TrainConfig, device: torch.device, labels: list[LabelSpec] | None = None,
+               gather: bool = True) -> np.ndarray:
+    """Probabilities [N, C] for a split (seen labels by default). Under torchrun with
+    `gather`, every rank scores a share and all ranks get the whole result."""
     from mumic.evaluate import manifest_embeddings
 
     model.eval()
-    u = manifest_embeddings(model, data.paths, features=data.features, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device)
+    r, w = (dist.rank(), dist.world()) if gather else (0, 1)
+    rows = list(range(r, len(data.paths), w))  # under torchrun each rank scores every w-th image
+    feats = data.features[rows] if data.features is not None else None
+    u = manifest_embeddings(model, [data.paths[i] for i in rows], features=feats, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device)
     specs = model.seen if labels is None else labels
     out = [torch.sigmoid(model.logits(u[s : s + 4096].to(device), specs).float()).cpu() for s in range(0, len(u), 4096)]
-    return torch.cat(out).numpy()
+    mine = torch.cat(out).numpy() if out else np.zeros((0, len(specs)), np.float32)
+    if w == 1:
+        return mine
+    probs = np.zeros((len(data.paths), len(specs)), np.float32)
+    for k, part in enumerate(dist.all_gather(mine)):
+        probs[k::w] = part
+    return probs
 
 
 def _save_checkpoint(path: Path, model: MuMIC, opt: torch.optim.Optimizer, sched: Any, state: dict[str, Any]) -> None:
@@ -253,8 +276,11 @@ def fit(
         raise ConfigError("no run directory: give --out or 'out:' in the config")
     run = Path(cfg.out)
     inputs = _load_inputs(cfg)  # bad data fails here, before anything is written
-    prepare_run_dir(run, overwrite=overwrite, resume=False)
-    save_config(cfg, run / "config.yaml")
+    dist.init()
+    if dist.is_main():
+        prepare_run_dir(run, overwrite=overwrite, resume=False)
+        save_config(cfg, run / "config.yaml")
+    dist.barrier()
     return _train(cfg, run, inputs, resume=False, progress=progress, on_step=on_step)
 
 
@@ -268,6 +294,7 @@ def resume(run_dir: str | Path, *, progress: bool = True, on_step: Callable[[int
     if (run / "model.safetensors").is_file() and not (run / "checkpoint.safetensors").is_file():
         raise RunError(f"{run} has already finished; nothing to resume")
     cfg = load_config(run / "config.yaml")
+    dist.init()
     return _train(cfg, run, _load_inputs(cfg), resume=True, progress=progress, on_step=on_step)
 
 
@@ -292,7 +319,9 @@ def _train(cfg: TrainConfig, run: Path, inputs: tuple, *, resume: bool, progress
 
     t_start = time.time()
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = resolve_device(dist.device_name(cfg.device))
+    main = dist.is_main()
+    progress = progress and main
     train_m, val_m, test_m, specs, templates = inputs
     seen_names = [s.name for s in specs if s.seen]
 
@@ -308,8 +337,14 @@ def _train(cfg: TrainConfig, run: Path, inputs: tuple, *, resume: bool, progress
     for name, m in (("train", train_m), ("val", val_m)):
         failures: list[tuple[int, str]] | None = [] if skip else None
         if cfg.image_tower == "frozen":
-            feats[name] = cached_features(backbone, m.images, cache_dir=cfg.cache_dir, batch_size=max(cfg.batch_size, 32),
-                                          num_workers=cfg.num_workers, device=device, amp=cfg.amp, progress=progress, failures=failures)
+            # rank 0 fills the cache first; the other ranks then read it (and compute only
+            # what they cannot find there, e.g. on a node without a shared cache folder)
+            for turn in ("first", "rest"):
+                if (turn == "first") == main:
+                    feats[name] = cached_features(backbone, m.images, cache_dir=cfg.cache_dir, batch_size=max(cfg.batch_size, 32),
+                                                  num_workers=cfg.num_workers, device=device, amp=cfg.amp, progress=progress,
+                                                  failures=failures)
+                dist.barrier()
         elif skip:
             from mumic.data.dataset import find_bad_images
 
@@ -340,6 +375,14 @@ def _train(cfg: TrainConfig, run: Path, inputs: tuple, *, resume: bool, progress
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(min(cfg.warmup_steps, total // 2), total))
+    rank, world = dist.rank(), dist.world()
+    net: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # every rank starts from rank 0's weights; the linear baseline leaves the text head unused
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=cfg.loss == "linear_bce")
 
     state: dict[str, Any] = {"step": 0, "best": -1.0, "best_step": 0, "bad_evals": 0, "log": [], "stopped": False}
     if resume:
@@ -361,14 +404,17 @@ def _train(cfg: TrainConfig, run: Path, inputs: tuple, *, resume: bool, progress
         state["log"].append(row)
         if g10 > state["best"] + 1e-9:
             state.update(best=g10, best_step=step, bad_evals=0)
-            save_tensors(best_path, model.trained_state())
+            if main:
+                save_tensors(best_path, model.trained_state())
         else:
             state["bad_evals"] += 1
         state["step"] = step
         if state["bad_evals"] >= cfg.patience:
             state["stopped"] = True
-        _save_checkpoint(run / "checkpoint.safetensors", model, opt, sched, state)
-        _write_log(run / "log.csv", state["log"])
+        if main:  # one writer; every rank holds the same state (validation scores are gathered)
+            _save_checkpoint(run / "checkpoint.safetensors", model, opt, sched, state)
+            _write_log(run / "log.csv", state["log"])
+        dist.barrier()
         model.train()
 
     model.train()
@@ -386,22 +432,27 @@ def _train(cfg: TrainConfig, run: Path, inputs: tuple, *, resume: bool, progress
             from mumic.data.dataset import ImageDataset
 
             ds = ImageDataset(train.paths, model.backbone.image_size, train=True, seed=cfg.seed, epoch=epoch)
-            flat = [b.tolist() for g in groups[in_epoch:] for b in g]
+            flat = [_rank_slice(b, rank, world)[0].tolist() for g in groups[in_epoch:] for b in g]
             loader = iter(DataLoader(ds, batch_sampler=flat, num_workers=cfg.num_workers, pin_memory=device.type == "cuda"))
         for group in groups[in_epoch:]:
             opt.zero_grad(set_to_none=True)
-            weight_total = sum(len(b) for b in group)
+            weight_total = sum(len(b) for b in group)  # images in the whole (global) step
             loss_sum = 0.0
-            for idx in group:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    if train.features is not None:
-                        z = model(features=train.features[idx].to(device, non_blocking=True))
-                    else:
-                        _, px = next(loader)  # type: ignore[arg-type]
-                        z = model(pixels=px)
-                    loss = loss_fn(z.float(), train.y[idx].to(device), train.known[idx].to(device))
-                (loss * (len(idx) / weight_total)).backward()
-                loss_sum += float(loss.detach()) * len(idx) / weight_total
+            for j, full_idx in enumerate(group):
+                idx, weight = _rank_slice(full_idx, rank, world)
+                # DDP averages gradients over ranks, so each rank's share is scaled by world
+                scale = weight / weight_total * world
+                sync = j == len(group) - 1 or world == 1
+                with (net.no_sync() if not sync else contextlib.nullcontext()):  # type: ignore[operator]
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        if train.features is not None:
+                            z = net(features=train.features[idx].to(device, non_blocking=True))
+                        else:
+                            _, px = next(loader)  # type: ignore[arg-type]
+                            z = net(pixels=px)
+                        loss = loss_fn(z.float(), train.y[idx].to(device), train.known[idx].to(device))
+                    (loss * scale).backward()
+                loss_sum += float(loss.detach()) * weight / weight_total * world
             if not math.isfinite(loss_sum):
                 raise RunError(
                     f"training loss became {loss_sum} at step {step + 1}; lower the learning rates. "
@@ -421,10 +472,13 @@ def _train(cfg: TrainConfig, run: Path, inputs: tuple, *, resume: bool, progress
             if state["stopped"] or step >= total:
                 break
     bar.close()
+    dist.barrier()
+    if not main:  # rank 0 writes the run's results
+        return run
 
     # final: best weights, thresholds, metrics, report
     model.load_trained_state(load_tensors(best_path), source=str(best_path))
-    val_probs = score_data(model, val, cfg, device)
+    val_probs = score_data(model, val, cfg, device, gather=False)
     y_val = val.y.numpy()
     th = fit_thresholds(y_val, val_probs)
     default_th = float(fit_thresholds(y_val.reshape(-1, 1), val_probs.reshape(-1, 1))[0])
