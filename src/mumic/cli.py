@@ -35,6 +35,18 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=name, default=None, metavar=None if kw else name.upper(), help=help_, **kw)
 
 
+def _add_batch_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that stream a manifest through a run (predict, embed)."""
+    p.add_argument("--compile", action="store_true", help="run the image tower through torch.compile (pays off on large jobs)")
+    p.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
+                   help="an unreadable image stops the job (fail, default) or is left out and listed in OUT.skipped.csv (skip)")
+    p.add_argument("--shard-rows", type=int, default=4096,
+                   help="rows per output shard: the unit of resuming and, under torchrun, of work per rank (default: 4096)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mumic",
@@ -67,27 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="score these labels (names not in the run are zero-shot, from the prompt templates)")
     p.add_argument("--top-k", type=int, help="keep the K highest scores per image")
     p.add_argument("--out", help="output file: JSON lines, or Parquet if it ends in .parquet (default: JSON lines on standard output)")
-    p.add_argument("--compile", action="store_true", help="run the image tower through torch.compile (pays off on large jobs)")
-    p.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
-                   help="an unreadable image stops the job (fail, default) or is left out and listed in OUT.skipped.csv (skip)")
-    p.add_argument("--shard-rows", type=int, default=4096,
-                   help="rows per output shard: the unit of resuming and, under torchrun, of work per rank (default: 4096)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    _add_batch_options(p)
 
     p = sub.add_parser("embed", help="normalised image embeddings of a manifest, as Parquet")
     p.add_argument("run", help="run directory")
     p.add_argument("manifest", help="manifest (only the image column is needed)")
     p.add_argument("--out", required=True, help="output .parquet file")
-    p.add_argument("--compile", action="store_true", help="run the image tower through torch.compile (pays off on large jobs)")
-    p.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
-                   help="an unreadable image stops the job (fail, default) or is left out and listed in OUT.skipped.csv (skip)")
-    p.add_argument("--shard-rows", type=int, default=4096,
-                   help="rows per output shard: the unit of resuming and, under torchrun, of work per rank (default: 4096)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    _add_batch_options(p)
 
     p = sub.add_parser("data", help="build data sets")
     dsub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
