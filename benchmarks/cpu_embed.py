@@ -56,7 +56,7 @@ def main() -> None:
     a = ap.parse_args()
     n = a.n or (64 if a.quick else 512)
     if a.images:
-        paths = read_manifest(a.images, require_labels=False).images[:n]
+        paths = read_manifest(a.images, require_labels=False, allow_outside=True).images[:n]
     else:
         root = Path(tempfile.mkdtemp(prefix="mumic-bench-"))
         paths = read_manifest(make_shapes(root, n=n, size=256)).images[:n]

@@ -45,6 +45,13 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    _add_manifest_options(p)
+
+
+def _add_manifest_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="accept manifest image paths outside the manifest's folder (only for manifests you trust)")
+    p.add_argument("--allow-duplicate-rows", action="store_true", help="keep exact duplicate manifest rows instead of refusing them")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--manifest", required=True, help="manifest with image and labels")
     p.add_argument("--split", help="evaluate only the rows of this split")
+    _add_manifest_options(p)
     p.add_argument("--out", help="metrics JSON (default: RUN/eval-MANIFEST[-SPLIT].json)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
@@ -141,12 +149,13 @@ def _print_summary(run: Path) -> None:
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from mumic.evaluate import evaluate_run, format_metrics
 
-    m = evaluate_run(a.run, a.manifest, split=a.split, out=a.out, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device)
+    m = evaluate_run(a.run, a.manifest, split=a.split, out=a.out, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device,
+                     allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows)
     print(format_metrics(m))
     return 0
 
 
-def _inputs_manifest(inputs: list[str]):
+def _inputs_manifest(inputs: list[str], allow_outside: bool = False, allow_duplicates: bool = False):
     """Images and manifests named on the command line as one manifest."""
     import pandas as pd
 
@@ -156,7 +165,7 @@ def _inputs_manifest(inputs: list[str]):
     images = [x for x in inputs if not x.lower().endswith(MANIFEST_SUFFIXES)]
     for x in inputs:
         if x.lower().endswith(MANIFEST_SUFFIXES):
-            parts.append(read_manifest(x, require_labels=False))
+            parts.append(read_manifest(x, require_labels=False, allow_outside=allow_outside, allow_duplicates=allow_duplicates))
     paths = [p for m in parts for p in m.images] + [Path(x).resolve() for x in images]
     frames = [m.frame.drop(columns=["image"], errors="ignore").reset_index(drop=True) for m in parts]
     if images:
@@ -182,7 +191,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     model = MuMIC.from_run(a.run, device=dist.device_name(a.device))
     if a.compile:
         model.compile_image_tower()
-    manifest = _inputs_manifest(a.inputs)
+    manifest = _inputs_manifest(a.inputs, a.allow_outside_paths, a.allow_duplicate_rows)
     if a.on_bad_image == "fail":
         manifest.check_images_exist()
     if a.out:
@@ -212,7 +221,7 @@ def _cmd_embed(a: argparse.Namespace) -> int:
     model = MuMIC.from_run(a.run, device=dist.device_name(a.device))
     if a.compile:
         model.compile_image_tower()
-    manifest = read_manifest(a.manifest, require_labels=False)
+    manifest = read_manifest(a.manifest, require_labels=False, allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows)
     if a.on_bad_image == "fail":
         manifest.check_images_exist()
     n = embed_manifest(model, manifest, a.out, batch_size=a.batch_size, num_workers=a.num_workers, on_bad_image=a.on_bad_image,

@@ -35,6 +35,8 @@ class TrainConfig:
     val_manifest: str | None = _f(None, "validation manifest; default: rows of --manifest whose split is val")
     test_manifest: str | None = _f(None, "test manifest evaluated at the end; default: split test if present")
     labels_file: str | None = _f(None, "labels file (YAML/JSON): label names, prompts, seen/unseen, templates")
+    allow_outside_paths: bool = _f(False, "accept manifest image paths outside the manifest's folder (../x.png, /elsewhere/x.png); only for manifests you trust")
+    allow_duplicate_rows: bool = _f(False, "keep manifest rows that repeat an earlier row exactly (default: an error naming both lines)")
     templates: list[str] = _f(DEFAULT_TEMPLATES, "prompt templates with {} for the label; a label's prompts are averaged")
     unlisted: str = _f("negative", "labels not listed for an image are negatives or unknown (masked)", ("negative", "unknown"))
     out: str | None = _f(None, "run directory to write")
@@ -144,29 +146,70 @@ def _check_type(name: str, value: Any, where: str) -> Any:
 
 def _unknown_key(key: str, where: str) -> ConfigError:
     close = difflib.get_close_matches(key, FIELDS, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+    hint = f"did you mean '{close[0]}'?" if close else "remove it; `mumic train --help` lists the keys"
+    return ConfigError(f"{where}: unknown key '{key}' ({hint})")
+
+
+def _read_yaml(p: Path) -> tuple[Any, dict[Any, int]]:
+    """The YAML document of a config file (safe loader) and the line of each top-level key.
+
+    Every problem is a one-line ConfigError naming the file and line: bytes that are not
+    UTF-8, a syntax error, a key given twice (plain YAML would keep the last silently).
+    """
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {p}: cannot read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{p} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        value = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(x for x in (e.context, e.problem) if x) or "syntax error"
+        raise ConfigError(f"{p}{line}: not valid YAML ({problem})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not valid YAML (nested too deeply)") from None
+    lines: dict[Any, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(f"{p} line {line}: key '{key}' is given twice (first on line {lines[key]}); keep one")
+            if key is not None:
+                lines[key] = line
+    return value, lines
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML config (optional), apply overrides (None values are ignored), validate."""
+    """Read a YAML config (optional), apply overrides (None values are ignored), validate.
+
+    Errors name the file and line (or "command line") and the key, e.g.
+    ``c.yaml line 3: key 'epochs' must be an integer, got 'many'``.
+    """
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        data, key_lines = _read_yaml(p)
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{p}: a config must be a mapping of key: value")
+            raise ConfigError(f"{p}: a config must be a mapping of key: value (one 'key: value' per line), got {type(data).__name__}")
         for k, v in data.items():
-            if k not in FIELDS:
-                raise _unknown_key(str(k), str(p))
-            values[k] = _check_type(k, v, str(p))
+            where = f"{p} line {key_lines[str(k)]}" if str(k) in key_lines else str(p)
+            if not isinstance(k, str) or k not in FIELDS:
+                raise _unknown_key(str(k), where)
+            values[k] = _check_type(k, v, where)
     for k, v in (overrides or {}).items():
         if v is None:
             continue

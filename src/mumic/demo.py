@@ -62,7 +62,7 @@ def _train_all(out: Path, manifest: Path, labels_file: Path, *, overwrite: bool,
             continue
         cfg = load_config(overrides={
             **settings, "loss": spec["loss"], "out": str(run), "labels_file": str(labels_file),
-            "manifest": str(cross if spec.get("cross") else manifest),
+            "manifest": str(cross if spec.get("cross") else manifest), "allow_outside_paths": bool(spec.get("cross")),
         })
         log.info("training %s (%s)", name, spec["loss"])
         fit(cfg, overwrite=True, progress=progress)

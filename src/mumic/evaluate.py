@@ -144,10 +144,11 @@ def evaluate_model(
 
 
 def evaluate_run(run_dir: str | Path, manifest_path: str | Path, *, split: str | None = None, out: str | Path | None = None,
-                 batch_size: int = 64, num_workers: int = 0, device: str = "auto", progress: bool = True) -> dict[str, float]:
+                 batch_size: int = 64, num_workers: int = 0, device: str = "auto", progress: bool = True,
+                 allow_outside: bool = False, allow_duplicates: bool = False) -> dict[str, float]:
     """`mumic evaluate`: metrics of a run on a manifest (or one split of it), written as JSON."""
     model = MuMIC.from_run(run_dir, device=device)
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path, allow_outside=allow_outside, allow_duplicates=allow_duplicates)
     if split:
         manifest = manifest.split(split)
     meta = json.loads((Path(run_dir) / "labels.json").read_text())

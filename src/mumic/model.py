@@ -308,14 +308,20 @@ class MuMIC(nn.Module):
         """Load weights saved by trained_state, refusing missing or unexpected keys."""
         own = self.state_dict()
         expected = set(self.trained_state())
-        unexpected = [k for k in state if k not in own]
-        missing = [k for k in expected if k not in state]
+        unexpected = sorted(k for k in state if k not in expected)
+        missing = sorted(k for k in expected if k not in state)
         if unexpected or missing:
             what = f"unexpected keys {unexpected[:3]}" if unexpected else f"missing keys {missing[:3]}"
             raise RunError(f"{source} do not fit this model ({what}); was the run made with another backbone or config?")
         for k, v in state.items():
+            if not isinstance(v, torch.Tensor):
+                raise RunError(f"{source}: '{k}' is a {type(v).__name__}, not a tensor")
             if own[k].shape != v.shape:
                 raise RunError(f"{source}: '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+            if own[k].is_floating_point() != v.is_floating_point() or v.is_complex():
+                raise RunError(f"{source}: '{k}' has dtype {v.dtype}, the model expects {own[k].dtype}")
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise RunError(f"{source}: '{k}' holds NaN or infinite values; the weights are corrupt — train the run again")
         self.load_state_dict(state, strict=False)
         self.clear_text_cache()
 
@@ -329,27 +335,95 @@ class MuMIC(nn.Module):
         run = Path(run_dir)
         if not run.is_dir():
             raise RunError(f"run directory {run} does not exist")
-        pickles = [p.name for p in run.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt")]
+        # a run is read through safetensors and JSON/YAML parsers only; anything that
+        # could be unpickled is refused outright rather than ignored
+        pickle_suffixes = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npz")
+        pickles = sorted(p.name for p in run.iterdir() if p.name.lower().endswith(pickle_suffixes))
         if pickles:
             raise RunError(f"{run} holds pickle files ({', '.join(pickles)}); runs load safetensors only — remove them")
         for name in ("config.yaml", "labels.json", "model.safetensors"):
             if not (run / name).is_file():
                 raise RunError(f"{run} is not a finished run: {name} is missing")
         cfg = load_config(run / "config.yaml")
-        meta = read_json(run / "labels.json")
-        try:
-            specs = [LabelSpec(name=l["name"], prompts=l.get("prompts"), description=l.get("description"), seen=bool(l["seen"])) for l in meta["labels"]]
-            templates = list(meta["templates"])
-            model_meta = meta["model"]
-        except (KeyError, TypeError) as e:
-            raise RunError(f"{run / 'labels.json'} is malformed ({e})") from None
+        labels_path = run / "labels.json"
+        meta = read_json(labels_path)
+
+        def malformed(what: str) -> RunError:
+            return RunError(f"{labels_path} is malformed: {what}; restore it from the original run")
+
+        def str_list(value: Any, what: str) -> list[str] | None:
+            if value is None:
+                return None
+            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                raise malformed(f"{what} must be a list of strings, got {value!r:.80}")
+            return list(value)
+
+        def number(value: Any, what: str) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise malformed(f"{what} must be a finite number, got {value!r:.80}")
+            return float(value)
+
+        if not isinstance(meta, dict):
+            raise malformed(f"expected a JSON object, got {type(meta).__name__}")
+        if meta.get("format", FORMAT) != FORMAT:
+            raise RunError(f"{labels_path}: run format {meta.get('format')!r} is not {FORMAT!r}; it was written by another version of mumic")
+        for key in ("labels", "templates", "model"):
+            if key not in meta:
+                raise malformed(f"the key '{key}' is missing")
+        if not isinstance(meta["labels"], list) or not meta["labels"]:
+            raise malformed("'labels' must be a non-empty list")
+        specs = []
+        for k, l in enumerate(meta["labels"]):
+            if not isinstance(l, dict):
+                raise malformed(f"label #{k + 1} must be an object, got {type(l).__name__}")
+            name = l.get("name")
+            if not isinstance(name, str) or not name.strip():
+                raise malformed(f"label #{k + 1} has no name (a non-empty string)")
+            if not isinstance(l.get("seen"), bool):
+                raise malformed(f"label {name!r}: 'seen' must be true or false, got {l.get('seen')!r:.80}")
+            description = l.get("description")
+            if description is not None and not isinstance(description, str):
+                raise malformed(f"label {name!r}: 'description' must be a string")
+            specs.append(LabelSpec(name=name, prompts=str_list(l.get("prompts"), f"label {name!r}: 'prompts'"),
+                                   description=description, seen=l["seen"]))
+        names = [l.name for l in specs]
+        if len(set(names)) != len(names):
+            raise malformed(f"duplicate label names ({', '.join(sorted({n for n in names if names.count(n) > 1})[:3])})")
+        templates = str_list(meta["templates"], "'templates'") or []
+        model_meta = meta["model"]
+        if not isinstance(model_meta, dict) or not isinstance(model_meta.get("backbone"), dict):
+            raise malformed("'model' must be an object with a 'backbone' object")
+        backbone_args = model_meta["backbone"]
+        allowed = ("spec", "image_size", "image_head", "seed")
+        odd = sorted(set(backbone_args) - set(allowed))
+        if odd or not isinstance(backbone_args.get("spec"), str):
+            raise malformed(f"'model.backbone' must have a string 'spec' and only the keys {', '.join(allowed)}" + (f" (found {', '.join(odd)})" if odd else ""))
+        if backbone_args.get("image_size") is not None and (isinstance(backbone_args["image_size"], bool) or not isinstance(backbone_args["image_size"], int)):
+            raise malformed("'model.backbone.image_size' must be an integer")
+        if not isinstance(backbone_args.get("seed", 0), int) or isinstance(backbone_args.get("seed", 0), bool):
+            raise malformed("'model.backbone.seed' must be an integer")
+        if backbone_args.get("image_head") is not None and not isinstance(backbone_args["image_head"], str):
+            raise malformed("'model.backbone.image_head' must be a string")
+        tau = number(model_meta.get("tau", 0.07), "'model.tau'")
+        if tau <= 0:
+            raise malformed(f"'model.tau' must be > 0, got {tau}")
         dev = resolve_device(device)
-        backbone = load_backbone(**model_meta["backbone"], device=str(dev))
+        backbone = load_backbone(**backbone_args, device=str(dev))
         backbone.set_trainable(image_tower=cfg.image_tower, text_tower=cfg.text_tower)
-        model = cls(backbone, specs, templates, loss=cfg.loss, tau=model_meta.get("tau", 0.07), learn_tau=cfg.learn_tau, bias=cfg.bias)
+        model = cls(backbone, specs, templates, loss=cfg.loss, tau=tau, learn_tau=cfg.learn_tau, bias=cfg.bias)
         model.to(dev)
         model.load_trained_state(load_tensors(run / "model.safetensors"), source=str(run / "model.safetensors"))
-        model.thresholds = load_thresholds(run, [l.name for l in specs])
+        thresholds = load_thresholds(run, [l.name for l in specs])
+        per_label = thresholds["per_label"]
+        if not isinstance(per_label, dict) or not all(
+            isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float)) and 0.0 <= v <= 1.0
+            for k, v in per_label.items()
+        ):
+            raise RunError(f"{run / 'thresholds.json'} is malformed: 'per_label' must map label names to numbers in [0, 1]")
+        default = thresholds["default"]
+        if isinstance(default, bool) or not isinstance(default, (int, float)) or not 0.0 <= default <= 1.0:
+            raise RunError(f"{run / 'thresholds.json'} is malformed: 'default' must be a number in [0, 1], got {default!r:.80}")
+        model.thresholds = thresholds
         model.run_dir = run
         model.config = cfg
         model.eval()

@@ -375,6 +375,8 @@ def build_index(
     num_workers: int = 0,
     device: str = "auto",
     progress: bool = True,
+    allow_outside: bool = False,
+    allow_duplicates: bool = False,
 ) -> Path:
     """`mumic index`: embed a manifest's images with a run and write an index folder."""
     import torch.nn.functional as F
@@ -388,7 +390,7 @@ def build_index(
     if backend == "faiss":
         _faiss()  # fail before the slow part
     _check_out(Path(out), overwrite)
-    manifest = read_manifest(manifest_path, require_labels=False)
+    manifest = read_manifest(manifest_path, require_labels=False, allow_outside=allow_outside, allow_duplicates=allow_duplicates)
     if len(manifest) == 0:
         raise MumicError(f"{manifest_path} has no rows; nothing to index")
     manifest.check_images_exist()
@@ -463,6 +465,9 @@ def add_index_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="accept manifest image paths outside the manifest's folder (only for manifests you trust)")
+    p.add_argument("--allow-duplicate-rows", action="store_true", help="keep exact duplicate manifest rows instead of refusing them")
     return p
 
 
@@ -470,6 +475,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     path = build_index(
         args.run, args.manifest, args.out, backend=args.backend, overwrite=args.overwrite,
         batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, progress=not args.no_progress,
+        allow_outside=args.allow_outside_paths, allow_duplicates=args.allow_duplicate_rows,
     )
     meta = json.loads((path / "index.json").read_text())
     print(f"indexed {meta['count']} images (dim {meta['dim']}, {meta['backend']}) into {path}", file=sys.stderr)

@@ -17,9 +17,15 @@ computed once at start; extra (zero-shot) labels are embedded on first use and k
 bounded LRU cache.
 
 The service reads only the bytes clients upload: it never opens a file or URL a client
-names. Limits answer with JSON {"detail": ...}: 413 for a body, image or pixel count over
-its limit or too many images, 415 for a wrong content type, 422 for an undecodable image
-or invalid fields, 503 when the queue is full.
+names. Limits answer with JSON {"detail": ...}: 408 for a body that does not arrive in
+time, 413 for a body, image or pixel count over its limit or too many images, 415 for a
+wrong content type, 422 for an undecodable image or invalid fields, 503 when the queue or
+the memory for request bodies is full.
+
+Slow or abusive clients are bounded in time and memory: a connection must deliver each
+request head within `header_timeout_s` (uvicorn itself never times out a request head),
+an idle keep-alive connection is closed after `keep_alive_s`, a body must arrive within
+`body_timeout_s`, and all request bodies held at once share `max_buffered_bytes`.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at
@@ -73,6 +79,11 @@ class Limits:
     max_pending_images: int = 512
     label_cache_size: int = 4096
     decode_threads: int = 4
+    #: slow and abusive clients (whole service: bodies held in memory at once; per connection: timeouts)
+    max_buffered_bytes: int = 256 * 2**20
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_s: float = 5.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -83,6 +94,9 @@ class Limits:
             elif f.name == "max_wait_ms":
                 if not isinstance(value, (int, float)) or value < 0:
                     raise ConfigError(f"max_wait_ms must be a number >= 0, got {value!r}")
+            elif f.name.endswith("_s"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                    raise ConfigError(f"{f.name} must be a number of seconds > 0, got {value!r}")
             elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{f.name} must be a positive integer, got {value!r}")
 
@@ -148,7 +162,7 @@ def decode_image(data: bytes, *, max_pixels: int, size_hint: int | None = None, 
                 rgb = img.copy()
     except UploadError:
         raise
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning, where warnings are errors
         raise UploadError(413, f"{name}: too many pixels (decompression bomb limit); downscale the image") from None
     except UnidentifiedImageError:
         raise UploadError(422, f"{name}: not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from None
@@ -397,69 +411,247 @@ class LabelBank:
 # ----------------------------------------------------------------------------- the guard
 
 
+class BodyBudget:
+    """Bytes of request bodies held in memory at once, over all requests (one event loop,
+    so no lock): a request reserves what it holds and returns it when it is answered."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+
+    def take(self, n: int) -> bool:
+        if n > 0 and self.used + n > self.limit:
+            return False
+        self.used += n
+        self.peak = max(self.peak, self.used)
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
 class RequestGuard:
-    """ASGI middleware: content type per route (415) and a body size limit (413).
+    """ASGI middleware: content type per route (415), a body size limit (413), a deadline
+    for the body (408) and a memory budget shared by all bodies (503).
 
     The body is read here, up to max_bytes, and replayed to the app, so no route ever
-    sees more than the limit; a declared Content-Length over it is refused unread.
+    sees more than the limit; a declared Content-Length over it is refused unread. A
+    declared length is reserved from the budget before reading, a chunked body as it
+    grows; a request that does not fit is answered 503 at once instead of queueing
+    memory. The reservation is returned when the request has been answered.
+
+    A refusal closes the connection. If the client is still sending, closing a socket
+    with unread input makes the kernel reset the connection, and the client may never
+    see the answer; so the rest of the body is first read and dropped for a short,
+    bounded while (never when the client waits for "100 Continue": it has sent nothing).
     """
 
-    def __init__(self, app: Any, *, max_bytes: int, content_types: dict[str, tuple[str, ...]]) -> None:
+    #: reading and dropping a refused body: at most this long, this long without data,
+    #: and this many times max_bytes
+    DRAIN_S = 1.0
+    DRAIN_IDLE_S = 0.25
+    DRAIN_FACTOR = 4
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        max_bytes: int,
+        content_types: dict[str, tuple[str, ...]],
+        budget: BodyBudget | None = None,
+        body_timeout_s: float = 60.0,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.content_types = content_types
+        self.budget = budget or BodyBudget(4 * max_bytes)
+        self.body_timeout_s = body_timeout_s
+
+    async def _drain(self, receive: Callable) -> None:
+        """Read and drop what is left of the body, within DRAIN_S / DRAIN_IDLE_S / DRAIN_FACTOR."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.DRAIN_S
+        dropped = 0
+        while dropped <= self.DRAIN_FACTOR * self.max_bytes:
+            wait = min(end - loop.time(), self.DRAIN_IDLE_S)
+            if wait <= 0:
+                return
+            try:
+                message = await asyncio.wait_for(receive(), wait)
+            except asyncio.TimeoutError:
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            dropped += len(message.get("body", b""))
+
+    async def _refuse(self, receive: Callable, send: Callable, status: int, detail: str, *, drain: bool,
+                      headers: list[tuple[bytes, bytes]] = ()) -> None:
+        if drain:
+            await self._drain(receive)
+        await _send_json(send, status, detail, headers)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        # a client that asked for "100 Continue" sends its body only when invited: reading
+        # (draining) would invite it, so a refusal before reading does not drain
+        sending = headers.get("expect", "").strip().lower() != "100-continue"
         allowed = self.content_types.get(scope["path"]) if scope["method"] == "POST" else None
         if allowed is not None:
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype not in allowed:
                 got = f"'{ctype}'" if ctype else "no content type"
-                await _send_json(send, 415, f"{scope['path']} takes {' or '.join(allowed)}, got {got}")
+                await self._refuse(receive, send, 415, f"{scope['path']} takes {' or '.join(allowed)}, got {got}", drain=sending)
                 return
         declared = headers.get("content-length")
+        size = 0
         if declared is not None:
             try:
                 size = int(declared)
             except ValueError:
+                size = -1
+            if size < 0:
                 await _send_json(send, 400, "malformed Content-Length header")
                 return
             if size > self.max_bytes:
-                await _send_json(send, 413, f"request body of {size:,} bytes is over the limit of {self.max_bytes:,} bytes")
+                await self._refuse(receive, send, 413, f"request body of {size:,} bytes is over the limit of {self.max_bytes:,} bytes",
+                                   drain=sending)
                 return
-        body = bytearray()
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await _send_json(send, 413, f"request body is over the limit of {self.max_bytes:,} bytes")
-                return
-            more = message.get("more_body", False)
-        replayed = False
+        if not self.budget.take(size):
+            await self._refuse(receive, send, 503, _busy(self.budget), drain=sending, headers=[(b"retry-after", b"1")])
+            return
+        reserved = size
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.body_timeout_s
+            chunks: list[bytes] = []
+            received = 0
+            more = True
+            while more:
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+                except asyncio.TimeoutError:
+                    await _send_json(send, 408, f"the request body did not arrive within {self.body_timeout_s:g} s "
+                                                f"({received:,} bytes came); send it faster, or a smaller one")
+                    return
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                more = message.get("more_body", False)
+                if received > self.max_bytes:
+                    chunks.clear()
+                    self.budget.give(reserved)
+                    reserved = 0
+                    await self._refuse(receive, send, 413, f"request body is over the limit of {self.max_bytes:,} bytes",
+                                       drain=more)
+                    return
+                if received > reserved:
+                    if not self.budget.take(received - reserved):
+                        chunks.clear()
+                        self.budget.give(reserved)
+                        reserved = 0
+                        await self._refuse(receive, send, 503, _busy(self.budget), drain=more, headers=[(b"retry-after", b"1")])
+                        return
+                    reserved = received
+                if chunk:
+                    chunks.append(chunk)
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            del chunks
+            replayed = False
 
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
+            async def replay() -> dict:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
 
-        await self.app(scope, replay, send)
+            await self.app(scope, replay, send)
+        finally:
+            self.budget.give(reserved)
 
 
-async def _send_json(send: Callable, status: int, detail: str) -> None:
+def _busy(budget: BodyBudget) -> str:
+    return (f"the service is busy receiving other requests ({budget.used:,} of {budget.limit:,} bytes of request "
+            "bodies in memory); retry shortly")
+
+
+async def _send_json(send: Callable, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), (b"connection", b"close"),
+        *headers,
     ]})
     await send({"type": "http.response.body", "body": payload})
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+_HEAD_TIMEOUT_TEXT = b"the request head did not arrive in time\n"
+_HEAD_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                          b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_HEAD_TIMEOUT_TEXT), _HEAD_TIMEOUT_TEXT))
+
+
+def protocol_class(header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol, with a deadline for every request head.
+
+    uvicorn times out idle keep-alive connections, but a connection that sends nothing,
+    or trickles its request line and headers, is held forever: enough of them take every
+    connection slot (`--max-connections`), and then the service answers nobody. Here each
+    connection must deliver a complete request head within `header_timeout_s` of opening
+    (or of its previous response); otherwise it gets a 408 and is closed. Bodies are
+    bounded by RequestGuard.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_timer: Any = None
+
+        def _arm_head_timer(self) -> None:
+            self._cancel_head_timer()
+            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timeout)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _waiting_for_head(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing() or not self._waiting_for_head():
+                return
+            self.transport.write(_HEAD_TIMEOUT_RESPONSE)
+            self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a complete request head arrived
+                self._cancel_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self._waiting_for_head():
+                self._arm_head_timer()  # the next request on this keep-alive connection
+
+    GuardedH11Protocol.__name__ = GuardedH11Protocol.__qualname__ = "GuardedH11Protocol"
+    return GuardedH11Protocol
 
 
 # ----------------------------------------------------------------------------- the app
@@ -590,8 +782,10 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
         results: list[SearchHit]
 
     errors = {code: {"model": ErrorBody, "description": text} for code, text in (
-        (400, "malformed body"), (413, "body, image, pixel count or number of images over the limit"),
-        (415, "wrong content type"), (422, "invalid field or undecodable image"), (503, "queue full or shutting down"),
+        (400, "malformed body"), (408, "the body did not arrive in time"),
+        (413, "body, image, pixel count or number of images over the limit"),
+        (415, "wrong content type"), (422, "invalid field or undecodable image"),
+        (503, "queue or request-body memory full, or shutting down"),
     )}
 
     app = FastAPI(
@@ -608,6 +802,8 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
     )
     app.state.batcher = batcher
     app.state.model = model
+    app.state.limits = lim
+    app.state.body_budget = body_budget = BodyBudget(max(lim.max_buffered_bytes, lim.max_request_bytes))
 
     # ------------------------------------------------------------------ errors
     def _json_error(status: int, detail: Any, headers: dict[str, str] | None = None) -> Any:
@@ -799,7 +995,8 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
                     "results": search_index.results(scores[0], ids[0])}
 
     # outermost user middleware; the app stays a FastAPI instance (routes, state, OpenAPI)
-    app.add_middleware(RequestGuard, max_bytes=lim.max_request_bytes, content_types=content_types)
+    app.add_middleware(RequestGuard, max_bytes=lim.max_request_bytes, content_types=content_types, budget=body_budget,
+                       body_timeout_s=lim.body_timeout_s)
     return app
 
 
@@ -822,6 +1019,14 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help=f"bytes per request (default: {d.max_request_bytes})")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help=f"pixels per image (default: {d.max_pixels})")
     p.add_argument("--max-connections", type=int, default=256, help="concurrent connections before answering 503 (default: 256)")
+    p.add_argument("--max-buffered-bytes", type=int, default=d.max_buffered_bytes,
+                   help=f"request-body bytes held in memory at once, all requests together; beyond it 503 (default: {d.max_buffered_bytes})")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                   help=f"seconds a connection has to send a complete request head (default: {d.header_timeout_s:g})")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                   help=f"seconds a request has to send its whole body, else 408 (default: {d.body_timeout_s:g})")
+    p.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_s,
+                   help=f"seconds an idle keep-alive connection stays open (default: {d.keep_alive_s:g})")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -840,6 +1045,8 @@ def _limits_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "batching": not args.no_batching, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
         "max_images": args.max_images, "max_labels": args.max_labels, "max_image_bytes": args.max_image_bytes,
         "max_request_bytes": args.max_request_bytes, "max_pixels": args.max_pixels,
+        "max_buffered_bytes": args.max_buffered_bytes, "header_timeout_s": args.header_timeout,
+        "body_timeout_s": args.body_timeout, "keep_alive_s": args.keep_alive_timeout,
     }
 
 
@@ -859,10 +1066,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("`mumic serve` needs uvicorn and fastapi: pip install fastapi uvicorn python-multipart") from None
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.max_connections < 1:
+        raise ConfigError(f"--max-connections must be at least 1, got {args.max_connections}")
     if not _is_loopback(args.host):
         log.warning("binding %s: the service is reachable from other machines and has no authentication", args.host)
-    app = create_app(args.run, index=args.index, device=args.device, **_limits_from_args(args))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_connections)
+    app = create_app(args.run, index=args.index, device=args.device, **_limits_from_args(args))  # limits checked first
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_connections,
+        http=protocol_class(args.header_timeout), timeout_keep_alive=args.keep_alive_timeout,
+    )
     return 0
 
 

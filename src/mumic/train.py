@@ -55,11 +55,11 @@ class Data:
 def _split_manifests(cfg: TrainConfig) -> tuple[Manifest, Manifest, Manifest | None]:
     if not cfg.manifest:
         raise ConfigError("no training manifest: give --manifest or 'manifest:' in the config")
-    full = read_manifest(cfg.manifest)
+    full = read_manifest(cfg.manifest, allow_outside=cfg.allow_outside_paths, allow_duplicates=cfg.allow_duplicate_rows)
     splits = set(full.splits) if full.splits is not None else set()
     train = full.split("train") if "train" in splits else full
     if cfg.val_manifest:
-        val = read_manifest(cfg.val_manifest)
+        val = read_manifest(cfg.val_manifest, allow_outside=cfg.allow_outside_paths, allow_duplicates=cfg.allow_duplicate_rows)
     else:
         name = next((s for s in VAL_SPLITS if s in splits), None)
         if name is None:
@@ -68,7 +68,7 @@ def _split_manifests(cfg: TrainConfig) -> tuple[Manifest, Manifest, Manifest | N
             )
         val = full.split(name)
     if cfg.test_manifest:
-        test = read_manifest(cfg.test_manifest)
+        test = read_manifest(cfg.test_manifest, allow_outside=cfg.allow_outside_paths, allow_duplicates=cfg.allow_duplicate_rows)
     else:
         test = full.split("test") if "test" in splits else None
     return train, val, test

@@ -11,6 +11,12 @@ initialised at the identity; at initialisation the embeddings equal SigLIP's own
 
 The image processor config only supplies mean/std; images arrive as uint8 tensors from
 mumic's own pipeline, so no image processor runs here.
+
+A model folder or hub repository is data, never code: every transformers call passes
+``trust_remote_code=False`` (so transformers never asks on the terminal whether to run a
+repository's code), a config or tokenizer config that names custom code (``auto_map``) or
+a model type other than CLIP / SigLIP is refused before anything is built, and weights are
+read from safetensors files only (``use_safetensors=True``: no pickled ``.bin``).
 """
 
 from __future__ import annotations
@@ -54,6 +60,45 @@ def _load_error(name: str, exc: BaseException) -> BackboneError:
         f"could not load 'hf:{name}': {reason}; give a local directory saved with "
         f"save_pretrained, or check the name and network"
     )
+
+
+def _custom_code(data: Any) -> str | None:
+    """What in a parsed config.json / tokenizer_config.json asks for code from the model
+    repository (its ``auto_map``), or None."""
+    if isinstance(data, dict) and data.get("auto_map"):
+        return f"auto_map {json.dumps(data['auto_map'], default=str)[:120]}"
+    return None
+
+
+def _check_local_folder(name: str, source: str) -> None:
+    """Refuse a local model folder that names custom code or an unsupported model type, or
+    holds pickled weights only, before transformers reads it."""
+    folder = Path(source)
+    pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+    if pickled and not any(folder.glob("*.safetensors")):
+        raise BackboneError(
+            f"'hf:{name}': the folder holds pickled weights only ({', '.join(pickled[:3])}); mumic loads "
+            f"safetensors only — re-save the model with save_pretrained (it writes model.safetensors)"
+        )
+    for fname in ("config.json", "tokenizer_config.json"):
+        path = folder / fname
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise BackboneError(f"'hf:{name}': {path} is not readable JSON ({exc}); re-save the model with save_pretrained") from None
+        custom = _custom_code(data)
+        if custom:
+            raise BackboneError(
+                f"'hf:{name}': {path} asks for code from the model folder ({custom}); mumic never runs "
+                f"model code — use a standard CLIPModel or SiglipModel checkpoint"
+            )
+        if fname == "config.json" and isinstance(data, dict) and data.get("model_type") not in SUPPORTED_MODEL_TYPES:
+            raise BackboneError(
+                f"'hf:{name}': {path} has model_type {data.get('model_type')!r}; supported model types: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
 
 
 def _read_preprocessor(source: str, local: bool, local_only: bool) -> dict[str, Any]:
@@ -110,8 +155,10 @@ def _load_parts(name: str, source: str, *, local_only: bool, quiet: bool) -> tup
     """(config, CLIPModel | SiglipModel, tokenizer) for `source`, or a BackboneError."""
     from transformers import AutoConfig, AutoTokenizer, CLIPModel, SiglipModel
 
+    if os.path.isdir(source):
+        _check_local_folder(name, source)
     try:
-        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(name, exc) from exc
     model_type = getattr(config, "model_type", None)
@@ -120,13 +167,20 @@ def _load_parts(name: str, source: str, *, local_only: bool, quiet: bool) -> tup
             f"'hf:{name}' is a {model_type!r} model; supported model types: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    custom = _custom_code({"auto_map": getattr(config, "auto_map", None)})
+    if custom:
+        raise BackboneError(
+            f"'hf:{name}': its config asks for code from the model repository ({custom}); mumic never runs "
+            f"model code — use a standard CLIPModel or SiglipModel checkpoint"
+        )
     model_cls = CLIPModel if model_type == "clip" else SiglipModel
     try:
         with quiet_local_loading(quiet):
             model = model_cls.from_pretrained(
-                source, config=config, local_files_only=local_only, dtype=torch.float32
+                source, config=config, local_files_only=local_only, dtype=torch.float32,
+                trust_remote_code=False, use_safetensors=True,
             )
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
     except ImportError as exc:
         raise BackboneError(f"could not load 'hf:{name}': {exc}; install the missing package") from exc
     except (OSError, ValueError) as exc:

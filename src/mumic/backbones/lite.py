@@ -119,8 +119,8 @@ def build_minilm() -> tuple[nn.Module, Any]:
     verify_sha256(f"{folder}/model.safetensors", MINILM_SHA256, MINILM_PACKAGE)
     try:
         with quiet_local_loading():
-            model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise BackboneError(
             f"could not load MiniLM from {folder}: {exc}; reinstall {MINILM_PACKAGE}"

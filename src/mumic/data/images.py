@@ -12,6 +12,7 @@ import errno
 import logging
 import math
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -34,10 +35,21 @@ _INT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _WHITE = (255, 255, 255)
 
 
+REFUSED_FORMATS = {"EPS": "decoding it runs Ghostscript, an external interpreter"}
+"""Formats Pillow can open but ``load_image`` refuses, with the reason (checked after the
+header is read, before anything is decoded)."""
+
+_BOMB_SIZE = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+) pixels")
+
+
 def _check_file(path: Path) -> None:
-    """Raise ImageError unless ``path`` is a non-empty regular file."""
+    """Raise ImageError unless ``path`` is a non-empty regular file (no FIFO, device or
+    directory: opening those could block or never end)."""
     try:
         st = os.stat(path)
+    except ValueError as e:  # a NUL byte, or text that cannot be a file name
+        reason = "contains a NUL byte" if "null" in str(e) else f"not a valid file name ({e})"
+        raise ImageError(f"{str(path)!r}: invalid path: {reason}") from None
     except FileNotFoundError:
         reason = "broken symlink" if os.path.islink(path) else "file not found"
         raise ImageError(f"{path}: {reason}") from None
@@ -48,7 +60,9 @@ def _check_file(path: Path) -> None:
     if stat.S_ISDIR(st.st_mode):
         raise ImageError(f"{path}: is a directory, not an image")
     if not stat.S_ISREG(st.st_mode):
-        raise ImageError(f"{path}: not a regular file")
+        mode = st.st_mode
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "special"
+        raise ImageError(f"{path}: not a regular file ({kind}); point to the image file itself")
     if st.st_size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
 
@@ -110,19 +124,25 @@ def load_image(
     """Decode an image file to RGB (EXIF orientation applied, first frame of animations).
 
     ``size_hint`` lets JPEGs decode at a reduced scale whose sides stay >= ``size_hint``.
-    Raises ImageError (with path and reason) for a missing path, a directory, an empty
-    or non-image file, truncated data, or more than ``max_pixels`` pixels.
+    Raises ImageError (with path and reason) for a missing path, a directory, a FIFO or
+    device, an empty or non-image file, truncated data, a format in ``REFUSED_FORMATS``,
+    or more than ``max_pixels`` pixels (checked from the header, before decoding).
     """
     path = Path(path)
     _check_file(path)
     try:
         with Image.open(path) as img:
+            # Only the header has been read so far: refuse here, before any pixel buffer
+            # is allocated or any decoder runs.
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(
                     f"{path}: too many pixels ({width}x{height} = {width * height:,}, "
                     f"limit {max_pixels:,}); downscale the image or raise max_pixels"
                 )
+            refused = REFUSED_FORMATS.get(img.format or "")
+            if refused:
+                raise ImageError(f"{path}: {img.format} files are not accepted ({refused}); convert it to PNG or JPEG")
             if size_hint is not None and img.format == "JPEG":
                 img.draft("RGB", (size_hint, size_hint))
             img.load()  # force the full decode here, so truncated data fails here
@@ -138,15 +158,17 @@ def load_image(
         raise
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image (unrecognised format)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: too many pixels ({e}); raise max_pixels only for trusted files") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning, where warnings are errors
+        found = _BOMB_SIZE.search(str(e))
+        detail = f"{int(found[1]):,} pixels, over the decompression-bomb limit of {int(found[2]):,}" if found else str(e)
+        raise ImageError(f"{path}: too many pixels ({detail}); downscale the image") from None
     except MemoryError:
         raise
     except PermissionError:
         raise ImageError(f"{path}: permission denied") from None
     except (OSError, EOFError) as e:
         reason = str(e) or e.__class__.__name__
-        if "truncated" in reason or isinstance(e, EOFError):
+        if "truncated" in reason.lower() or isinstance(e, EOFError):
             reason = f"truncated or corrupt data ({reason})"
         raise ImageError(f"{path}: cannot decode: {reason}") from None
     except Exception as e:  # decoders also raise SyntaxError, ValueError, struct.error, ...

@@ -8,6 +8,11 @@ negatives, same format), ``split``, and anything else, which is kept in
 
 Every problem in a file is reported as a :class:`~mumic.errors.ManifestError` that names
 the file, the line (as a text editor shows it; Parquet has rows instead) and the problem.
+
+A manifest may come from someone else, so by default it may only name images inside its
+own folder (an absolute path into the folder is fine; ``../x.png`` or ``/elsewhere/x.png``
+is refused unless ``allow_outside=True``), and a row repeated exactly is refused (a
+mistake in a catalogue, and double weight in training) unless ``allow_duplicates=True``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +49,13 @@ _FORMATS: dict[str, str] = {
     ".pq": "parquet",
 }
 _UNLISTED = ("negative", "unknown")
+
+
+def _show(text: Any) -> str:
+    """Text from a file, fit for a one-line message: as it is when printable, else quoted
+    with escapes (a newline in a column name must not break the message)."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)
 
 
 def _supported() -> str:
@@ -264,11 +277,11 @@ def _read_delimited(path: Path, delimiter: str) -> tuple[pd.DataFrame, list[int]
             header = [cell.strip() for cell in row]
             dup = sorted({h for h in header if header.count(h) > 1})
             if dup:
-                raise ManifestError(f"{path} line {start}: duplicate column name(s): {', '.join(dup)}")
+                raise ManifestError(f"{path} line {start}: duplicate column name(s): {', '.join(map(_show, dup))}")
             continue
         if len(row) != len(header):
             raise ManifestError(
-                f"{path} line {start}: expected {len(header)} fields ({', '.join(header)}), "
+                f"{path} line {start}: expected {len(header)} fields ({', '.join(map(_show, header))}), "
                 f"found {len(row)}; quote fields that contain {delimiter!r}"
             )
         rows.append(row)
@@ -282,21 +295,56 @@ def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[int]]:
     text = _read_text(path)
     records: list[dict[str, Any]] = []
     lines: list[int] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines are separated by "\n" only: str.splitlines() would also split at U+2028
+    # and other characters that are valid inside a JSON string.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ManifestError(f"{path} line {number}: invalid JSON: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise ManifestError(f"{path} line {number}: invalid JSON: nested too deeply") from None
+        except ValueError as e:  # e.g. an integer with more digits than Python converts
+            raise ManifestError(f"{path} line {number}: invalid JSON: {e}") from None
         if not isinstance(record, dict):
             raise ManifestError(
                 f"{path} line {number}: expected a JSON object like "
                 f'{{"image": "a.jpg", "labels": ["cat"]}}, got {type(record).__name__}'
             )
+        if _SURROGATE_ESCAPE.search(line) and _has_lone_surrogate(record):
+            raise ManifestError(
+                f"{path} line {number}: a string is not valid Unicode (a lone surrogate from a \\ud800-style "
+                "escape); fix the text"
+            )
         records.append(record)
         lines.append(number)
-    return pd.DataFrame.from_records(records), lines
+    try:
+        return pd.DataFrame.from_records(records), lines
+    except Exception as e:  # pandas / pyarrow refuse some values in ways of their own
+        raise ManifestError(f"{path}: cannot make a table of its rows ({type(e).__name__}: {e})") from None
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a parsed JSON value holds a string that is not valid Unicode."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 def _read_parquet(path: Path) -> tuple[pd.DataFrame, list[int]]:
@@ -310,6 +358,17 @@ def _read_parquet(path: Path) -> tuple[pd.DataFrame, list[int]]:
         raise ManifestError(f"{path}: not a readable Parquet file: {e}") from None
     frame = frame.reset_index(drop=True)
     return frame, list(range(1, len(frame) + 1))
+
+
+def _bad_text(text: str) -> str | None:
+    """Why ``text`` cannot be used as a path or a label, or None."""
+    if "\x00" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (a lone surrogate, e.g. from a JSON \\ud800 escape)"
+    return None
 
 
 def _parse_label_cell(value: Any, where: str, column: str, list_allowed: bool) -> list[str]:
@@ -336,16 +395,110 @@ def _parse_label_cell(value: Any, where: str, column: str, list_allowed: bool) -
             raise ManifestError(
                 f"{where}: empty label in {column} {value!r} (check for a doubled or trailing '|')"
             )
+        bad = _bad_text(name)
+        if bad:
+            raise ManifestError(f"{where}: label {name!r} in {column} {bad}; fix the label's text")
         if name not in seen:
             seen.add(name)
             out.append(name)
     return out
 
 
-def read_manifest(path: str | os.PathLike[str], *, require_labels: bool = True) -> Manifest:
+def _inside(folder: str, image: str) -> bool:
+    """Whether the normalised absolute path ``image`` lies in the folder ``folder`` (by
+    name: symbolic links are not followed, so a link inside the folder stays inside)."""
+    return image == folder or image.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable stand-in for a cell, so that rows can be compared."""
+    if _is_missing(value):
+        return None
+    if isinstance(value, (str, int, float, bool, bytes)):
+        return value
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def _check_repeats(
+    path: Path,
+    frame: pd.DataFrame,
+    lines: list[int],
+    images: list[Path],
+    labels: list[list[str]],
+    negatives: list[list[str]] | None,
+    splits: list[str] | None,
+    allow_duplicates: bool,
+) -> None:
+    """Refuse rows that repeat an earlier row exactly (after normalising paths and label
+    order) unless ``allow_duplicates``; log images listed on several different rows."""
+    others = [c for c in frame.columns if c not in ("image", "labels", "negatives", "split")]
+    extra_cols = [frame[c].tolist() for c in others]
+    first_row: dict[Any, int] = {}
+    first_image: dict[Path, int] = {}
+    duplicates: list[tuple[int, int]] = []
+    repeated_images: list[tuple[int, int]] = []
+    for i in range(len(images)):
+        try:
+            key = (
+                str(images[i]),
+                tuple(sorted(labels[i])),
+                tuple(sorted(negatives[i])) if negatives is not None else (),
+                splits[i] if splits is not None else "",
+                tuple(_freeze(col[i]) for col in extra_cols),
+            )
+            hash(key)
+        except (RecursionError, TypeError):
+            key = ("row", i)  # a cell too odd to compare: treat the row as unique
+        j = first_row.setdefault(key, i)
+        if j != i:
+            if not allow_duplicates:
+                unit = "row" if _FORMATS.get(path.suffix.lower()) == "parquet" else "line"
+                raise ManifestError(
+                    f"{_where(path, lines[i])}: duplicate of {unit} {lines[j]} (same image {_show(images[i].name)}, "
+                    f"labels and other columns); remove one of the two rows, or keep both with "
+                    f"allow_duplicates=True (command line: --allow-duplicate-rows)"
+                )
+            duplicates.append((j, i))
+            continue
+        k = first_image.setdefault(images[i], i)
+        if k != i:
+            repeated_images.append((k, i))
+    if duplicates:
+        j, i = duplicates[0]
+        log.warning(
+            "%s: %d row(s) repeat an earlier row exactly (first: %s repeats %s); kept, as allow_duplicates was given",
+            path, len(duplicates), _where(path, lines[i]), _where(path, lines[j]),
+        )
+    if repeated_images:
+        k, i = repeated_images[0]
+        log.warning(
+            "%s: %d row(s) name an image that an earlier row also names, with other labels or columns "
+            "(first: %s on %s and %s); all rows are kept",
+            path, len(repeated_images), _show(images[i].name), _where(path, lines[k]), _where(path, lines[i]),
+        )
+
+
+def read_manifest(
+    path: str | os.PathLike[str],
+    *,
+    require_labels: bool = True,
+    allow_outside: bool = False,
+    allow_duplicates: bool = False,
+) -> Manifest:
     """Read a CSV/TSV/JSONL/Parquet manifest (chosen by extension) and validate every row.
 
     Image files are not opened here (see :meth:`Manifest.check_images_exist`).
+    ``allow_outside``: accept image paths outside the manifest's folder (``../x.png``, or
+    an absolute path elsewhere); only for manifests you trust. ``allow_duplicates``:
+    keep rows that repeat an earlier row exactly (a warning is logged) instead of failing.
     """
     path = Path(path)
     kind = _FORMATS.get(path.suffix.lower())
@@ -363,16 +516,19 @@ def read_manifest(path: str | os.PathLike[str], *, require_labels: bool = True) 
         frame, lines = _read_parquet(path)
 
     columns = [str(c) for c in frame.columns]
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise ManifestError(f"{path}: duplicate column name(s): {', '.join(map(_show, repeated))}; rename or remove them")
     required = ["image"] + (["labels"] if require_labels else [])
     for name in required:
         if name not in frame.columns:
-            found = ", ".join(columns) or "(none)"
+            found = ", ".join(map(_show, columns)) or "(none)"
             raise ManifestError(f"{path}: missing '{name}' column; columns found: {found}")
     if len(frame) == 0:
         raise ManifestError(f"{path}: empty manifest (no rows)")
 
     list_allowed = kind in ("jsonl", "parquet")
-    folder = path.parent.absolute()
+    folder = os.path.normpath(path.parent.absolute())
     has_labels = "labels" in frame.columns
     has_negatives = "negatives" in frame.columns
     has_split = "split" in frame.columns
@@ -393,8 +549,17 @@ def read_manifest(path: str | os.PathLike[str], *, require_labels: bool = True) 
             raise ManifestError(f"{where}: empty image path")
         if not isinstance(raw, str):
             raise ManifestError(f"{where}: image must be a path string, got {type(raw).__name__}: {raw!r}")
-        image = Path(raw.strip()).expanduser()
-        images.append(Path(os.path.normpath(folder / image)))
+        bad = _bad_text(raw)
+        if bad:
+            raise ManifestError(f"{where}: image path {raw!r} {bad}; fix the path")
+        image = os.path.normpath(os.path.join(folder, os.path.expanduser(raw.strip())))
+        if not allow_outside and not _inside(folder, image):
+            raise ManifestError(
+                f"{where}: image path {raw.strip()!r} is outside the manifest's folder {folder} "
+                f"(it points to {image}); move the image into that folder, or, for a manifest you trust, "
+                f"pass allow_outside=True (command line: --allow-outside-paths)"
+            )
+        images.append(Path(image))
 
         row = _parse_label_cell(label_col[i], where, "labels", list_allowed) if label_col is not None else []
         if require_labels and not row:
@@ -414,7 +579,12 @@ def read_manifest(path: str | os.PathLike[str], *, require_labels: bool = True) 
                 s = ""
             if not isinstance(s, str):
                 raise ManifestError(f"{where}: split must be a string, got {type(s).__name__}: {s!r}")
+            bad = _bad_text(s)
+            if bad:
+                raise ManifestError(f"{where}: split {s!r} {bad}; fix the split name")
             splits.append(s.strip())
+
+    _check_repeats(path, frame, lines, images, labels, negatives, splits, allow_duplicates)
 
     manifest = Manifest(
         path=path,
@@ -509,6 +679,10 @@ def _load_structured(path: Path) -> Any:
             return json.loads(text, object_pairs_hook=no_duplicates)
         except json.JSONDecodeError as e:
             raise ManifestError(f"{path} line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise ManifestError(f"{path}: invalid JSON: nested too deeply") from None
+        except ValueError as e:
+            raise ManifestError(f"{path}: invalid JSON: {e}") from None
     if suffix in (".yaml", ".yml"):
         try:
             return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
@@ -519,6 +693,8 @@ def _load_structured(path: Path) -> Any:
             raise ManifestError(f"{path}{line}: invalid YAML: {problem}") from None
         except yaml.YAMLError as e:
             raise ManifestError(f"{path}: invalid YAML: {e}") from None
+        except RecursionError:
+            raise ManifestError(f"{path}: invalid YAML: nested too deeply") from None
     raise ManifestError(
         f"{path}: unsupported labels file extension {suffix or '(none)'!r}; supported: .yaml, .yml, .json"
     )

@@ -1,0 +1,380 @@
+"""Load test of `mumic serve` under abuse: good clients and abusive ones at once, on loopback.
+
+    python benchmarks/abuse_load.py [--run RUN] [--quick] [--good N] [--abusive N] [--duration S]
+
+Without --run it trains a small `lite` run at 64 px on generated shapes first. The server
+runs as its own process on 127.0.0.1 with tight limits (printed); this process is the
+client. First /health and /predict are timed on the idle server; then, for a bounded time
+and request count, good clients send /predict and /embed/text while abusive clients send
+bodies over the limit (declared and chunked), trickle bodies and request heads, open
+silent connections, hog the request-body memory, and upload garbage, truncated and
+decompression-bomb images, wrong content types, broken multipart and deeply nested JSON.
+A probe times GET /health throughout.
+
+Reports the requests sent and the answers per kind, the count of server errors (5xx other
+than 503 "busy": must be 0) and of requests left unanswered (must be 0), p50/p99 latency of
+/health and of good /predict (idle and under abuse), and the server's peak RSS (VmHWM from
+/proc/<pid>/status). The last line, `ratio=`, is the p99 latency of /health under abuse
+divided by its p99 on the idle server, measured in this run: how much slower a liveness
+check gets while the abuse goes on (1.0 = not at all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+HOST = "127.0.0.1"
+LIMITS = {
+    "--max-request-bytes": 2_000_000, "--max-image-bytes": 1_000_000, "--max-images": 4, "--max-pixels": 4_000_000,
+    "--max-buffered-bytes": 8_000_000, "--header-timeout": 2.0, "--body-timeout": 3.0, "--keep-alive-timeout": 2.0,
+    "--max-connections": 256,
+}
+MAX_REQUEST = LIMITS["--max-request-bytes"]
+BODY_TIMEOUT = LIMITS["--body-timeout"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def train_small_run(work: Path) -> tuple[Path, list[Path]]:
+    from mumic.config import load_config
+    from mumic.data.manifest import read_manifest
+    from mumic.data.synthetic import make_shapes
+    from mumic.train import fit
+
+    manifest = make_shapes(work / "shapes", n=60, size=64, seed=0)
+    cfg = load_config(overrides={
+        "manifest": str(manifest), "labels_file": str(manifest.parent / "labels.yaml"), "out": str(work / "run"),
+        "cache_dir": str(work / "cache"), "backbone": "lite", "image_size": 64, "batch_size": 16, "max_steps": 4,
+        "eval_every": 4, "warmup_steps": 1, "patience": 100, "majority_n": 3, "device": "cpu",
+    })
+    run = fit(cfg, progress=False)
+    return run, read_manifest(manifest).images[:8]
+
+
+class Server:
+    def __init__(self, run: Path, log: Path, timeout: float = 180.0) -> None:
+        self.port = free_port()
+        flat = [str(x) for kv in LIMITS.items() for x in kv]
+        cmd = [sys.executable, "-m", "mumic.serve", str(run), "--host", HOST, "--port", str(self.port),
+               "--device", "cpu", "--log-level", "warning", *flat]
+        self.log = log
+        with open(log, "wb") as fh:
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{log.read_text(errors='replace')}")
+            if asyncio.run(call(self.port, get("/health"), limit=2.0))[0] == 200:
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not start in {timeout:.0f} s:\n{log.read_text(errors='replace')}")
+
+    def memory_mib(self, key: str) -> float:
+        """VmRSS / VmHWM (peak resident memory) of the server process, in MiB (nan off Linux)."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+# ----------------------------------------------------------------------------- raw HTTP
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    line = await reader.readline()
+    if not line:
+        return 0
+    status = int(line.split()[1])
+    length = 0
+    while True:
+        header = await reader.readline()
+        if header in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = header.decode("latin-1").partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+    if length:
+        await reader.readexactly(length)
+    return status
+
+
+async def call(port: int, head: bytes, parts: list[bytes] | tuple = (), gap: float = 0.0, limit: float = 10.0) -> tuple[int | None, float]:
+    """(status, seconds): send `head`, then `parts` `gap` seconds apart, while reading the
+    answer. Status None: no answer within `limit`; 0: the server closed without one."""
+    t0 = time.perf_counter()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), limit)
+    except (OSError, asyncio.TimeoutError):
+        return 0, time.perf_counter() - t0
+
+    async def feed() -> None:
+        try:
+            writer.write(head)
+            await writer.drain()
+            for part in parts:
+                if gap:
+                    await asyncio.sleep(gap)
+                writer.write(part)
+                await writer.drain()
+        except (OSError, RuntimeError):
+            pass
+
+    feeder = asyncio.create_task(feed())
+    try:
+        status: int | None = await asyncio.wait_for(_read_response(reader), max(limit - (time.perf_counter() - t0), 0.01))
+    except asyncio.TimeoutError:
+        status = None
+    except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+        status = 0
+    finally:
+        feeder.cancel()
+        writer.close()
+    return status, time.perf_counter() - t0
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode()
+
+
+def post_head(path: str, ctype: str, length: int | None) -> bytes:
+    size = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {ctype}\r\n{size}\r\nConnection: close\r\n\r\n".encode()
+
+
+BOUNDARY = "abuseloadboundary"
+MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def multipart(image: bytes, name: str = "x.png") -> bytes:
+    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"{name}\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def post(path: str, body: bytes, ctype: str = MULTIPART) -> bytes:
+    return post_head(path, ctype, len(body)) + body
+
+
+def chunked(total: int, size: int = 65_536) -> list[bytes]:
+    out = []
+    while total > 0:
+        n = min(size, total)
+        out.append(b"%x\r\n" % n + b"x" * n + b"\r\n")
+        total -= n
+    return out + [b"0\r\n\r\n"]
+
+
+def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def abusive_kinds(port: int, image: bytes) -> dict:
+    """name -> (a coroutine factory, the answers that count as correct)."""
+    slow_limit = BODY_TIMEOUT + 4
+    trickle_head = [bytes([c]) for c in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100]
+    nested = b'{"texts": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    hog = MAX_REQUEST - 10
+    return {
+        "declared_oversize": (lambda: call(port, post_head("/predict", MULTIPART, 100 * MAX_REQUEST)), {413}),
+        "chunked_oversize": (lambda: call(port, post_head("/predict", MULTIPART, None), chunked(2 * MAX_REQUEST)), {413, 503}),
+        "slow_body": (lambda: call(port, post_head("/predict", MULTIPART, 4000), [b"x"] * 4000, gap=0.25, limit=slow_limit), {408, 503}),
+        "slow_head": (lambda: call(port, trickle_head[0], trickle_head[1:], gap=0.1, limit=slow_limit), {408}),
+        "silent": (lambda: call(port, b"", limit=slow_limit), {408}),
+        "memory_hog": (lambda: call(port, post_head("/embed/image", MULTIPART, hog), [b"x" * (hog - 1)], limit=slow_limit), {408, 503}),
+        "garbage_image": (lambda: call(port, post("/predict", multipart(os.urandom(20_000)))), {422, 503}),
+        "truncated_image": (lambda: call(port, post("/predict", multipart(image[: len(image) // 2]))), {422, 503}),
+        "bomb_image": (lambda: call(port, post("/predict", multipart(bomb_png()))), {413, 503}),
+        "wrong_type": (lambda: call(port, post("/predict", b'{"images": ["/etc/passwd"]}', "application/json")), {415}),
+        "broken_multipart": (lambda: call(port, post("/predict", b"--" + BOUNDARY.encode() + b"\r\ngarbage")), {400, 422, 503}),
+        "nested_json": (lambda: call(port, post("/embed/text", nested, "application/json")), {400, 422, 503}),
+    }
+
+
+def percentiles(seconds: list[float]) -> tuple[float, float]:
+    if not seconds:
+        return float("nan"), float("nan")
+    ms = np.array(seconds) * 1000
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+async def idle_phase(port: int, image: bytes, seconds: float) -> tuple[list[float], list[float]]:
+    """Health and predict latencies on the idle server, one request at a time."""
+    health, predict = [], []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        status, t = await call(port, get("/health"))
+        if status == 200:
+            health.append(t)
+        status, t = await call(port, post("/predict", multipart(image)), limit=30)
+        if status == 200:
+            predict.append(t)
+    return health, predict
+
+
+async def abuse_phase(port: int, images: list[bytes], good: int, abusive: int, duration: float, max_requests: int) -> dict:
+    kinds = abusive_kinds(port, images[0])
+    names = list(kinds)
+    answers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    wrong: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    predict_t: list[float] = []
+    health_t: list[float] = []
+    health_bad = 0
+    sent = 0
+    stop_at = time.perf_counter() + duration
+    rng = random.Random(0)
+
+    def more() -> bool:
+        return time.perf_counter() < stop_at and sent < max_requests
+
+    async def good_client(i: int) -> None:
+        nonlocal sent
+        j = i
+        while more():
+            sent += 1
+            j += 1
+            if j % 4:
+                status, t = await call(port, post("/predict", multipart(images[j % len(images)])), limit=30)
+                answers["good_predict"][status] += 1
+                if status == 200:
+                    predict_t.append(t)
+                if status not in (200, 503):
+                    wrong["good_predict"][status] += 1
+            else:
+                status, _ = await call(port, post("/embed/text", b'{"texts": ["a red circle"]}', "application/json"), limit=30)
+                answers["good_embed_text"][status] += 1
+                if status not in (200, 503):
+                    wrong["good_embed_text"][status] += 1
+
+    async def abusive_client(i: int) -> None:
+        nonlocal sent
+        k = i
+        while more():
+            sent += 1
+            name = names[k % len(names)]
+            k += rng.randint(1, len(names))
+            make, ok = kinds[name]
+            status, _ = await make()
+            answers[name][status] += 1
+            if status not in ok:
+                wrong[name][status] += 1
+
+    async def probe() -> None:
+        nonlocal health_bad
+        while time.perf_counter() < stop_at:
+            status, t = await call(port, get("/health"), limit=10)
+            if status == 200:
+                health_t.append(t)
+            else:
+                health_bad += 1
+            await asyncio.sleep(0.05)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(probe(), *[good_client(i) for i in range(good)], *[abusive_client(i) for i in range(abusive)])
+    return {"answers": answers, "wrong": wrong, "predict": predict_t, "health": health_t, "health_bad": health_bad,
+            "sent": sent, "seconds": time.perf_counter() - t0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", help="run directory (default: train a small lite run at 64 px)")
+    p.add_argument("--quick", action="store_true", help="short phases: the whole benchmark in under a minute on CPU")
+    p.add_argument("--good", type=int, default=None, help="good clients (default: 8; quick: 4)")
+    p.add_argument("--abusive", type=int, default=None, help="abusive clients (default: 56; quick: 48)")
+    p.add_argument("--duration", type=float, default=None, help="seconds of abuse (default: 30; quick: 10)")
+    p.add_argument("--max-requests", type=int, default=20_000, help="upper bound on requests in the abuse phase")
+    a = p.parse_args(argv)
+    good = a.good or (4 if a.quick else 8)
+    abusive = a.abusive or (48 if a.quick else 56)
+    duration = a.duration or (10.0 if a.quick else 30.0)
+    idle = 2.0 if a.quick else 5.0
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mumic-abuse-load-") as tmp:
+        work = Path(tmp)
+        if a.run:
+            from mumic.data.synthetic import make_shapes
+
+            run = Path(a.run)
+            paths = sorted((make_shapes(work / "shapes", n=8, size=64, seed=0).parent / "images").glob("*.png"))
+        else:
+            run, paths = train_small_run(work)
+        images = [Path(x).read_bytes() for x in paths]
+        server = Server(run, work / "server.log")
+        try:
+            asyncio.run(idle_phase(server.port, images[0], 1.0))  # warm-up
+            health_idle, predict_idle = asyncio.run(idle_phase(server.port, images[0], idle))
+            rss_before = server.memory_mib("VmRSS")
+            res = asyncio.run(abuse_phase(server.port, images, good, abusive, duration, a.max_requests))
+            health_after = asyncio.run(call(server.port, get("/health")))[0]
+            peak = server.memory_mib("VmHWM")
+        finally:
+            code = server.stop()
+        log = (work / "server.log").read_text(errors="replace")
+    answers, wrong = res["answers"], res["wrong"]
+    server_errors = sum(n for c in answers.values() for s, n in c.items() if s is not None and s >= 500 and s != 503)
+    unanswered = sum(c.get(None, 0) + c.get(0, 0) for c in answers.values())
+    busy = sum(c.get(503, 0) for c in answers.values())
+    h_idle, h_abuse = percentiles(health_idle), percentiles(res["health"])
+    p_idle, p_abuse = percentiles(predict_idle), percentiles(res["predict"])
+
+    print(f"run: {run if a.run else 'lite @ 64 px, trained here'}; server on {HOST}, one process, CPU")
+    print("limits: " + " ".join(f"{k} {v}" for k, v in LIMITS.items()))
+    print(f"abuse phase: {good} good + {abusive} abusive clients + 1 health probe, {res['seconds']:.1f} s, "
+          f"{res['sent']} requests sent (bounded by {duration:g} s and {a.max_requests} requests)")
+    print(f"{'kind':<18} {'sent':>6}  answers (status: count; 0 = closed without answer, None = none in time)")
+    for name in sorted(answers):
+        c = answers[name]
+        print(f"{name:<18} {sum(c.values()):>6}  " + ", ".join(f"{s}: {n}" for s, n in sorted(c.items(), key=lambda x: (x[0] is None, x[0] or 0))))
+    print(f"server errors (5xx other than 503): {server_errors}   503 busy: {busy}   unanswered: {unanswered}   "
+          f"answers outside the expected set: {sum(sum(c.values()) for c in wrong.values())}"
+          + (f" {dict((k, dict(v)) for k, v in wrong.items())}" if wrong else ""))
+    print(f"/health  idle: p50 {h_idle[0]:.1f} ms, p99 {h_idle[1]:.1f} ms ({len(health_idle)} calls)   "
+          f"under abuse: p50 {h_abuse[0]:.1f} ms, p99 {h_abuse[1]:.1f} ms, max {max(res['health'], default=float('nan')) * 1000:.1f} ms "
+          f"({len(res['health'])} calls, {res['health_bad']} failed)")
+    print(f"/predict idle: p50 {p_idle[0]:.1f} ms, p99 {p_idle[1]:.1f} ms ({len(predict_idle)} calls)   "
+          f"under abuse: p50 {p_abuse[0]:.1f} ms, p99 {p_abuse[1]:.1f} ms ({len(res['predict'])} answered 200)")
+    print(f"server memory: RSS {rss_before:.0f} MiB before the abuse, peak (VmHWM) {peak:.0f} MiB; "
+          f"health after the abuse: {health_after}; exit code on SIGINT: {code}; tracebacks in its log: {log.count('Traceback')}")
+    print(f"total time {time.perf_counter() - t_start:.0f} s")
+    print("ratio = p99 latency of GET /health under abuse / p99 on the idle server (same server, this run)")
+    print(f"ratio={h_abuse[1] / h_idle[1]:.2f}")
+    return 0 if server_errors == 0 and unanswered == 0 and res["health_bad"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
