@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/emoji", help="EmojiTags folder, built if missing (default: data/emoji)")
     p.add_argument("--from", dest="from_dir", help="folder with the already-downloaded npm tarballs")
     p.add_argument("--overwrite", action="store_true", help="train again even where a run already finished")
-    from mumic import export, search, serve
+    from mumic import ablate, export, search, serve
 
+    ablate.add_ablate_parser(sub)
     serve.add_serve_parser(sub)
     search.add_index_parser(sub)
     search.add_search_parser(sub)
@@ -252,9 +253,9 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _commands() -> dict:
-    from mumic import export, search, serve
+    from mumic import ablate, export, search, serve
 
-    return {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "embed": _cmd_embed, "data": _cmd_data,
+    return {"ablate": ablate.cmd_ablate, "train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "embed": _cmd_embed, "data": _cmd_data,
             "demo": _cmd_demo, "serve": serve.cmd_serve, "index": search.cmd_index, "search": search.cmd_search, "export": export.cmd_export}
 
 

@@ -1,0 +1,157 @@
+"""`mumic ablate`: a two-cell grid on the Shapes set with the tiny CLIP model."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from mumic.ablate import (
+    CSV_COLUMNS,
+    add_ablate_parser,
+    add_label_noise,
+    cmd_ablate,
+    load_ablation,
+    run_ablation,
+)
+from mumic.data.manifest import read_manifest
+from mumic.data.synthetic import make_shapes
+from mumic.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("shapes"), n=120, size=32, seed=0)
+
+
+def _write(path, doc):
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _grid(tmp_path, shapes, tiny_clip_dir):
+    return _write(tmp_path / "tiny.yaml", {
+        "base": {
+            "manifest": str(shapes), "labels_file": str(shapes.parent / "labels.yaml"), "backbone": f"hf:{tiny_clip_dir}",
+            "batch_size": 16, "max_steps": 4, "eval_every": 2, "majority_n": 3, "cache_dir": str(tmp_path / "cache"),
+            "device": "cpu",
+        },
+        "seeds": 1,
+        "cells": [
+            {"name": "mumic", "group": "loss", "overrides": {"loss": "tempered_sigmoid"}},
+            {"name": "baseline_noisy", "group": "noisy", "overrides": {"loss": "linear_bce"},
+             "noisy": {"drop_positives": 0.3, "add_false_positives": 0.05}},
+        ],
+    })
+
+
+def test_grid_reports_resumes_and_adds_noise_to_training_rows_only(tmp_path, shapes, tiny_clip_dir):
+    config = _grid(tmp_path, shapes, tiny_clip_dir)
+    out = tmp_path / "out"
+    res = run_ablation(config, out=out, progress=False)
+    assert not res["failed"] and sorted(res["trained"]) == ["baseline_noisy-s0", "mumic-s0"]
+
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    assert set(CSV_COLUMNS) <= set(rows[0])
+    for col in ("name", "loss", "gap10", "gap", "map_macro", "map_majority", "zsl_map", "gzsl_map", "noisy",
+                "map_micro", "f1_micro_thr", "train_time_s", "gap10_std"):
+        assert col in rows[0]
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["mumic"]["loss"] == "tempered_sigmoid" and by_name["mumic"]["noisy"] == "0"
+    assert by_name["baseline_noisy"]["loss"] == "linear_bce" and by_name["baseline_noisy"]["noisy"] == "1"
+    assert 0 <= float(by_name["mumic"]["gap10"]) <= 1
+    assert by_name["mumic"]["zsl_map"] != "" and by_name["baseline_noisy"]["zsl_map"] == ""  # no text classifier
+    md = (out / "results.md").read_text()
+    assert "**" in md and "✓" in md and "Best on validation" in md
+    assert (out / "gap10.png").stat().st_size > 1000
+
+    # a second call trains nothing: every cell's run is reused as it was
+    runs = sorted((out / "runs").iterdir())
+    before = {p: p.stat().st_mtime_ns for r in runs for p in r.iterdir()}
+    res = run_ablation(config, out=out, progress=False)
+    assert res["trained"] == [] and sorted(res["reused"]) == ["baseline_noisy-s0", "mumic-s0"]
+    assert {p: p.stat().st_mtime_ns for r in runs for p in r.iterdir()} == before
+
+    # the noisy cell trained on a derived manifest: training rows changed, about at the requested rates
+    cfg = yaml.safe_load((out / "runs" / "baseline_noisy-s0" / "config.yaml").read_text())
+    noisy = read_manifest(cfg["manifest"])
+    clean = read_manifest(shapes)
+    assert cfg["manifest"].startswith(str(out / "data"))
+    assert [p.resolve() for p in noisy.images] == [p.resolve() for p in clean.images]
+    assert noisy.splits == clean.splits
+    dropped = added = positives = 0
+    for split, a, b in zip(clean.splits, clean.labels, noisy.labels):
+        if split != "train":
+            assert a == b
+            continue
+        positives += len(a)
+        dropped += len(set(a) - set(b))
+        added += len(set(b) - set(a))
+        assert b  # every row keeps a label
+    assert abs(dropped / positives - 0.3) < 0.02 and abs(added / positives - 0.05) < 0.02
+    stats = json.loads(next((out / "data").glob("*-noisy-*.json")).read_text())
+    assert stats["dropped"] == dropped and stats["added"] == added
+
+
+def test_label_noise_is_deterministic_given_the_seed():
+    labels = [["a", "b", "c"], ["a"], ["b", "c"], ["c", "a"]] * 25
+    rows = np.array([True, True, True, False] * 25)
+    one, s1 = add_label_noise(labels, None, ["a", "b", "c", "d"], rows, 0.3, 0.05, seed=4)
+    two, _ = add_label_noise(labels, None, ["a", "b", "c", "d"], rows, 0.3, 0.05, seed=4)
+    three, _ = add_label_noise(labels, None, ["a", "b", "c", "d"], rows, 0.3, 0.05, seed=5)
+    assert one == two != three
+    assert all(one[i] == labels[i] for i in range(len(labels)) if not rows[i])
+    assert s1["dropped"] == round(0.3 * s1["positives"])
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda d: d["cells"][0]["overrides"].update(lossy="asl"), ["line", "unknown key 'lossy'", "did you mean 'loss'"]),
+    (lambda d: d["base"].update(epochs="many"), ["line", "'epochs' must be an integer"]),
+    (lambda d: d.update(sweep=1), ["line", "unknown key 'sweep'"]),
+    (lambda d: d["cells"][1].update(noisy={"drop": 0.3}), ["line", "unknown key 'drop'"]),
+    (lambda d: d["cells"][1].update(name="mumic"), ["already used"]),
+    (lambda d: d["cells"][0]["overrides"].update(seed=3), ["set by the grid"]),
+])
+def test_bad_ablation_file_names_file_and_key(tmp_path, shapes, tiny_clip_dir, change, words):
+    doc = yaml.safe_load(_grid(tmp_path, shapes, tiny_clip_dir).read_text())
+    change(doc)
+    bad = _write(tmp_path / "bad.yaml", doc)
+    with pytest.raises(ConfigError) as e:
+        load_ablation(bad)
+    msg = str(e.value)
+    assert str(bad) in msg and all(w in msg for w in words), msg
+
+
+def test_cross_style_without_style_column_fails_before_training(tmp_path, shapes, tiny_clip_dir):
+    doc = yaml.safe_load(_grid(tmp_path, shapes, tiny_clip_dir).read_text())
+    doc["cells"][1]["cross_style"] = True
+    config = _write(tmp_path / "cross.yaml", doc)
+    with pytest.raises(ConfigError, match="style"):
+        run_ablation(config, out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_command_line_lists_cells(tmp_path, shapes, tiny_clip_dir, capsys):
+    parser = argparse.ArgumentParser(prog="mumic")
+    add_ablate_parser(parser.add_subparsers(dest="verb"))
+    args = parser.parse_args(["ablate", str(_grid(tmp_path, shapes, tiny_clip_dir)), "--list", "--out", str(tmp_path / "o")])
+    assert cmd_ablate(args) == 0
+    out = capsys.readouterr().out
+    assert "mumic" in out and "baseline_noisy" in out and "0/1 finished" in out
+
+
+def test_grid_without_test_split_fails_before_training(tmp_path, shapes, tiny_clip_dir):
+    rows = shapes.read_text().splitlines()
+    no_test = shapes.parent / "no_test.csv"
+    no_test.write_text("\n".join([rows[0], *[r for r in rows[1:] if not r.endswith(",test")]]) + "\n")
+    doc = yaml.safe_load(_grid(tmp_path, shapes, tiny_clip_dir).read_text())
+    doc["base"]["manifest"] = str(no_test)
+    with pytest.raises(ConfigError, match="split 'test'"):
+        run_ablation(_write(tmp_path / "nt.yaml", doc), out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "runs").exists()
