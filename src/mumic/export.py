@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mumic.errors import ConfigError, MumicError, RunError
+from mumic.io import check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -142,19 +143,6 @@ def _export(module: Any, args: tuple, path: Path, input_names: list[str], output
             raise ExportError(f"ONNX export of {path.name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise RunError(f"{out} exists and is not a folder; choose another --out")
-    if not any(out.iterdir()):
-        return
-    if not (out / "README.json").is_file():
-        raise RunError(f"{out} exists and is not an export folder; choose another --out (it is never replaced)")
-    if not overwrite:
-        raise RunError(f"{out} already holds an export; pass --overwrite to replace it")
-
-
 def onnx_probabilities(folder: str | Path, pixels: Any) -> Any:
     """Probabilities [N, C] of the run's labels from an export folder with onnxruntime:
     uint8 pixels [N, 3, S, S] in, the README's formula applied. (For checks and examples.)"""
@@ -223,7 +211,7 @@ def export_onnx(
     from mumic.model import MuMIC
 
     out = Path(out)
-    _check_out(out, overwrite)
+    check_output_folder(out, overwrite, marker="README.json", what="an export")
     model = MuMIC.from_run(run_dir, device="cpu")
     model.eval()
     if model.classifier is not None:

@@ -124,3 +124,20 @@ def read_json(path: Path) -> Any:
         raise RunError(f"{path} is not valid JSON ({type(e).__name__}: {e}); restore the file from the original run") from None
     except OSError as e:
         raise RunError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def check_output_folder(out: Path, overwrite: bool, *, marker: str, what: str) -> None:
+    """Refuse to write into a folder that is not empty, unless it holds `what` (recognised
+    by its `marker` file) and `overwrite` is set: a folder of other files is never replaced."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RunError(f"{out} exists and is not a folder; choose another --out")
+    if not any(out.iterdir()):
+        return
+    if not (out / marker).is_file():
+        kind = what.split(" ", 1)[1]
+        raise RunError(f"{out} exists and is not {what.split(' ', 1)[0]} {kind} folder; choose another --out (it is never replaced)")
+    if not overwrite:
+        raise RunError(f"{out} already holds {what}; pass --overwrite to replace it")

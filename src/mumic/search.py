@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mumic.errors import ConfigError, MumicError, RunError
+from mumic.io import check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +313,7 @@ def write_index(
     if backend not in BACKENDS:
         raise ConfigError(f"unknown index backend {backend!r}; use one of {', '.join(BACKENDS)}")
     out = Path(out)
-    _check_out(out, overwrite)
+    check_output_folder(out, overwrite, marker="index.json", what="an index")
     emb = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
     if emb.ndim != 2 or len(emb) != len(frame):
         raise MumicError(f"embeddings {emb.shape} do not match {len(frame)} items")
@@ -351,19 +352,6 @@ def write_index(
     return out
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise RunError(f"{out} exists and is not a folder; choose another --out")
-    if not any(out.iterdir()):
-        return
-    if not (out / "index.json").is_file():
-        raise RunError(f"{out} exists and is not an index folder; choose another --out (it is never replaced)")
-    if not overwrite:
-        raise RunError(f"{out} already holds an index; pass --overwrite to replace it")
-
-
 def build_index(
     run_dir: str | Path,
     manifest_path: str | Path,
@@ -389,7 +377,7 @@ def build_index(
         raise ConfigError(f"unknown index backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if backend == "faiss":
         _faiss()  # fail before the slow part
-    _check_out(Path(out), overwrite)
+    check_output_folder(Path(out), overwrite, marker="index.json", what="an index")
     manifest = read_manifest(manifest_path, require_labels=False, allow_outside=allow_outside, allow_duplicates=allow_duplicates)
     if len(manifest) == 0:
         raise MumicError(f"{manifest_path} has no rows; nothing to index")
