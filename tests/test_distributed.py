@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from mumic.data.synthetic import make_shapes

@@ -682,9 +682,9 @@ def write_results(abl: Ablation, out: Path, *, failed: dict[str, str] | None = N
         f"Grid `{abl.path.as_posix()}`: {len(abl.cells)} configurations × {n_seeds} seeds ({', '.join(map(str, abl.seeds))}); "
         f"shared settings: {base or '(defaults)'}.",
         "",
-        f"Test split, mean ± std over the finished seeds. **Bold**: the best mean of each column (cross-style rows, which "
-        f"test on other images, are compared only with each other). ✓: the configuration of its axis with the best "
-        f"*validation* GAP@10 — selection uses validation only, never test.",
+        "Test split, mean ± std over the finished seeds. **Bold**: the best mean of each column (cross-style rows, which "
+        "test on other images, are compared only with each other). ✓: the configuration of its axis with the best "
+        "*validation* GAP@10 — selection uses validation only, never test.",
         "",
     ]
     plain = [i for i, r in enumerate(rows) if not r["cross_style"]]

@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-from mumic.errors import ConfigError, MumicError, RunError
-from mumic.io import check_output_folder
+from mumic.errors import ConfigError, MumicError
+from mumic.io import atomic_folder, check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +234,7 @@ def export_onnx(
     if not torch.allclose(ref, mine.float(), atol=1e-5):
         raise ExportError(f"the text graph of {backbone.spec!r} does not reproduce its text_features; export is not supported for it")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:
         px = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         _export(image_graph, (px,), tmp / IMAGE_FILE, ["pixels"], ["image_embedding"],
                 {"pixels": {0: "batch"}, "image_embedding": {0: "batch"}}, opset)
@@ -324,18 +318,6 @@ def export_onnx(
             if worst > tolerance:
                 raise ExportError(f"the ONNX graphs differ from PyTorch by {worst:.2e} (> {tolerance:g}); please report this")
         (tmp / "README.json").write_text(json.dumps(readme, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return readme
 
 

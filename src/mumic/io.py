@@ -10,9 +10,11 @@ catches corruption and naive tampering; it is not a signature.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -141,3 +143,29 @@ def check_output_folder(out: Path, overwrite: bool, *, marker: str, what: str) -
         raise RunError(f"{out} exists and is not {what.split(' ', 1)[0]} {kind} folder; choose another --out (it is never replaced)")
     if not overwrite:
         raise RunError(f"{out} already holds {what}; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path):
+    """Build a folder in a temporary sibling and swap it in only when the block succeeds,
+    so readers see the old folder or the whole new one, never a half-written one."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

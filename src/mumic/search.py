@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mumic.errors import ConfigError, MumicError, RunError
-from mumic.io import check_output_folder
+from mumic.io import atomic_folder, check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -281,18 +280,6 @@ def build_hnsw(embeddings: Any, *, m: int = HNSW_M, ef_construction: int = HNSW_
     return index
 
 
-def _replace_folder(tmp: Path, out: Path, overwrite: bool) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_index(
     out: str | Path,
     embeddings: Any,
@@ -317,12 +304,7 @@ def write_index(
     emb = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
     if emb.ndim != 2 or len(emb) != len(frame):
         raise MumicError(f"embeddings {emb.shape} do not match {len(frame)} items")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:
         np.save(tmp / "embeddings.npy", emb, allow_pickle=False)
         _parquet_safe(frame.reset_index(drop=True)).to_parquet(tmp / "items.parquet", index=False)
         meta: dict[str, Any] = {
@@ -345,10 +327,6 @@ def write_index(
             meta["hnsw"] = {"library": "faiss", "M": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
             log.info("built an HNSW graph over %d vectors in %.1f s", len(emb), time.perf_counter() - t0)
         (tmp / "index.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _replace_folder(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
