@@ -193,7 +193,7 @@ def write_demo_report(out: Path, runs: dict[str, Path], manifest: Path, *, setti
         f"Backbone `lite` (EfficientNet-Lite0 + MiniLM-L6, frozen towers, heads trained) at "
         f"{settings['image_size']} px. Test split, seen labels unless marked; "
         f"majority = the {settings['majority_n']} labels with the most training positives. "
-        f"Wall time of this `mumic demo` call: {wall_s:.0f} s (finished runs and cached features are reused).", "",
+        f"Wall time of this `mumic demo` call: {wall_s:.0f} s (cached image features, and finished runs unless --overwrite, are reused).", "",
         *head, "",
         "Data (EmojiTags): " + "; ".join(f"{k}: {v.get('emoji')} emoji, {v.get('images')} images" if isinstance(v, dict) else f"{k}: {v}"
                                         for k, v in (stats.get("per_split") or {}).items())
