@@ -13,14 +13,9 @@ import asyncio
 import dataclasses
 import io
 import os
-import signal
-import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -28,6 +23,7 @@ from PIL import Image
 from mumic.config import load_config
 from mumic.data.synthetic import make_shapes
 from mumic.train import fit
+from serving import Server
 
 HOST = "127.0.0.1"
 MAX_REQUEST = 1_000_000
@@ -41,64 +37,6 @@ SERVER_ARGS = {
     "--keep-alive-timeout": KEEP_ALIVE, "--max-connections": 200, "--max-wait-ms": 5,
 }
 HEALTH_LIMIT_S = 1.0  # /health must answer within this while the abuse goes on
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m mumic.serve RUN ...` on 127.0.0.1, stopped with SIGINT."""
-
-    def __init__(self, run: Path, log: Path, args: dict, timeout: float = 120.0) -> None:
-        self.log_path = log
-        flat = [str(x) for kv in args.items() for x in kv]
-        for _attempt in range(3):  # another process may take the free port first
-            self.port = free_port()
-            cmd = [sys.executable, "-m", "mumic.serve", str(run), "--host", HOST, "--port", str(self.port),
-                   "--device", "cpu", "--log-level", "warning", *flat]
-            with open(log, "wb") as fh:
-                self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-            if self._wait(timeout):
-                return
-            if "address already in use" not in self.log().lower():
-                break
-        raise RuntimeError(f"server did not start:\n{self.log()}")
-
-    def _wait(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            if asyncio.run(call(self.port, get("/health"), limit=2.0)).status == 200:
-                return True
-            time.sleep(0.2)
-        self.stop()
-        return False
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def memory_kib(self, key: str) -> int | None:
-        """VmRSS / VmHWM (peak) of the server process, in KiB (None off Linux)."""
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        except OSError:
-            return None
-        return None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 # ----------------------------------------------------------------------------- a raw HTTP client
@@ -251,7 +189,7 @@ def abuse_run(tmp_path_factory, tiny_clip_dir):
 
 @pytest.fixture(scope="module")
 def server(abuse_run, tmp_path_factory):
-    srv = Server(abuse_run, tmp_path_factory.mktemp("abuse_server") / "server.log", SERVER_ARGS)
+    srv = Server(abuse_run, tmp_path_factory.mktemp("abuse_server") / "server.log", *(x for kv in SERVER_ARGS.items() for x in kv))
     yield srv
     srv.stop()
     assert srv.proc.returncode == 0, srv.log()  # a clean shutdown on SIGINT, even after all this

@@ -3,12 +3,8 @@ trained run, good requests, every limit, garbage bodies, and schemathesis on its
 
 import asyncio
 import io
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,60 +18,10 @@ from mumic.config import load_config
 from mumic.data.manifest import read_manifest
 from mumic.data.synthetic import make_shapes
 from mumic.train import fit
+from serving import Server, free_port
 
 # small limits, so every limit is cheap to reach
 LIMITS = {"max_images": 4, "max_labels": 8, "max_image_bytes": 200_000, "max_request_bytes": 1_000_000, "max_pixels": 1_000_000}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m mumic.serve RUN ...` on 127.0.0.1, stopped with SIGINT."""
-
-    def __init__(self, run: Path, log: Path, *args: str, timeout: float = 120.0) -> None:
-        self.log_path = log
-        for _attempt in range(3):  # another process may take the free port first
-            self.port = free_port()
-            self.url = f"http://127.0.0.1:{self.port}"
-            cmd = [sys.executable, "-m", "mumic.serve", str(run), "--host", "127.0.0.1", "--port", str(self.port),
-                   "--device", "cpu", "--log-level", "warning", *args]
-            with open(log, "wb") as fh:
-                self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-            if self._wait(timeout):
-                return
-            if "address already in use" not in self.log().lower():
-                break
-        raise RuntimeError(f"server did not start:\n{self.log()}")
-
-    def _wait(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return True
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        return False
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 @pytest.fixture(scope="session")
