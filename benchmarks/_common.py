@@ -227,3 +227,87 @@ def save_clip(folder: str | os.PathLike[str], vision: dict, projection_dim: int,
 
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# ------------------------------------------------------------------- a served run, for load tests
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def train_small_run(work: Path) -> tuple[Path, list[Path]]:
+    """A small `lite` run (64 px, 4 steps) on generated shapes, and 8 of its images."""
+    from mumic.config import load_config
+    from mumic.data.manifest import read_manifest
+    from mumic.data.synthetic import make_shapes
+    from mumic.train import fit
+
+    manifest = make_shapes(work / "shapes", n=60, size=64, seed=0)
+    cfg = load_config(overrides={
+        "manifest": str(manifest), "labels_file": str(manifest.parent / "labels.yaml"), "out": str(work / "run"),
+        "cache_dir": str(work / "cache"), "backbone": "lite", "image_size": 64, "batch_size": 16, "max_steps": 4,
+        "eval_every": 4, "warmup_steps": 1, "patience": 100, "majority_n": 3, "device": "cpu",
+    })
+    run = fit(cfg, progress=False)
+    return run, read_manifest(manifest).images[:8]
+
+
+class ServeProcess:
+    """`python -m mumic.serve RUN ...ARGS` on a free loopback port, waited for on /health,
+    stopped with SIGINT."""
+
+    def __init__(self, run: Path, log: Path, *args: str, timeout: float = 180.0) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.error
+        import urllib.request
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "mumic.serve", str(run), "--host", "127.0.0.1", "--port", str(self.port),
+               "--device", "cpu", "--log-level", "warning", *map(str, args)]
+        self.log = log
+        with open(log, "wb") as fh:
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{log.read_text(errors='replace')}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2.0) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not start in {timeout:.0f} s:\n{log.read_text(errors='replace')}")
+
+    def memory_mib(self, key: str) -> float:
+        """VmRSS / VmHWM (peak resident memory) of the server process, in MiB (nan off Linux)."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+    def stop(self) -> int | None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode

@@ -26,17 +26,14 @@ import asyncio
 import collections
 import os
 import random
-import signal
-import socket
 import struct
-import subprocess
-import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
+from _common import ServeProcess, train_small_run
 
 HOST = "127.0.0.1"
 LIMITS = {
@@ -46,68 +43,6 @@ LIMITS = {
 }
 MAX_REQUEST = LIMITS["--max-request-bytes"]
 BODY_TIMEOUT = LIMITS["--body-timeout"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def train_small_run(work: Path) -> tuple[Path, list[Path]]:
-    from mumic.config import load_config
-    from mumic.data.manifest import read_manifest
-    from mumic.data.synthetic import make_shapes
-    from mumic.train import fit
-
-    manifest = make_shapes(work / "shapes", n=60, size=64, seed=0)
-    cfg = load_config(overrides={
-        "manifest": str(manifest), "labels_file": str(manifest.parent / "labels.yaml"), "out": str(work / "run"),
-        "cache_dir": str(work / "cache"), "backbone": "lite", "image_size": 64, "batch_size": 16, "max_steps": 4,
-        "eval_every": 4, "warmup_steps": 1, "patience": 100, "majority_n": 3, "device": "cpu",
-    })
-    run = fit(cfg, progress=False)
-    return run, read_manifest(manifest).images[:8]
-
-
-class Server:
-    def __init__(self, run: Path, log: Path, timeout: float = 180.0) -> None:
-        self.port = free_port()
-        flat = [str(x) for kv in LIMITS.items() for x in kv]
-        cmd = [sys.executable, "-m", "mumic.serve", str(run), "--host", HOST, "--port", str(self.port),
-               "--device", "cpu", "--log-level", "warning", *flat]
-        self.log = log
-        with open(log, "wb") as fh:
-            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{log.read_text(errors='replace')}")
-            if asyncio.run(call(self.port, get("/health"), limit=2.0))[0] == 200:
-                return
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not start in {timeout:.0f} s:\n{log.read_text(errors='replace')}")
-
-    def memory_mib(self, key: str) -> float:
-        """VmRSS / VmHWM (peak resident memory) of the server process, in MiB (nan off Linux)."""
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return float("nan")
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
 
 
 # ----------------------------------------------------------------------------- raw HTTP
@@ -334,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run, paths = train_small_run(work)
         images = [Path(x).read_bytes() for x in paths]
-        server = Server(run, work / "server.log")
+        server = ServeProcess(run, work / "server.log", *(x for kv in LIMITS.items() for x in kv))
         try:
             asyncio.run(idle_phase(server.port, images[0], 1.0))  # warm-up
             health_idle, predict_idle = asyncio.run(idle_phase(server.port, images[0], idle))

@@ -15,76 +15,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+from _common import ServeProcess, train_small_run
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train_small_run(work: Path) -> tuple[Path, list[Path]]:
-    from mumic.config import load_config
-    from mumic.data.manifest import read_manifest
-    from mumic.data.synthetic import make_shapes
-    from mumic.train import fit
-
-    manifest = make_shapes(work / "shapes", n=60, size=64, seed=0)
-    cfg = load_config(overrides={
-        "manifest": str(manifest), "labels_file": str(manifest.parent / "labels.yaml"), "out": str(work / "run"),
-        "cache_dir": str(work / "cache"), "backbone": "lite", "image_size": 64, "batch_size": 16, "max_steps": 4,
-        "eval_every": 4, "warmup_steps": 1, "patience": 100, "majority_n": 3, "device": "cpu",
-    })
-    run = fit(cfg, progress=False)
-    return run, read_manifest(manifest).images[:8]
-
-
-class Server:
-    def __init__(self, run: Path, log: Path, batching: bool, timeout: float = 180.0) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "mumic.serve", str(run), "--host", "127.0.0.1", "--port", str(self.port),
-               "--device", "cpu", "--log-level", "warning", "--max-connections", "1024"]
-        if not batching:
-            cmd.append("--no-batching")
-        self.log = log
-        with open(log, "wb") as fh:
-            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{log.read_text(errors='replace')}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not start in {timeout:.0f} s:\n{log.read_text(errors='replace')}")
-
-    def stats(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=10).json()["batching"]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+def batching_stats(url: str) -> dict:
+    return httpx.get(url + "/health", timeout=10).json()["batching"]
 
 
 def predict_request(port: int, image: bytes) -> bytes:
@@ -176,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         images = [Path(x).read_bytes() for x in paths]
         results = {}
         for mode, batching in (("batched", True), ("unbatched", False)):
-            server = Server(run, work / f"{mode}.log", batching)
+            server = ServeProcess(run, work / f"{mode}.log", "--max-connections", 1024, *([] if batching else ["--no-batching"]))
             try:
                 asyncio.run(load(server.port, images, clients, warmup, 10 * clients))
-                before = server.stats()
+                before = batching_stats(server.url)
                 res = asyncio.run(load(server.port, images, clients, duration, a.max_requests))
-                after = server.stats()
+                after = batching_stats(server.url)
                 done = after["batches"] - before["batches"]
                 res["mean_batch"] = (after["images"] - before["images"]) / done if done else float("nan")
                 results[mode] = res
