@@ -60,7 +60,8 @@ from _common import (
     tiny_vision,
 )
 from mumic.backbones import load_backbone
-from mumic.data.dataset import ImageDataset, make_loader
+from mumic.data.dataset import pixel_batches
+from mumic.data.gpu_decode import gpu_decode_available
 
 ARCHS = {"vit-b32": VIT_B32, "vit-b16": VIT_B16}
 
@@ -91,6 +92,15 @@ def prepare(px: torch.Tensor, device: torch.device, channels_last: bool) -> torc
 
 
 @torch.inference_mode()
+def warm_up(encode, batches: set[int], size: int, device: torch.device, amp: bool, channels_last: bool) -> None:
+    """Run (and compile) the forward once at each batch shape."""
+    with autocast(device, amp):
+        for b in batches:
+            encode(prepare(torch.zeros(b, 3, size, size, dtype=torch.uint8), device, channels_last))
+    sync(device)
+
+
+@torch.inference_mode()
 def model_only(encode, size: int, batch: int, device: torch.device, amp: bool, channels_last: bool,
                min_seconds: float) -> float:
     """images/s of the forward alone on random uint8 batches already on the device."""
@@ -113,13 +123,12 @@ def model_only(encode, size: int, batch: int, device: torch.device, amp: bool, c
 
 
 @torch.inference_mode()
-def loader_only(paths: list[Path], size: int, batch: int, workers: int, device: torch.device) -> float:
-    """images/s of decode + crop + (pinned) copy to the device, no model."""
+def loader_only(paths: list[Path], size: int, batch: int, workers: int, device: torch.device, decode: str) -> float:
+    """images/s of decode + crop + copy to the device (pinned memory on CUDA), no model."""
     t = time.perf_counter()
-    loader = make_loader(ImageDataset(paths, size), batch, num_workers=workers)
     last = None
-    for _, px in loader:
-        last = px.to(device, non_blocking=True)
+    for _, px, _ in pixel_batches(paths, size, batch, device=device, num_workers=workers, decode=decode):
+        last = px
     sync(device)
     del last
     return len(paths) / (time.perf_counter() - t)
@@ -127,19 +136,30 @@ def loader_only(paths: list[Path], size: int, batch: int, workers: int, device: 
 
 @torch.inference_mode()
 def end_to_end(encode, dim: int, paths: list[Path], size: int, batch: int, workers: int, device: torch.device,
-               amp: bool, channels_last: bool, out_file: Path) -> float:
+               amp: bool, channels_last: bool, out_file: Path, decode: str) -> float:
     """images/s from JPEG files to a .npy of embeddings, worker start-up and writing included."""
     t = time.perf_counter()
-    loader = make_loader(ImageDataset(paths, size), batch, num_workers=workers)
     out = torch.empty((len(paths), dim), dtype=torch.float32, device=device)
     pos = 0
     with autocast(device, amp):
-        for _, px in loader:
+        for _, px, _ in pixel_batches(paths, size, batch, device=device, num_workers=workers, decode=decode):
             e = encode(prepare(px, device, channels_last))
             out[pos : pos + len(e)] = e
             pos += len(e)
     np.save(out_file, out.cpu().numpy())
     return len(paths) / (time.perf_counter() - t)
+
+
+@torch.inference_mode()
+def decode_agreement(encode, paths: list[Path], size: int, device: torch.device, amp: bool,
+                     channels_last: bool) -> tuple[float, float, float]:
+    """(mean |pixel difference|, its 99th percentile, min embedding cosine) of the GPU
+    decode path against the CPU path on the same images."""
+    px = {d: next(pixel_batches(paths, size, len(paths), device=device, decode=d))[1] for d in ("cpu", "gpu")}
+    diff = (px["cpu"].int() - px["gpu"].int()).abs().float()
+    with autocast(device, amp):
+        e = {d: encode(prepare(x, device, channels_last)).float() for d, x in px.items()}
+    return float(diff.mean()), float(torch.quantile(diff.flatten()[:1 << 24], 0.99)), float((e["cpu"] * e["gpu"]).sum(-1).min())
 
 
 def main() -> None:
@@ -156,6 +176,9 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true", help="channels_last input and patch embedding")
     ap.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU (it is always off on CPU)")
     ap.add_argument("--out", help="folder for the embedding .npy files (default: a temporary folder, removed)")
+    ap.add_argument("--decode", default=None,
+                    help="comma-separated decode paths to time end to end, from cpu, gpu "
+                         "(default: both where GPU decoding is available, else cpu)")
     ap.add_argument("--seconds", type=float, default=None, help="model-only timing length (default 2 GPU, 1 CPU)")
     add_threads_option(ap)
     a = ap.parse_args()
@@ -173,6 +196,12 @@ def main() -> None:
     amp = cuda and not a.no_amp
     seconds = a.seconds or (2.0 if cuda else 1.0)
     names = [m.strip() for m in a.models.split(",") if m.strip()]
+    gpu_why = gpu_decode_available()
+    decodes = [d.strip() for d in (a.decode or ("cpu" if gpu_why else "cpu,gpu")).split(",") if d.strip()]
+    if any(d not in ("cpu", "gpu") for d in decodes) or not decodes:
+        raise SystemExit(f"unknown decode path in {a.decode!r}: choose from cpu, gpu")
+    if "gpu" in decodes and gpu_why:
+        raise SystemExit(f"decode gpu is not available here: {gpu_why}")
     unknown = [m for m in names if m not in ARCHS]
     if unknown or not names:
         raise SystemExit(f"unknown model {unknown[0] if unknown else a.models!r}: choose from {', '.join(ARCHS)}")
@@ -193,8 +222,9 @@ def main() -> None:
         print(f"images: {n} JPEGs 640x480, {folder_bytes(paths) / n / 1024:.0f} KiB each on average "
               f"(drawn in {time.perf_counter() - t:.1f} s)")
         size = 224
-        rate_loader = loader_only(paths, size, batch, a.num_workers, device)
-        print(f"loader only (decode + crop + copy, {a.num_workers} workers): {rate_loader:9.1f} images/s")
+        for d in decodes:
+            rate_loader = loader_only(paths, size, batch, a.num_workers, device, d)
+            print(f"loader only, decode {d} (decode + crop + copy, {a.num_workers} workers): {rate_loader:9.1f} images/s")
 
         ratios: dict[str, float] = {}
         for name in names:
@@ -203,28 +233,39 @@ def main() -> None:
             bb = load_backbone(f"hf:{folder}", device=device)
             encode = make_encoder(bb, compile_=a.compile, channels_last=a.channels_last)
             t = time.perf_counter()
-            with torch.inference_mode(), autocast(device, amp):  # warm-up (and compile) at both batch shapes
-                for b in {batch, n % batch or batch}:
-                    encode(prepare(torch.zeros(b, 3, size, size, dtype=torch.uint8), device, a.channels_last))
-            sync(device)
+            try:
+                warm_up(encode, {batch, n % batch or batch}, size, device, amp, a.channels_last)
+            except Exception as e:  # a compiler failure must not cost the whole measurement
+                if not a.compile:
+                    raise
+                print(f"{name}: torch.compile failed ({e.__class__.__name__}: {str(e).splitlines()[0][:200]}); eager instead")
+                encode = make_encoder(bb, compile_=False, channels_last=a.channels_last)
+                warm_up(encode, {batch, n % batch or batch}, size, device, amp, a.channels_last)
             warm = time.perf_counter() - t
             rate_model = model_only(encode, size, batch, device, amp, a.channels_last, seconds)
-            out_file = out_dir / f"{name}.npy"
-            rate_e2e = end_to_end(encode, bb.embed_dim, paths, size, batch, a.num_workers, device, amp,
-                                  a.channels_last, out_file)
-            emb = np.load(out_file, mmap_mode="r")
-            assert emb.shape == (n, bb.embed_dim) and np.isfinite(emb[:16]).all()
-            ratios[name] = rate_e2e / rate_model
             label = f"{name}{' (tiny)' if tiny else ''}"
             print(f"{label}: {n_params(bb.image_tower) / 1e6:.1f} M vision weights, warm-up {warm:.1f} s")
             print(f"  model only : {rate_model:9.1f} images/s")
-            print(f"  end to end : {rate_e2e:9.1f} images/s -> {out_file.name} {list(emb.shape)}")
-            print(f"  end to end reaches {100 * ratios[name]:.1f}% of the model-only rate")
+            best = 0.0
+            for d in decodes:
+                out_file = out_dir / f"{name}-{d}.npy"
+                rate_e2e = end_to_end(encode, bb.embed_dim, paths, size, batch, a.num_workers, device, amp,
+                                      a.channels_last, out_file, d)
+                emb = np.load(out_file, mmap_mode="r")
+                assert emb.shape == (n, bb.embed_dim) and np.isfinite(emb[:16]).all()
+                best = max(best, rate_e2e)
+                print(f"  end to end, decode {d}: {rate_e2e:9.1f} images/s -> {out_file.name} {list(emb.shape)}, "
+                      f"{100 * rate_e2e / rate_model:.1f}% of the model-only rate")
+            if "gpu" in decodes:
+                mean, p99, cos = decode_agreement(encode, paths[:min(batch, n)], size, device, amp, a.channels_last)
+                print(f"  decode gpu vs cpu on {min(batch, n)} images: mean |pixel diff| {mean:.2f}, 99th percentile {p99:.0f}, "
+                      f"min embedding cosine {cos:.4f}")
+            ratios[name] = best / rate_model
             del bb, encode
             if cuda:
                 torch.cuda.empty_cache()
         first = names[0]
-        print(f"ratio below: {first} end to end / model only")
+        print(f"ratio below: {first} end to end (fastest decode path) / model only")
         print(f"ratio={ratios[first]:.3f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

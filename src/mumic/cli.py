@@ -45,7 +45,14 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    _add_decode_option(p)
     _add_manifest_options(p)
+
+
+def _add_decode_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decode", choices=("cpu", "gpu"), default="cpu",
+                   help="where JPEGs are decoded and resized: in the DataLoader workers (cpu, default) or with nvjpeg "
+                        "on the CUDA device (gpu; needs torchvision); other formats always decode on the CPU")
 
 
 def _add_manifest_options(p: argparse.ArgumentParser) -> None:
@@ -80,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto")
+    _add_decode_option(p)
 
     p = sub.add_parser("predict", help="label probabilities and decisions for images or manifests (JSON lines)")
     p.add_argument("run", help="run directory")
@@ -151,7 +159,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from mumic.evaluate import evaluate_run, format_metrics
 
     m = evaluate_run(a.run, a.manifest, split=a.split, out=a.out, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device,
-                     allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows)
+                     allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows, decode=a.decode)
     print(format_metrics(m))
     return 0
 
@@ -181,6 +189,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     import tempfile
 
     from mumic import distributed as dist
+    from mumic.data.gpu_decode import check_decode
     from mumic.errors import ConfigError
 
     from mumic.evaluate import predict_manifest
@@ -190,6 +199,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         raise ConfigError("under torchrun, predict needs --out (the ranks write shards of one file)")
     dist.init()
     model = MuMIC.from_run(a.run, device=dist.device_name(a.device))
+    check_decode(a.decode, model.device)
     if a.compile:
         model.compile_image_tower()
     manifest = _inputs_manifest(a.inputs, a.allow_outside_paths, a.allow_duplicate_rows)
@@ -197,14 +207,14 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         manifest.check_images_exist()
     if a.out:
         n = predict_manifest(model, manifest, a.out, labels=a.labels, top_k=a.top_k, batch_size=a.batch_size, num_workers=a.num_workers,
-                             on_bad_image=a.on_bad_image, shard_rows=a.shard_rows)
+                             on_bad_image=a.on_bad_image, shard_rows=a.shard_rows, decode=a.decode)
         if dist.is_main():
             print(f"wrote {n} predictions to {a.out}", file=sys.stderr)
     else:
         with tempfile.TemporaryDirectory() as d:
             out = Path(d) / "p.jsonl"
             predict_manifest(model, manifest, out, labels=a.labels, top_k=a.top_k, batch_size=a.batch_size, num_workers=a.num_workers,
-                             progress=False, on_bad_image=a.on_bad_image)
+                             progress=False, on_bad_image=a.on_bad_image, decode=a.decode)
             skipped = out.with_name(out.name + ".skipped.csv")
             if skipped.is_file():
                 sys.stderr.write("skipped images (row,reason):\n" + skipped.read_text().split("\n", 1)[1])
@@ -214,19 +224,21 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
 def _cmd_embed(a: argparse.Namespace) -> int:
     from mumic import distributed as dist
+    from mumic.data.gpu_decode import check_decode
     from mumic.data.manifest import read_manifest
     from mumic.evaluate import embed_manifest
     from mumic.model import MuMIC
 
     dist.init()
     model = MuMIC.from_run(a.run, device=dist.device_name(a.device))
+    check_decode(a.decode, model.device)
     if a.compile:
         model.compile_image_tower()
     manifest = read_manifest(a.manifest, require_labels=False, allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows)
     if a.on_bad_image == "fail":
         manifest.check_images_exist()
     n = embed_manifest(model, manifest, a.out, batch_size=a.batch_size, num_workers=a.num_workers, on_bad_image=a.on_bad_image,
-                       shard_rows=a.shard_rows)
+                       shard_rows=a.shard_rows, decode=a.decode)
     if dist.is_main():
         print(f"wrote {n} embeddings to {a.out}", file=sys.stderr)
     return 0

@@ -36,25 +36,27 @@ def manifest_embeddings(
     device: torch.device | None = None,
     progress: bool = False,
     failures: list[tuple[int, str]] | None = None,
+    decode: str = "cpu",
 ) -> torch.Tensor:
     """[N, D] unnormalised image embeddings P_img(f_img(x)), from cached features if given.
 
     With a `failures` list, unreadable images give NaN rows and a (row, reason) entry
     instead of an error."""
-    from mumic.data.dataset import ImageDataset, make_loader
+    from mumic.data.dataset import pixel_batches
 
     model.eval()
     device = device or model.device
     if features is not None:
         return torch.cat([model.image_embeddings(features=features[s : s + 4096].to(device)).float().cpu() for s in range(0, len(features), 4096)])
     skip = failures is not None
-    ds = ImageDataset(list(paths), model.backbone.image_size, skip_bad=skip)
+    batches = pixel_batches(list(paths), model.backbone.image_size, batch_size, device=device, num_workers=num_workers,
+                            skip_bad=skip, decode=decode)
     out = []
-    for batch in tqdm(make_loader(ds, batch_size, num_workers=num_workers), desc="images", unit="batch", disable=not progress, leave=False):
-        u = model.image_embeddings(batch[1].to(device)).float().cpu()
-        if skip:
-            bad = [r for r, reason in enumerate(batch[2]) if reason]
-            failures.extend((int(batch[0][r]), batch[2][r]) for r in bad)  # type: ignore[union-attr]
+    for idx, px, reasons in tqdm(batches, desc="images", unit="batch", disable=not progress, leave=False):
+        u = model.image_embeddings(px).float().cpu()
+        if reasons is not None:
+            bad = [r for r, reason in enumerate(reasons) if reason]
+            failures.extend((int(idx[r]), reasons[r]) for r in bad)  # type: ignore[union-attr]
             u[bad] = float("nan")
         out.append(u)
     return torch.cat(out) if out else torch.zeros((0, model.backbone.embed_dim))
@@ -105,6 +107,7 @@ def model_probs(
     num_workers: int = 0,
     progress: bool = False,
     failures: list[tuple[int, str]] | None = None,
+    decode: str = "cpu",
 ) -> tuple[np.ndarray, list[LabelSpec]]:
     """Probabilities [N, C] of a model on a manifest's images, and the labels scored
     (default: every label the model can score). `use_cache` reads and fills the frozen
@@ -114,9 +117,10 @@ def model_probs(
         from mumic.features import cached_features
 
         feats = cached_features(model.backbone, manifest.images, cache_dir=cache_dir, batch_size=batch_size,
-                                num_workers=num_workers, device=model.device, progress=progress, failures=failures)
+                                num_workers=num_workers, device=model.device, progress=progress, failures=failures,
+                                decode=decode)
     u = manifest_embeddings(model, manifest.images, features=feats, batch_size=batch_size, num_workers=num_workers,
-                            progress=progress, failures=None if feats is not None else failures)
+                            progress=progress, failures=None if feats is not None else failures, decode=decode)
     specs = list(labels) if labels is not None else _scored_labels(model)
     return model.proba_from_embeddings(u, specs), specs
 
@@ -145,7 +149,7 @@ def evaluate_model(
 
 def evaluate_run(run_dir: str | Path, manifest_path: str | Path, *, split: str | None = None, out: str | Path | None = None,
                  batch_size: int = 64, num_workers: int = 0, device: str = "auto", progress: bool = True,
-                 allow_outside: bool = False, allow_duplicates: bool = False) -> dict[str, float]:
+                 allow_outside: bool = False, allow_duplicates: bool = False, decode: str = "cpu") -> dict[str, float]:
     """`mumic evaluate`: metrics of a run on a manifest (or one split of it), written as JSON."""
     model = MuMIC.from_run(run_dir, device=device)
     manifest = read_manifest(manifest_path, allow_outside=allow_outside, allow_duplicates=allow_duplicates)
@@ -154,7 +158,7 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, *, split: str |
     meta = json.loads((Path(run_dir) / "labels.json").read_text())
     counts = {l["name"]: l.get("train_positives", 0) for l in meta["labels"]}
     metrics = evaluate_model(model, manifest, train_counts=counts, majority_n=model.config.majority_n,
-                             batch_size=batch_size, num_workers=num_workers, progress=progress)
+                             batch_size=batch_size, num_workers=num_workers, progress=progress, decode=decode)
     target = Path(out) if out else Path(run_dir) / f"eval-{Path(manifest_path).stem}{'-' + split if split else ''}.json"
     atomic_write_json(target, {"manifest": str(manifest_path), "split": split, "images": len(manifest), "metrics": metrics})
     return metrics
@@ -234,6 +238,7 @@ def predict_manifest(
     progress: bool = True,
     shard_rows: int = SHARD_ROWS,
     on_bad_image: str = "fail",
+    decode: str = "cpu",
 ) -> int:
     """Per image: probabilities, calibrated decisions and the manifest's other columns.
 
@@ -247,7 +252,8 @@ def predict_manifest(
 
     def write_part(start: int, end: int, part: Path) -> None:
         failures = _failures(on_bad_image)
-        u = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers, failures=failures)
+        u = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers, failures=failures,
+                                 decode=decode)
         keep = _keep_rows(failures, start, end, part)
         u = u[keep]
         p = model.proba_from_embeddings(u, specs)
@@ -274,13 +280,15 @@ def predict_manifest(
         else:
             atomic_write_text(part, "".join(json.dumps(r, default=str) + "\n" for r in recs))
 
-    fp = _fingerprint(model, manifest, kind="predict", labels=names, top_k=top_k, parquet=parquet, on_bad_image=on_bad_image)
+    fp = _fingerprint(model, manifest, kind="predict", labels=names, top_k=top_k, parquet=parquet, on_bad_image=on_bad_image,
+                      **({"decode": decode} if decode != "cpu" else {}))
     parts = _sharded(out, len(manifest), fp, shard_rows, ".parquet" if parquet else ".jsonl", write_part, progress, "predict")
     return _merge(parts, out, parquet, metadata={"labels": json.dumps(names)})
 
 
 def embed_manifest(model: MuMIC, manifest: Manifest, out_path: str | Path, *, batch_size: int = 32, num_workers: int = 0,
-                   progress: bool = True, shard_rows: int = SHARD_ROWS, on_bad_image: str = "fail") -> int:
+                   progress: bool = True, shard_rows: int = SHARD_ROWS, on_bad_image: str = "fail",
+                   decode: str = "cpu") -> int:
     """Write a Parquet file: the manifest's columns plus a normalised `embedding` column.
     Streams in bounded memory and resumes an interrupted call from its last shard."""
     import pyarrow as pa
@@ -288,7 +296,8 @@ def embed_manifest(model: MuMIC, manifest: Manifest, out_path: str | Path, *, ba
 
     def write_part(start: int, end: int, part: Path) -> None:
         failures = _failures(on_bad_image)
-        emb = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers, failures=failures)
+        emb = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers, failures=failures,
+                                 decode=decode)
         keep = _keep_rows(failures, start, end, part)
         emb = F.normalize(emb[keep], dim=-1).numpy().astype(np.float32)
         frame = manifest.frame.iloc[start:end].reset_index(drop=True).iloc[keep].reset_index(drop=True).copy()
@@ -300,7 +309,8 @@ def embed_manifest(model: MuMIC, manifest: Manifest, out_path: str | Path, *, ba
         tmp.replace(part)
 
     out = Path(out_path)
-    parts = _sharded(out, len(manifest), _fingerprint(model, manifest, kind="embed", on_bad_image=on_bad_image), shard_rows, ".parquet", write_part, progress, "embed")
+    parts = _sharded(out, len(manifest), _fingerprint(model, manifest, kind="embed", on_bad_image=on_bad_image,
+                                                          **({"decode": decode} if decode != "cpu" else {})), shard_rows, ".parquet", write_part, progress, "embed")
     return _merge(parts, out, parquet=True)
 
 

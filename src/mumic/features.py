@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from mumic.data.dataset import ImageDataset, file_digest, make_loader
+from mumic.data.dataset import file_digest, pixel_batches
 from mumic.io import save_tensors
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ def extract_features(
     amp: bool = True,
     progress: bool = True,
     failures: list[Failure] | None = None,
+    decode: str = "cpu",
 ) -> torch.Tensor:
     """[N, F] tower features of the images, without any cache.
 
@@ -107,18 +108,17 @@ def extract_features(
     and (row, reason) is appended to the list."""
     device = torch.device(device)
     skip = failures is not None
-    ds = ImageDataset(list(paths), backbone.image_size, skip_bad=skip)
-    loader = make_loader(ds, batch_size, num_workers=num_workers)
+    batches = pixel_batches(list(paths), backbone.image_size, batch_size, device=device, num_workers=num_workers,
+                            skip_bad=skip, decode=decode)
     out = []
     use_amp = amp and device.type == "cuda"
-    for batch in tqdm(loader, desc="image features", unit="batch", disable=not progress, leave=False):
-        idx, px = batch[0], batch[1]
+    for idx, px, reasons in tqdm(batches, desc="image features", unit="batch", disable=not progress, leave=False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            f = backbone.image_features(px.to(device, non_blocking=True)).float().cpu()
-        if skip:
-            bad = [r for r, reason in enumerate(batch[2]) if reason]
+            f = backbone.image_features(px).float().cpu()
+        if reasons is not None:
+            bad = [r for r, reason in enumerate(reasons) if reason]
             for r in bad:
-                failures.append((int(idx[r]), batch[2][r]))  # type: ignore[union-attr]
+                failures.append((int(idx[r]), reasons[r]))  # type: ignore[union-attr]
             f[bad] = float("nan")
         out.append(f)
     if not out:

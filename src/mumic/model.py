@@ -237,14 +237,15 @@ class MuMIC(nn.Module):
         return out
 
     # -- inference --------------------------------------------------------------------------
-    def _pixel_batches(self, images: Sequence[Any], batch_size: int, num_workers: int = 0) -> Iterator[torch.Tensor]:
-        from mumic.data.dataset import ImageDataset, make_loader
+    def _pixel_batches(self, images: Sequence[Any], batch_size: int, num_workers: int = 0,
+                       decode: str = "cpu") -> Iterator[torch.Tensor]:
+        from mumic.data.dataset import pixel_batches
         from mumic.data.images import resize_center_crop
 
         size = self.backbone.image_size
         if all(isinstance(x, (str, Path)) for x in images):
-            ds = ImageDataset([Path(x) for x in images], size)
-            for _, px in make_loader(ds, batch_size, num_workers=num_workers):
+            for _, px, _ in pixel_batches([Path(x) for x in images], size, batch_size, device=self.device,
+                                          num_workers=num_workers, decode=decode):
                 yield px
             return
         for s in range(0, len(images), batch_size):
@@ -262,10 +263,12 @@ class MuMIC(nn.Module):
             yield torch.stack(arrs)
 
     @torch.inference_mode()
-    def embed_images(self, images: Sequence[Any], batch_size: int = 32, num_workers: int = 0) -> np.ndarray:
-        """[N, D] normalised image embeddings (paths, PIL images or HxWx3 uint8 arrays)."""
+    def embed_images(self, images: Sequence[Any], batch_size: int = 32, num_workers: int = 0, decode: str = "cpu") -> np.ndarray:
+        """[N, D] normalised image embeddings (paths, PIL images or HxWx3 uint8 arrays).
+        ``decode="gpu"`` decodes JPEG files with nvjpeg (CUDA + torchvision)."""
         self.eval()
-        out = [F.normalize(self.image_embeddings(px).float(), dim=-1).cpu() for px in self._pixel_batches(images, batch_size, num_workers)]
+        batches = self._pixel_batches(images, batch_size, num_workers, decode)
+        out = [F.normalize(self.image_embeddings(px).float(), dim=-1).cpu() for px in batches]
         return torch.cat(out).numpy() if out else np.zeros((0, self.backbone.embed_dim), np.float32)
 
     @torch.inference_mode()
@@ -283,14 +286,15 @@ class MuMIC(nn.Module):
 
     @torch.inference_mode()
     def predict_proba(
-        self, images: Sequence[Any], labels: Sequence[str | LabelSpec] | None = None, batch_size: int = 32, num_workers: int = 0
+        self, images: Sequence[Any], labels: Sequence[str | LabelSpec] | None = None, batch_size: int = 32, num_workers: int = 0,
+        decode: str = "cpu",
     ) -> np.ndarray:
         """[N, C] probabilities for the run's labels, or for `labels` (names not in the run
         are zero-shot labels built from the prompt templates)."""
         self.eval()
         specs = self.resolve_labels(labels)
         out = []
-        for px in self._pixel_batches(images, batch_size, num_workers):
+        for px in self._pixel_batches(images, batch_size, num_workers, decode):
             out.append(torch.sigmoid(self.logits(self.image_embeddings(px), specs).float()).cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, len(specs)), np.float32)
 

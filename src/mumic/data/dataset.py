@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +99,7 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 0,
     drop_last: bool = False,
+    collate_fn=None,
 ) -> DataLoader:
     """A DataLoader whose shuffle order is fixed by ``seed``; workers are not persistent
     (so ``set_epoch`` reaches them) and memory is pinned when CUDA is available."""
@@ -113,7 +114,41 @@ def make_loader(
         drop_last=drop_last,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
+        collate_fn=collate_fn,
     )
+
+
+def pixel_batches(
+    paths: Sequence[str | os.PathLike[str]],
+    size: int,
+    batch_size: int,
+    *,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    skip_bad: bool = False,
+    decode: str = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str] | None]]:
+    """Eval-transformed images in file order: ``(indices, uint8 [B, 3, size, size] on
+    device, reasons)``. ``reasons`` is None unless ``skip_bad``; then an unreadable image
+    has zero pixels and a non-empty reason instead of raising ImageError.
+
+    ``decode="cpu"`` decodes and resizes in the DataLoader workers (JPEG draft mode, one
+    resize, uint8 across processes, pinned memory, non-blocking copies); ``"gpu"`` lets
+    the workers read bytes only and decodes JPEGs with nvjpeg on ``device`` (CUDA and
+    torchvision needed; see :mod:`mumic.data.gpu_decode`)."""
+    from mumic.data.gpu_decode import JpegBytesDataset, check_decode, collate_raw, decode_batch
+
+    device = torch.device(device)
+    check_decode(decode, device)
+    if decode == "gpu":
+        raw = JpegBytesDataset(paths, size, skip_bad=skip_bad)
+        for items in make_loader(raw, batch_size, num_workers=num_workers, collate_fn=collate_raw):
+            idx, px, reasons = decode_batch(items, raw, device)
+            yield idx, px, reasons if skip_bad else None
+        return
+    ds = ImageDataset(paths, size, skip_bad=skip_bad)
+    for batch in make_loader(ds, batch_size, num_workers=num_workers):
+        yield batch[0], batch[1].to(device, non_blocking=True), list(batch[2]) if skip_bad else None
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
