@@ -121,6 +121,20 @@ def test_worker_sends_only_plain_jpegs_to_the_gpu(tmp_path):
     assert missing[1] == 2 and "file not found" in missing[3]
 
 
+def test_raw_batches_pass_pinning_untouched(tmp_path):
+    """The DataLoader pins batches on CUDA machines; pinning must not walk the bytes
+    (a mutable byte buffer would be copied one element at a time)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from mumic.data.gpu_decode import collate_raw
+
+    cases = write_cases(tmp_path)
+    ds = JpegBytesDataset([cases["baseline"], cases["png"]], 224)
+    batch = collate_raw([ds[0], ds[1]])
+    assert isinstance(batch[0][2], bytes)
+    assert pin_memory(batch) is batch
+
+
 def test_decode_batch_matches_cpu_path_and_survives_a_bad_file(tmp_path, monkeypatch):
     fake_torchvision = install_fake_torchvision(monkeypatch)
     cases = write_cases(tmp_path)
@@ -177,6 +191,7 @@ def test_check_decode_names_the_problem(monkeypatch):
         check_decode("gpu", "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails
+    monkeypatch.setitem(sys.modules, "torchvision.io", None)
     with pytest.raises(ConfigError, match="torchvision is not importable"):
         check_decode("gpu", "cuda")
 

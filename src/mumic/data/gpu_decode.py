@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def gpu_decodable(img: Image.Image) -> bool:
 class JpegBytesDataset(Dataset):
     """Items are ``(index, kind, payload, reason)``.
 
-    kind 0: payload is the file's bytes (a bytearray), for the GPU decoder.
+    kind 0: payload is the file's bytes, for the GPU decoder.
     kind 1: payload is the CPU path's uint8 array [3, size, size] (non-JPEG, rotated, ...).
     kind 2: the image is unreadable; payload is None and ``reason`` says why (raised
     as ImageError unless ``skip_bad``).
@@ -116,12 +117,20 @@ class JpegBytesDataset(Dataset):
                     return self._cpu(index)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return self._cpu(index)  # gives the CPU path's error and reason
-        return index, 0, bytearray(data), ""
+        return index, 0, data, ""
 
 
-def collate_raw(items: list[tuple]) -> list[tuple]:
-    """Keep the items as a list: byte strings have different lengths."""
-    return items
+class RawBatch(list):
+    """A batch of JpegBytesDataset items, kept as a list (byte strings differ in length).
+    Its ``pin_memory`` is a no-op: the DataLoader's pinning would otherwise walk every
+    item, and nothing in it is a tensor."""
+
+    def pin_memory(self, device=None) -> RawBatch:
+        return self
+
+
+def collate_raw(items: list[tuple]) -> RawBatch:
+    return RawBatch(items)
 
 
 def resize_center_crop_tensor(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -166,7 +175,9 @@ def decode_batch(items: list[tuple], dataset: JpegBytesDataset, device: torch.de
         else:
             put(r, it)
     if gpu_rows:
-        data = [torch.frombuffer(items[r][2], dtype=torch.uint8) for r in gpu_rows]
+        with warnings.catch_warnings():  # read-only bytes: decode_jpeg never writes its input
+            warnings.simplefilter("ignore", UserWarning)
+            data = [torch.frombuffer(items[r][2], dtype=torch.uint8) for r in gpu_rows]
         decoded: list[torch.Tensor | None]
         try:
             decoded = list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
