@@ -110,6 +110,25 @@ def test_label_noise_is_deterministic_given_the_seed():
     assert s1["dropped"] == round(0.3 * s1["positives"])
 
 
+def test_verified_negatives_are_true_negatives_of_training_rows():
+    vocab = [f"l{j}" for j in range(20)]
+    rng = np.random.default_rng(0)
+    labels = [sorted(rng.choice(vocab, size=int(rng.integers(1, 5)), replace=False).tolist()) for _ in range(60)]
+    rows = np.arange(60) % 4 != 3
+    plain, _ = add_label_noise(labels, None, vocab, rows, 0.3, 0.05, seed=2)
+    noisy, stats = add_label_noise(labels, None, vocab, rows, 0.3, 0.05, seed=2, verified_negatives=0.5)
+    assert noisy == plain  # listing negatives does not change the noisy labels
+    negs = stats["negatives"]
+    for i in range(60):
+        if not rows[i]:
+            assert negs[i] == []
+            continue
+        true_negatives = [l for l in vocab if l not in labels[i] and l not in noisy[i]]
+        assert set(negs[i]) <= set(true_negatives)  # never a true positive, never a false positive
+        assert len(negs[i]) == round(0.5 * len(true_negatives))
+    assert stats["verified_negatives_listed"] == sum(len(n) for n in negs)
+
+
 @pytest.mark.parametrize("change, words", [
     (lambda d: d["cells"][0]["overrides"].update(lossy="asl"), ["line", "unknown key 'lossy'", "did you mean 'loss'"]),
     (lambda d: d["base"].update(epochs="many"), ["line", "'epochs' must be an integer"]),

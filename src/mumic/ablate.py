@@ -28,7 +28,10 @@ reused, so an interrupted grid resumes where it stopped. Derived data lives in O
   same noisy labels for every cell of that seed, so cells compare on the same data):
   ``drop_positives`` x P of the P true training positives are dropped at random (a row
   keeps at least one label), and ``add_false_positives`` x P false positives are added at
-  random (row, trained label) cells that were negative.
+  random (row, trained label) cells that were negative. ``verified_negatives`` x N of
+  each row's N remaining true negatives are listed as explicit negatives (what an
+  annotator who checked them would give), so ``unlisted: unknown`` has negatives to learn
+  from while the dropped positives stay unknown.
   Validation and test rows are untouched.
 - ``cross_style``: train and validate on Google + Twitter artwork, test on OpenMoji
   artwork (EmojiTags' ``style`` column), as `mumic demo` does.
@@ -67,7 +70,7 @@ log = logging.getLogger(__name__)
 
 TOP_KEYS = ("base", "seeds", "cells", "description")
 CELL_KEYS = ("name", "group", "overrides", "noisy", "cross_style")
-NOISY_KEYS = ("drop_positives", "add_false_positives")
+NOISY_KEYS = ("drop_positives", "add_false_positives", "verified_negatives")
 RESERVED = ("out", "seed")  # set by the grid itself
 PATH_KEYS = ("manifest", "val_manifest", "test_manifest", "labels_file", "cache_dir")
 # keys that do not change what a run learns: a finished run is reused across them
@@ -304,7 +307,8 @@ def _train_rows(n: int, splits: list[str] | None) -> np.ndarray:
 
 
 def add_label_noise(labels: list[list[str]], negatives: list[list[str]] | None, vocabulary: list[str], rows: np.ndarray,
-                    drop_positives: float, add_false_positives: float, seed: int) -> tuple[list[list[str]], dict[str, Any]]:
+                    drop_positives: float, add_false_positives: float, seed: int,
+                    verified_negatives: float = 0.0) -> tuple[list[list[str]], dict[str, Any]]:
     """Noisy copies of `labels` on the rows where `rows` is True (others are unchanged).
 
     round(drop_positives x P) of the P true positives in those rows are dropped, at random
@@ -312,6 +316,11 @@ def add_label_noise(labels: list[list[str]], negatives: list[list[str]] | None, 
     one-label row keeps its label); then round(add_false_positives x P) labels from
     `vocabulary` are added at random cells that were neither positive nor an explicit
     negative. Deterministic given `seed`.
+
+    With `verified_negatives` > 0, stats["negatives"] holds each row's explicit negatives:
+    the given ones plus round(verified_negatives x N) of the row's N true negatives that
+    did not become false positives (drawn from their own random stream, so the noisy
+    labels do not depend on it).
     """
     rng = np.random.default_rng([int(seed), 0x6E6F6973])
     out = [list(l) for l in labels]
@@ -346,10 +355,25 @@ def add_label_noise(labels: list[list[str]], negatives: list[list[str]] | None, 
             r, j = divmod(int(flat), len(vocabulary))
             out[idx[r]].append(vocabulary[j])
         added = len(pick)
+    verified = 0
+    neg_out = [list(n) for n in negatives] if negatives is not None else [[] for _ in labels]
+    if verified_negatives > 0:
+        vrng = np.random.default_rng([int(seed), 0x76657269])
+        for i in idx:
+            seen = set(labels[i]) | set(out[i]) | set(neg_out[i])
+            pool = [l for l in vocabulary if l not in seen]
+            k = int(round(verified_negatives * len(pool)))
+            if k:
+                pick = sorted(vrng.choice(len(pool), size=k, replace=False))
+                neg_out[i] += [pool[j] for j in pick]
+                verified += k
     stats = {"train_rows": int(len(idx)), "positives": int(positives), "dropped": dropped, "added": added,
+             "verified_negatives_listed": verified, "verified_negatives": verified_negatives,
              "drop_rate": dropped / positives if positives else 0.0,
              "false_positive_rate": added / positives if positives else 0.0, "seed": int(seed),
              "drop_positives": drop_positives, "add_false_positives": add_false_positives}
+    if verified_negatives > 0:
+        stats["negatives"] = neg_out
     return out, stats
 
 
@@ -386,10 +410,14 @@ def derive_manifest(values: dict[str, Any], cell: Cell, seed: int, data_dir: Pat
         tag += "-cross_style"
     if cell.noisy:
         rows = _train_rows(len(m), m.splits)
+        verified = cell.noisy.get("verified_negatives", 0.0)
         noisy, stats = add_label_noise(labels, m.negatives, _vocabulary(values, m), rows, cell.noisy["drop_positives"],
-                                       cell.noisy["add_false_positives"], seed)
+                                       cell.noisy["add_false_positives"], seed, verified_negatives=verified)
         df["labels"] = [SEPARATOR.join(l) for l in noisy]
-        tag += f"-noisy-d{cell.noisy['drop_positives']:g}-a{cell.noisy['add_false_positives']:g}-s{seed}"
+        if "negatives" in stats:
+            df["negatives"] = [SEPARATOR.join(n) for n in stats.pop("negatives")]
+        tag += f"-noisy-d{cell.noisy['drop_positives']:g}-a{cell.noisy['add_false_positives']:g}"
+        tag += (f"-v{verified:g}" if verified else "") + f"-s{seed}"
         _write_if_changed(data_dir / f"{tag}.json", json.dumps(stats, indent=2) + "\n")
     target = data_dir / f"{tag}.csv"
     _write_if_changed(target, _to_csv(df))
