@@ -52,3 +52,41 @@ def test_compiled_tower_gives_the_same_embeddings(model):
     ref = model.embed_images(imgs, batch_size=6)
     got = model.compile_image_tower().embed_images(imgs, batch_size=6)
     np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_onnxruntime_engine_matches_torch_and_caches_its_graph(model, tmp_path, monkeypatch):
+    import mumic.export as export
+
+    imgs = _images(5, seed=2)
+    ref = model.embed_images(imgs, batch_size=2)
+    model.set_engine("onnxruntime", cache_dir=tmp_path)
+    graphs = list((tmp_path / "onnx").glob("image-tower-*.onnx"))
+    assert len(graphs) == 1 and not list((tmp_path / "onnx").glob(".*tmp"))
+    got = model.embed_images(imgs, batch_size=2)  # batches of 2 and 1: the batch axis is dynamic
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    probs_ref = model.set_engine("torch").predict_proba(imgs)
+    # a second model with the same tower loads the cached graph instead of exporting it again
+    monkeypatch.setattr(export, "_export", lambda *a, **k: pytest.fail("exported twice"))
+    np.testing.assert_allclose(model.set_engine("onnxruntime", cache_dir=tmp_path).predict_proba(imgs), probs_ref, atol=1e-5)
+    # other tower weights are another graph
+    with torch.no_grad():
+        next(model.backbone.image_tower.parameters()).add_(0.5)
+    monkeypatch.undo()
+    model.set_engine("onnxruntime", cache_dir=tmp_path)
+    assert len(list((tmp_path / "onnx").glob("image-tower-*.onnx"))) == 2
+    # training never runs through the engine
+    px = torch.zeros((1, 3, model.backbone.image_size, model.backbone.image_size), dtype=torch.uint8)
+    model._onnx_tower = lambda pixels: pytest.fail("the engine ran in training")
+    model.train()
+    assert model._tower(px).shape == (1, model.backbone.image_feature_dim)
+
+
+def test_engine_choice_errors_name_the_problem(model):
+    from mumic.errors import ConfigError
+    from mumic.export import resolve_engine
+
+    assert resolve_engine("auto", "cpu") == "onnxruntime" and resolve_engine("auto", "cuda") == "torch"
+    with pytest.raises(ConfigError, match="engine must be one of auto, torch, onnxruntime, got 'ort'"):
+        model.set_engine("ort")
+    with pytest.raises(ConfigError, match="runs the image tower on the CPU, but the model is on cuda"):
+        resolve_engine("onnxruntime", "cuda")

@@ -46,7 +46,14 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     _add_decode_option(p)
+    _add_engine_option(p)
     _add_manifest_options(p)
+
+
+def _add_engine_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="what runs the image tower: onnxruntime (CPU only; the graph is exported once and cached), torch, "
+                        "or auto (default: onnxruntime on the CPU, torch on GPUs)")
 
 
 def _add_decode_option(p: argparse.ArgumentParser) -> None:
@@ -88,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto")
     _add_decode_option(p)
+    _add_engine_option(p)
 
     p = sub.add_parser("predict", help="label probabilities and decisions for images or manifests (JSON lines)")
     p.add_argument("run", help="run directory")
@@ -159,7 +167,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from mumic.evaluate import evaluate_run, format_metrics
 
     m = evaluate_run(a.run, a.manifest, split=a.split, out=a.out, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device,
-                     allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows, decode=a.decode)
+                     allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows, decode=a.decode,
+                     engine=a.engine)
     print(format_metrics(m))
     return 0
 
@@ -200,6 +209,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     dist.init()
     model = MuMIC.from_run(a.run, device=dist.device_name(a.device))
     check_decode(a.decode, model.device)
+    model.set_engine(a.engine)
     if a.compile:
         model.compile_image_tower()
     manifest = _inputs_manifest(a.inputs, a.allow_outside_paths, a.allow_duplicate_rows)
@@ -232,6 +242,7 @@ def _cmd_embed(a: argparse.Namespace) -> int:
     dist.init()
     model = MuMIC.from_run(a.run, device=dist.device_name(a.device))
     check_decode(a.decode, model.device)
+    model.set_engine(a.engine)
     if a.compile:
         model.compile_image_tower()
     manifest = read_manifest(a.manifest, require_labels=False, allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows)

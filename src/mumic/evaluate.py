@@ -149,9 +149,10 @@ def evaluate_model(
 
 def evaluate_run(run_dir: str | Path, manifest_path: str | Path, *, split: str | None = None, out: str | Path | None = None,
                  batch_size: int = 64, num_workers: int = 0, device: str = "auto", progress: bool = True,
-                 allow_outside: bool = False, allow_duplicates: bool = False, decode: str = "cpu") -> dict[str, float]:
+                 allow_outside: bool = False, allow_duplicates: bool = False, decode: str = "cpu",
+                 engine: str = "torch") -> dict[str, float]:
     """`mumic evaluate`: metrics of a run on a manifest (or one split of it), written as JSON."""
-    model = MuMIC.from_run(run_dir, device=device)
+    model = MuMIC.from_run(run_dir, device=device).set_engine(engine)
     manifest = read_manifest(manifest_path, allow_outside=allow_outside, allow_duplicates=allow_duplicates)
     if split:
         manifest = manifest.split(split)

@@ -137,12 +137,25 @@ class MuMIC(nn.Module):
         self._compiled_tower = torch.compile(self.backbone.image_features, **kwargs)
         return self
 
+    def set_engine(self, engine: str = "auto", cache_dir: str | Path | None = None) -> "MuMIC":
+        """Which engine runs the image tower at inference: "torch", "onnxruntime" (CPU
+        only; the graph is exported once and cached), or "auto" (onnxruntime on the CPU,
+        torch on GPUs). Training always runs in PyTorch. Returns the model."""
+        from mumic.export import OnnxImageTower, resolve_engine
+
+        chosen = resolve_engine(engine, self.device)
+        self._onnx_tower = OnnxImageTower(self.backbone, cache_dir=cache_dir) if chosen == "onnxruntime" else None
+        return self
+
     def _tower(self, pixels: torch.Tensor) -> torch.Tensor:
         """f_img(x). At inference on CUDA: bf16 autocast, and a batch that does not fit in
         GPU memory is split in halves instead of failing."""
         fn = getattr(self, "_compiled_tower", None) or self.backbone.image_features
         if self.training:
             return fn(pixels)
+        onnx = getattr(self, "_onnx_tower", None)
+        if onnx is not None and pixels.device.type == "cpu":
+            return onnx(pixels)
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp and pixels.device.type == "cuda"):
                 return fn(pixels).float()
