@@ -25,7 +25,7 @@ from mumic.data.gpu_decode import (
     gpu_decode_available,
     resize_center_crop_tensor,
 )
-from mumic.data.images import load_image, resize_center_crop
+from mumic.data.images import resize_center_crop
 from mumic.errors import ConfigError, ImageError
 
 

@@ -55,7 +55,7 @@ def test_compiled_tower_gives_the_same_embeddings(model):
 
 
 def test_onnxruntime_engine_matches_torch_and_caches_its_graph(model, tmp_path, monkeypatch):
-    import mumic.export as export
+    import mumic.backbones.onnx as export
 
     imgs = _images(5, seed=2)
     ref = model.embed_images(imgs, batch_size=2)
@@ -66,7 +66,7 @@ def test_onnxruntime_engine_matches_torch_and_caches_its_graph(model, tmp_path, 
     np.testing.assert_allclose(got, ref, atol=1e-5)
     probs_ref = model.set_engine("torch").predict_proba(imgs)
     # a second model with the same tower loads the cached graph instead of exporting it again
-    monkeypatch.setattr(export, "_export", lambda *a, **k: pytest.fail("exported twice"))
+    monkeypatch.setattr(export, "onnx_export", lambda *a, **k: pytest.fail("exported twice"))
     np.testing.assert_allclose(model.set_engine("onnxruntime", cache_dir=tmp_path).predict_proba(imgs), probs_ref, atol=1e-5)
     # other tower weights are another graph
     with torch.no_grad():
@@ -83,7 +83,7 @@ def test_onnxruntime_engine_matches_torch_and_caches_its_graph(model, tmp_path, 
 
 def test_engine_choice_errors_name_the_problem(model):
     from mumic.errors import ConfigError
-    from mumic.export import resolve_engine
+    from mumic.backbones.onnx import resolve_engine
 
     assert resolve_engine("auto", "cpu") == "onnxruntime" and resolve_engine("auto", "cuda") == "torch"
     with pytest.raises(ConfigError, match="engine must be one of auto, torch, onnxruntime, got 'ort'"):

@@ -23,3 +23,7 @@ class BackboneError(MumicError):
 
 class RunError(MumicError):
     """A run directory is missing, incomplete, tampered with, or would be overwritten."""
+
+
+class ExportError(MumicError):
+    """A model could not be exported to ONNX, or the exported graphs disagree with PyTorch."""

@@ -141,7 +141,7 @@ class MuMIC(nn.Module):
         """Which engine runs the image tower at inference: "torch", "onnxruntime" (CPU
         only; the graph is exported once and cached), or "auto" (onnxruntime on the CPU,
         torch on GPUs). Training always runs in PyTorch. Returns the model."""
-        from mumic.export import OnnxImageTower, resolve_engine
+        from mumic.backbones.onnx import OnnxImageTower, resolve_engine
 
         chosen = resolve_engine(engine, self.device)
         self._onnx_tower = OnnxImageTower(self.backbone, cache_dir=cache_dir) if chosen == "onnxruntime" else None
