@@ -75,7 +75,7 @@ NOISY_KEYS = ("drop_positives", "add_false_positives", "verified_negatives")
 RESERVED = ("out", "seed")  # set by the grid itself
 PATH_KEYS = ("manifest", "val_manifest", "test_manifest", "labels_file", "cache_dir")
 # keys that do not change what a run learns: a finished run is reused across them
-NEUTRAL_KEYS = ("out", "device", "num_workers", "cache_dir")
+NEUTRAL_KEYS = ("out", "device", "num_workers", "cache_dir", "engine")
 FILE_KEYS = ("manifest", "val_manifest", "test_manifest", "labels_file")  # compared as resolved paths
 CROSS_TRAIN_STYLES = ("google", "twitter")
 CROSS_TEST_STYLE = "openmoji"

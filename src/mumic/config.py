@@ -67,6 +67,8 @@ class TrainConfig:
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
     amp: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
     num_workers: int = _f(0, "DataLoader worker processes for image decoding")
+    engine: str = _f("auto", "what runs the frozen image tower to fill the feature cache: onnxruntime (CPU only), torch, "
+                     "or auto (onnxruntime on the CPU, torch on GPUs)", ("auto", "torch", "onnxruntime"))
     cache_dir: str | None = _f(None, "frozen-feature cache (default: $MUMIC_CACHE or ~/.cache/mumic)")
     majority_n: int = _f(32, "number of most frequent training labels in the majority-label mAP")
     on_bad_image: str = _f("fail", "an unreadable image stops training (fail) or is left out and listed in RUN/skipped.csv (skip)", ("fail", "skip"))

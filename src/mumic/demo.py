@@ -108,7 +108,8 @@ def _test_probs(run: Path, manifest_path: Path, split: str = "test"):
 
     model = MuMIC.from_run(run, device="cpu")
     m = read_manifest(manifest_path).split(split)
-    probs, specs = model_probs(model, m, labels=list(model.seen), use_cache=True, cache_dir=model.config.cache_dir)
+    probs, specs = model_probs(model, m, labels=list(model.seen), use_cache=True, cache_dir=model.config.cache_dir,
+                                engine=model.config.engine)
     y, _ = m.targets([s.name for s in specs], ignore_unknown=True)
     return model, m, specs, probs, y
 

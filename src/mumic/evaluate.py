@@ -108,6 +108,7 @@ def model_probs(
     progress: bool = False,
     failures: list[tuple[int, str]] | None = None,
     decode: str = "cpu",
+    engine: str = "torch",
 ) -> tuple[np.ndarray, list[LabelSpec]]:
     """Probabilities [N, C] of a model on a manifest's images, and the labels scored
     (default: every label the model can score). `use_cache` reads and fills the frozen
@@ -118,7 +119,7 @@ def model_probs(
 
         feats = cached_features(model.backbone, manifest.images, cache_dir=cache_dir, batch_size=batch_size,
                                 num_workers=num_workers, device=model.device, progress=progress, failures=failures,
-                                decode=decode)
+                                decode=decode, engine=engine)
     u = manifest_embeddings(model, manifest.images, features=feats, batch_size=batch_size, num_workers=num_workers,
                             progress=progress, failures=None if feats is not None else failures, decode=decode)
     specs = list(labels) if labels is not None else _scored_labels(model)

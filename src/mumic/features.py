@@ -101,12 +101,20 @@ def extract_features(
     progress: bool = True,
     failures: list[Failure] | None = None,
     decode: str = "cpu",
+    engine: str = "torch",
+    onnx_cache_dir: Path | None = None,
 ) -> torch.Tensor:
     """[N, F] tower features of the images, without any cache.
 
     With a `failures` list, unreadable images do not stop the job: their rows are NaN
-    and (row, reason) is appended to the list."""
+    and (row, reason) is appended to the list. ``engine`` "onnxruntime" (or "auto" on
+    the CPU) runs the tower in onnxruntime (its graph cached under ``onnx_cache_dir``)."""
+    from mumic.backbones.onnx import OnnxImageTower, resolve_engine
+
     device = torch.device(device)
+    tower = backbone.image_features
+    if resolve_engine(engine, device) == "onnxruntime":
+        tower = OnnxImageTower(backbone, cache_dir=onnx_cache_dir)
     skip = failures is not None
     batches = pixel_batches(list(paths), backbone.image_size, batch_size, device=device, num_workers=num_workers,
                             skip_bad=skip, decode=decode)
@@ -114,7 +122,7 @@ def extract_features(
     use_amp = amp and device.type == "cuda"
     for idx, px, reasons in tqdm(batches, desc="image features", unit="batch", disable=not progress, leave=False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            f = backbone.image_features(px).float().cpu()
+            f = tower(px).float().cpu()
         if reasons is not None:
             bad = [r for r, reason in enumerate(reasons) if reason]
             for r in bad:
@@ -157,7 +165,7 @@ def cached_features(
     if missing:
         log.info("computing image features for %d of %d images (cache: %s)", len(missing), len(paths), cache.dir)
         bad: list[Failure] | None = [] if failures is not None else None
-        feats = extract_features(backbone, list(missing.values()), failures=bad, **kw)
+        feats = extract_features(backbone, list(missing.values()), failures=bad, onnx_cache_dir=root, **kw)
         keys = list(missing)
         if bad:
             bad_rows = {r for r, _ in bad}

@@ -343,7 +343,7 @@ def _train(cfg: TrainConfig, run: Path, inputs: tuple, *, resume: bool, progress
                 if (turn == "first") == main:
                     feats[name] = cached_features(backbone, m.images, cache_dir=cfg.cache_dir, batch_size=max(cfg.batch_size, 32),
                                                   num_workers=cfg.num_workers, device=device, amp=cfg.amp, progress=progress,
-                                                  failures=failures)
+                                                  failures=failures, engine=cfg.engine)
                 dist.barrier()
         elif skip:
             from mumic.data.dataset import find_bad_images
@@ -499,7 +499,8 @@ def _train(cfg: TrainConfig, run: Path, inputs: tuple, *, resume: bool, progress
         test_failures: list[tuple[int, str]] | None = [] if skip else None
         metrics["test"] = evaluate_model(model, test_m, train_counts=train_counts, majority_n=cfg.majority_n,
                                          batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                         use_cache=cfg.image_tower == "frozen", cache_dir=cfg.cache_dir, failures=test_failures)
+                                         use_cache=cfg.image_tower == "frozen", cache_dir=cfg.cache_dir, failures=test_failures,
+                                         engine=cfg.engine)
         if test_failures:
             skipped["test"] = [(test_m.lines[i] if test_m.lines else i, r) for i, r in test_failures]
     if skipped:
