@@ -212,3 +212,24 @@ def test_real_nvjpeg_against_cpu_path(tmp_path):
         assert reasons[i] == "", (n, reasons[i])
         diff = (px[i].cpu().int() - ref[i][1].int()).abs().float()
         assert diff.mean() <= 3.0, (n, float(diff.mean()))
+
+
+def test_pixel_batches_join_worker_slices_into_whole_batches(tmp_path):
+    """Large batches are decoded as slices (so every worker has work) and joined: the
+    batches, their order and their pixels are those of one big batch."""
+    paths = []
+    for i in range(150):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((20, 30, 3), i, np.uint8)).save(p)
+        paths.append(p)
+    paths.insert(7, tmp_path / "missing.png")
+    got = list(pixel_batches(paths, 16, 100, skip_bad=True, num_workers=2))
+    assert [len(b[0]) for b in got] == [100, 51]  # slices of 50, joined
+    idx = torch.cat([b[0] for b in got])
+    assert idx.tolist() == list(range(151))
+    px = torch.cat([b[1] for b in got])
+    reasons = [r for b in got for r in b[2]]
+    assert "file not found" in reasons[7] and not px[7].any()
+    want = [i for i in range(150)]
+    rows = [r for r in range(151) if r != 7]
+    assert [int(px[r, 0, 0, 0]) for r in rows] == want

@@ -146,9 +146,30 @@ def pixel_batches(
             idx, px, reasons = decode_batch(items, raw, device)
             yield idx, px, reasons if skip_bad else None
         return
+    # Workers each build whole loader batches: with large model batches (1024 on a GPU)
+    # only a few workers would have work and the first batch would come late, so the
+    # workers deliver slices of the batch and the slices are joined on the device.
+    parts = -(-batch_size // LOADER_BATCH)
     ds = ImageDataset(paths, size, skip_bad=skip_bad)
-    for batch in make_loader(ds, batch_size, num_workers=num_workers):
-        yield batch[0], batch[1].to(device, non_blocking=True), list(batch[2]) if skip_bad else None
+    held: list[tuple] = []
+    for batch in make_loader(ds, -(-batch_size // parts), num_workers=num_workers):
+        held.append((batch[0], batch[1].to(device, non_blocking=True), list(batch[2]) if skip_bad else None))
+        if len(held) == parts:
+            yield _joined(held)
+            held = []
+    if held:
+        yield _joined(held)
+
+
+LOADER_BATCH = 64
+"""The most images one DataLoader worker decodes into one slice of a batch."""
+
+
+def _joined(held: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
+    if len(held) == 1:
+        return held[0]
+    reasons = None if held[0][2] is None else [r for h in held for r in h[2]]
+    return torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held]), reasons
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
