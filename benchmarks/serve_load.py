@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=None, help="concurrent clients (default: 32; quick: 16)")
     p.add_argument("--duration", type=float, default=None, help="seconds of load per mode (default: 20; quick: 6)")
     p.add_argument("--max-requests", type=int, default=20000, help="upper bound on requests per mode")
+    p.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto", help="the service's --engine (default: auto)")
     a = p.parse_args(argv)
     clients = a.clients or (16 if a.quick else 32)
     duration = a.duration or (6.0 if a.quick else 20.0)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         images = [Path(x).read_bytes() for x in paths]
         results = {}
         for mode, batching in (("batched", True), ("unbatched", False)):
-            server = ServeProcess(run, work / f"{mode}.log", "--max-connections", 1024, *([] if batching else ["--no-batching"]))
+            server = ServeProcess(run, work / f"{mode}.log", "--max-connections", 1024, "--engine", a.engine, *([] if batching else ["--no-batching"]))
             try:
                 asyncio.run(load(server.port, images, clients, warmup, 10 * clients))
                 before = batching_stats(server.url)
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[mode] = res
             finally:
                 server.stop()
-    print(f"run: {run if a.run else 'lite @ 64 px, trained here'}; {clients} clients, {duration:g} s per mode, one image per request, 127.0.0.1")
+    print(f"run: {run if a.run else 'lite @ 64 px, trained here'}; engine {a.engine}; {clients} clients, {duration:g} s per mode, one image per request, 127.0.0.1")
     print(f"{'mode':<10} {'requests':>8} {'errors':>6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'images/batch':>12}")
     for mode, r in results.items():
         print(f"{mode:<10} {r['requests']:>8} {r['errors']:>6} {r['rps']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['mean_batch']:>12.1f}")

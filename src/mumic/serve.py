@@ -657,8 +657,10 @@ def protocol_class(header_timeout_s: float) -> type:
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: str = "auto", **limits: Any) -> Any:
+def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: str = "auto", engine: str = "auto",
+               **limits: Any) -> Any:
     """The FastAPI app serving `run_dir` (and the index folder `index`, for /search).
+    `engine` runs the image tower (see MuMIC.set_engine: onnxruntime on CPUs by default).
 
     `limits` are the fields of Limits (sizes, counts, batching). The model, the run's class
     embeddings and the index are loaded here, so a bad run or index fails before serving.
@@ -682,6 +684,7 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
     t0 = time.perf_counter()
     model = MuMIC.from_run(run_dir, device=device)
     model.eval()
+    model.set_engine(engine)
     size = model.backbone.image_size
     dim = model.backbone.embed_dim
     bank = LabelBank(model, lim.label_cache_size)
@@ -1010,6 +1013,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--index", help="index folder from `mumic index` (enables POST /search)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="what runs the image tower: onnxruntime (CPU only; exported once and cached), torch, or auto "
+                        "(default: onnxruntime on the CPU, torch on GPUs)")
     p.add_argument("--no-batching", action="store_true", help="run each request alone (baseline for benchmarks)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help=f"images per model batch (default: {d.max_batch_size})")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help=f"how long a batch waits for more requests (default: {d.max_wait_ms:g})")
@@ -1070,7 +1076,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-connections must be at least 1, got {args.max_connections}")
     if not _is_loopback(args.host):
         log.warning("binding %s: the service is reachable from other machines and has no authentication", args.host)
-    app = create_app(args.run, index=args.index, device=args.device, **_limits_from_args(args))  # limits checked first
+    app = create_app(args.run, index=args.index, device=args.device, engine=args.engine, **_limits_from_args(args))  # limits checked first
     uvicorn.run(
         app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_connections,
         http=protocol_class(args.header_timeout), timeout_keep_alive=args.keep_alive_timeout,
