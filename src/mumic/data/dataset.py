@@ -118,6 +118,10 @@ def make_loader(
     )
 
 
+LOADER_BATCH = 64
+"""The most images one DataLoader worker decodes into one slice of a batch."""
+
+
 def pixel_batches(
     paths: Sequence[str | os.PathLike[str]],
     size: int,
@@ -159,10 +163,6 @@ def pixel_batches(
             held = []
     if held:
         yield _joined(held)
-
-
-LOADER_BATCH = 64
-"""The most images one DataLoader worker decodes into one slice of a batch."""
 
 
 def _joined(held: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
