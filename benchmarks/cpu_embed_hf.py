@@ -1,6 +1,7 @@
 """CPU embedding throughput of an `hf:` CLIP backbone on a folder of 640x480 JPEGs:
 mumic's batched path (MuMIC.embed_images: a DataLoader worker decoding JPEGs in draft mode,
-uint8 batches) against two baselines measured in the same run, on the same images and
+uint8 batches, the tower in onnxruntime as `mumic embed` runs it on a CPU; `--engine torch`
+for PyTorch) against two baselines measured in the same run, on the same images and
 model:
 
   (a) the per-image loop a user would write: PIL open, resize the shorter side, center
@@ -97,6 +98,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=None, help="number of images (default 64 quick, 512 otherwise)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--num-workers", type=int, default=1, help="DataLoader workers of mumic's path")
+    ap.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
+                    help="what runs mumic's image tower, as `mumic embed --engine` (default: auto, onnxruntime on CPUs)")
     ap.add_argument("--width", type=int, default=256, help="vision tower width")
     ap.add_argument("--layers", type=int, default=4, help="vision tower depth")
     ap.add_argument("--patch", type=int, default=32)
@@ -116,7 +119,7 @@ def main() -> None:
         folder = save_clip(tmp / "clip", vision, projection_dim=128)
         paths = make_photos(tmp / "images", n, size=(640, 480), workers=2)
         bb = load_backbone(f"hf:{folder}")
-        model = MuMIC(bb, [LabelSpec("x")], ["{}"]).eval()
+        model = MuMIC(bb, [LabelSpec("x")], ["{}"]).eval().set_engine(a.engine, cache_dir=tmp / "engine")
         from transformers import CLIPModel
 
         clip = CLIPModel.from_pretrained(folder, dtype=torch.float32).eval()
@@ -150,7 +153,7 @@ def main() -> None:
         print(f"(a) per-image loop (baseline)        : {n / t_loop:8.1f} images/s")
         print(f"(b) CLIPImageProcessor + batched fwd : {n / t_proc:8.1f} images/s  (batch {a.batch_size})")
         print(f"mumic embed_images                   : {n / t_ours:8.1f} images/s  "
-              f"(batch {a.batch_size}, workers {a.num_workers}, JPEG draft decoding)")
+              f"(engine {a.engine}, batch {a.batch_size}, workers {a.num_workers}, JPEG draft decoding)")
         others = (ours @ ours.T)[~np.eye(n, dtype=bool)].mean()
         print(f"mean cosine, mumic vs (a): {cos_loop:.4f}; mumic vs (b): {cos_proc:.4f} "
               f"(between different images: {others:.4f}, random weights)")
