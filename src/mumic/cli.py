@@ -194,24 +194,32 @@ def _inputs_manifest(inputs: list[str], allow_outside: bool = False, allow_dupli
     return Manifest(path=Path(inputs[0]), images=paths, labels=[[] for _ in paths], negatives=None, splits=None, frame=frame, lines=lines)
 
 
-def _cmd_predict(a: argparse.Namespace) -> int:
-    import tempfile
-
+def _batch_model(a: argparse.Namespace):
+    """The run of `predict` / `embed` on this rank's device, with the options of
+    _add_batch_options applied (decode checked, engine set, tower compiled)."""
     from mumic import distributed as dist
     from mumic.data.gpu_decode import check_decode
-    from mumic.errors import ConfigError
-
-    from mumic.evaluate import predict_manifest
     from mumic.model import MuMIC
 
-    if a.out is None and dist.launched():
-        raise ConfigError("under torchrun, predict needs --out (the ranks write shards of one file)")
     dist.init()
     model = MuMIC.from_run(a.run, device=dist.device_name(a.device))
     check_decode(a.decode, model.device)
     model.set_engine(a.engine)
     if a.compile:
         model.compile_image_tower()
+    return model
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    import tempfile
+
+    from mumic import distributed as dist
+    from mumic.errors import ConfigError
+    from mumic.evaluate import predict_manifest
+
+    if a.out is None and dist.launched():
+        raise ConfigError("under torchrun, predict needs --out (the ranks write shards of one file)")
+    model = _batch_model(a)
     manifest = _inputs_manifest(a.inputs, a.allow_outside_paths, a.allow_duplicate_rows)
     if a.on_bad_image == "fail":
         manifest.check_images_exist()
@@ -234,17 +242,10 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
 def _cmd_embed(a: argparse.Namespace) -> int:
     from mumic import distributed as dist
-    from mumic.data.gpu_decode import check_decode
     from mumic.data.manifest import read_manifest
     from mumic.evaluate import embed_manifest
-    from mumic.model import MuMIC
 
-    dist.init()
-    model = MuMIC.from_run(a.run, device=dist.device_name(a.device))
-    check_decode(a.decode, model.device)
-    model.set_engine(a.engine)
-    if a.compile:
-        model.compile_image_tower()
+    model = _batch_model(a)
     manifest = read_manifest(a.manifest, require_labels=False, allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows)
     if a.on_bad_image == "fail":
         manifest.check_images_exist()
