@@ -270,7 +270,7 @@ class ServeProcess:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "mumic.serve", str(run), "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "mumic", "serve", str(run), "--host", "127.0.0.1", "--port", str(self.port),
                "--device", "cpu", "--log-level", "warning", *map(str, args)]
         self.log = log
         with open(log, "wb") as fh:

@@ -22,14 +22,14 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m mumic.serve RUN ...` on 127.0.0.1, stopped with SIGINT."""
+    """`python -m mumic serve RUN ...` on 127.0.0.1, stopped with SIGINT."""
 
     def __init__(self, run: Path, log: Path, *args: str, timeout: float = 120.0) -> None:
         self.log_path = log
         for _attempt in range(3):  # another process may take the free port first
             self.port = free_port()
             self.url = f"http://{HOST}:{self.port}"
-            cmd = [sys.executable, "-m", "mumic.serve", str(run), "--host", HOST, "--port", str(self.port),
+            cmd = [sys.executable, "-m", "mumic", "serve", str(run), "--host", HOST, "--port", str(self.port),
                    "--device", "cpu", "--log-level", "warning", *map(str, args)]
             with open(log, "wb") as fh:
                 self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 
@@ -12,9 +11,7 @@ import yaml
 
 from mumic.ablate import (
     CSV_COLUMNS,
-    add_ablate_parser,
     add_label_noise,
-    cmd_ablate,
     load_ablation,
     run_ablation,
 )
@@ -157,10 +154,9 @@ def test_cross_style_without_style_column_fails_before_training(tmp_path, shapes
 
 
 def test_command_line_lists_cells(tmp_path, shapes, tiny_clip_dir, capsys):
-    parser = argparse.ArgumentParser(prog="mumic")
-    add_ablate_parser(parser.add_subparsers(dest="verb"))
-    args = parser.parse_args(["ablate", str(_grid(tmp_path, shapes, tiny_clip_dir)), "--list", "--out", str(tmp_path / "o")])
-    assert cmd_ablate(args) == 0
+    from mumic.cli import main
+
+    assert main(["ablate", str(_grid(tmp_path, shapes, tiny_clip_dir)), "--list", "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "mumic" in out and "baseline_noisy" in out and "0/1 finished" in out
 

@@ -1,7 +1,6 @@
 """ONNX export: both graphs run in onnxruntime and reproduce PyTorch's probabilities, for the
 tiny hf CLIP and for `lite` at 64 px."""
 
-import argparse
 import json
 
 import numpy as np
@@ -13,7 +12,7 @@ from mumic.data.images import load_image, resize_center_crop
 from mumic.data.manifest import read_manifest
 from mumic.data.synthetic import make_shapes
 from mumic.errors import RunError
-from mumic.export import ExportError, add_export_parser, cmd_export, export_onnx, onnx_probabilities
+from mumic.export import ExportError, export_onnx, onnx_probabilities
 from mumic.model import MuMIC
 from mumic.train import fit
 
@@ -114,10 +113,9 @@ def test_tiny_clip_export_matches_pytorch(export_shapes, tmp_path, tiny_clip_dir
     with pytest.raises(RunError, match="not an export folder"):
         export_onnx(run, run, overwrite=True)
 
-    parser = argparse.ArgumentParser(prog="mumic")
-    add_export_parser(parser.add_subparsers(dest="verb"))
-    args = parser.parse_args(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "cli")])
-    assert cmd_export(args) == 0
+    from mumic.cli import main
+
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "README.json").is_file()
 
 

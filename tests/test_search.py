@@ -1,7 +1,6 @@
 """Index building and nearest-image search: exact reference, HNSW recall, index folders,
 the run check, and the `index` / `search` commands."""
 
-import argparse
 import json
 
 import numpy as np
@@ -15,11 +14,7 @@ from mumic.errors import MumicError, RunError
 from mumic.search import (
     Index,
     IndexFolderError,
-    add_index_parser,
-    add_search_parser,
     build_index,
-    cmd_index,
-    cmd_search,
     exact_search,
     recall_at_k,
     search_index,
@@ -163,19 +158,15 @@ def test_index_refuses_another_run_and_damaged_files(search_run, search_shapes, 
 
 
 def test_index_and_search_commands(search_run, search_shapes, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="mumic")
-    sub = parser.add_subparsers(dest="verb")
-    add_index_parser(sub)
-    add_search_parser(sub)
+    from mumic.cli import main
+
     out = tmp_path / "index"
-    args = parser.parse_args(["index", str(search_run), str(search_shapes / "manifest.csv"), "--out", str(out), "--device", "cpu", "--no-progress"])
-    assert cmd_index(args) == 0
+    assert main(["index", str(search_run), str(search_shapes / "manifest.csv"), "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
     assert "indexed 60 images" in capsys.readouterr().err
-    args = parser.parse_args(["search", str(out), "--text", "a drawing of a red shape.", "-k", "4", "--device", "cpu"])
-    assert cmd_search(args) == 0
+    assert main(["search", str(out), "--text", "a drawing of a red shape.", "-k", "4", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     hits = [json.loads(l) for l in lines]
     assert len(hits) == 4 and [h["rank"] for h in hits] == [1, 2, 3, 4]
     assert {"score", "image", "labels", "id"} <= set(hits[0])
     with pytest.raises(SystemExit):  # --text and --image are exclusive, one is required
-        parser.parse_args(["search", str(out)])
+        main(["search", str(out)])

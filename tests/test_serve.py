@@ -297,7 +297,7 @@ def test_bad_run_or_limits_fail_before_serving(tmp_path):
     from mumic.errors import ConfigError
     from mumic.serve import Limits
 
-    p = subprocess.run([sys.executable, "-m", "mumic.serve", str(tmp_path / "no-run"), "--port", str(free_port())],
+    p = subprocess.run([sys.executable, "-m", "mumic", "serve", str(tmp_path / "no-run"), "--port", str(free_port())],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert [l for l in p.stderr.splitlines() if l.startswith("mumic: error:")] and "no-run" in p.stderr

@@ -46,7 +46,6 @@ figures. Nothing is selected on test.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import fnmatch
@@ -859,48 +858,3 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
     return made
 
 
-# ----------------------------------------------------------------------------- command line
-
-
-def add_ablate_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """The `mumic ablate` subcommand."""
-    p = subparsers.add_parser(
-        "ablate", help="train a grid of configurations over seeds; report mean ± std",
-        description="Train every configuration (cell) of an ablation file over several seeds, each as a normal run "
-                    "under OUT/runs/<cell>-s<seed>, evaluate on the test split, and write OUT/results.md, results.csv "
-                    "and plots. Finished cells are reused, so a second call resumes.")
-    p.add_argument("config", help="ablation file (YAML: base:, seeds:, cells:)")
-    p.add_argument("--seeds", type=int, help="number of seeds, 0..N-1 (default: the file's seeds:, else 3)")
-    p.add_argument("--out", help="output folder (default: docs/results/<config file name>)")
-    p.add_argument("--only", action="append", metavar="PATTERN",
-                   help="train only cells whose name or group matches (shell pattern, comma-separated or repeated); "
-                        "the report still shows every finished cell")
-    p.add_argument("--frozen-only", action="store_true", help="train only cells with both towers frozen (cheap: cached features)")
-    p.add_argument("--list", action="store_true", help="list the cells and their state; train nothing")
-    p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; train nothing")
-    p.add_argument("--device", help="device for every run (cpu, cuda, cuda:N; default: the config's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-def cmd_ablate(args: argparse.Namespace) -> int:
-    """Run `mumic ablate`; 0 when every selected run finished, 1 when some failed."""
-    if getattr(args, "list", False):
-        abl = load_ablation(args.config)
-        if args.seeds:
-            abl.seeds = list(range(args.seeds))
-        out = Path(args.out) if args.out else Path("docs/results") / abl.name
-        chosen = {c.name for c in _select(abl, args.only, args.frozen_only)}
-        for c in abl.cells:
-            states = [cell_state(run_dir(out, c, s)) for s in abl.seeds]
-            mark = "*" if c.name in chosen else " "
-            print(f"{mark} {c.group:<14} {c.name:<24} {'frozen' if is_frozen(abl, c) else 'tuned ':<6} "
-                  f"{sum(s == 'finished' for s in states)}/{len(states)} finished  {_describe(abl, c)}")
-        return 0
-    res = run_ablation(args.config, out=args.out, seeds=args.seeds, only=args.only, frozen_only=args.frozen_only,
-                       device=args.device, progress=not args.no_progress, report_only=args.report_only)
-    print(f"ablation report: {res['report']}")
-    if res["failed"]:
-        print(f"{len(res['failed'])} run(s) failed: {', '.join(res['failed'])}")
-        return 1
-    return 0

@@ -83,8 +83,7 @@ def run_demo(out: Path, data: Path, *, overwrite: bool = False, progress: bool =
     settings = {**DEMO_SETTINGS, **(settings or {})}
     runs = _train_all(out, manifest, labels_file, overwrite=overwrite, progress=progress, settings=settings)
     report = write_demo_report(out, runs, manifest, settings=settings, wall_s=time.time() - t0)
-    print(f"demo report: {report}")
-    print((out / "summary.md").read_text())
+    log.info("demo report: %s", report)
     return report
 
 

@@ -25,10 +25,8 @@ dynamic sequence axis too).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -303,30 +301,3 @@ def export_onnx(
     return readme
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """`mumic export RUN --format onnx --out DIR`."""
-    p = subparsers.add_parser(
-        "export", help="export a run's image and text encoders (ONNX)",
-        description="Write the image tower+head and text tower+head as ONNX graphs, with the label embeddings, "
-        "tau and b, the tokenizer files and a README.json describing inputs, outputs and preprocessing.",
-    )
-    p.add_argument("run", help="run directory")
-    p.add_argument("--format", choices=FORMATS, default="onnx", help="export format (default: onnx)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
-    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime vs PyTorch check")
-    return p
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    readme = export_onnx(args.run, args.out, opset=args.opset, overwrite=args.overwrite, verify=not args.no_verify)
-    msg = f"exported {readme['run']} to {args.out}"
-    if "verification" in readme:
-        diffs = {k: v for k, v in readme["verification"].items() if k.endswith("diff")}
-        msg += " (onnxruntime vs PyTorch: " + ", ".join(f"{k.replace('_max_abs_diff', '')} {v:.1e}" for k, v in diffs.items()) + ")"
-    print(msg, file=sys.stderr)
-    return 0

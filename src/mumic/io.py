@@ -1,4 +1,4 @@
-"""Atomic file writes and safe weight loading.
+"""The one place that writes files, hashes them and reads JSON, YAML and safetensors.
 
 Every file of a run is written to a temporary file in the same folder and renamed into
 place, so a crash never leaves a half-written file that a later run would trust.
@@ -17,31 +17,57 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
-from mumic.errors import RunError
+import yaml
+
+from mumic.errors import MumicError, RunError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written, not at import
+    import torch
 
 DIGEST_KEY = "mumic.sha256"
 """safetensors metadata key holding the sha256 of the file's tensors (see tensors_digest)."""
 
 
-def _atomic(path: Path, write) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give: 0666 less the umask (mkstemp's
+    temporary files are 0600, which would keep other accounts from reading a run)."""
+    return 0o666 & ~_umask()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that needs a file name (safetensors,
+    onnx, faiss, pyarrow); renamed onto ``path`` when the block succeeds, removed when it
+    fails, so ``path`` is the old file or the whole new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield Path(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic(path: Path, write: Callable[[Any], Any]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -56,9 +82,20 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over the names, dtypes, shapes and bytes of ``tensors`` (in name order), so
     the same tensors give the same digest whatever the file layout."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
@@ -71,18 +108,12 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (tensors made contiguous and moved to CPU), with
     the digest of its tensors in the metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {**(metadata or {}), DIGEST_KEY: tensors_digest(cpu)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(cpu, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(cpu, str(tmp), metadata=meta)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -91,6 +122,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     A file with a digest (every file save_tensors wrote) must match it; a file without one
     (written by another tool) is read as it is.
     """
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     if not path.is_file():
         raise RunError(f"{path} does not exist")
@@ -113,19 +146,94 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_json(path: Path) -> Any:
-    """Parse a JSON file of a run; a missing or malformed file is a RunError naming it."""
+RUN_HINT = "restore the file from the original run"
+
+
+def read_text(path: str | os.PathLike[str], *, error: type[MumicError] = RunError) -> str:
+    """A UTF-8 text file (a BOM is dropped); unreadable or non-UTF-8 bytes are an ``error``
+    naming the file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise RunError(f"{path} does not exist")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise RunError(f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}); restore the file from the original run") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise RunError(f"{path} is not valid JSON ({type(e).__name__}: {e}); restore the file from the original run") from None
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path} does not exist") from None
     except OSError as e:
-        raise RunError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise error(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise error(f"{path} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
+
+
+def read_json(path: str | os.PathLike[str], *, error: type[MumicError] = RunError, hint: str | None = RUN_HINT,
+              unique_keys: bool = False) -> Any:
+    """Parse a JSON file; a missing or malformed file is an ``error`` naming it (and the
+    line), ending with ``hint``. ``unique_keys`` refuses an object that gives a key twice."""
+    path = Path(path)
+    tail = f"; {hint}" if hint else ""
+    text = read_text(path, error=error)
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in items:
+            if k in out:
+                raise error(f"{path}: duplicate key {k!r}; keep one{tail}")
+            out[k] = v
+        return out
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs if unique_keys else None)
+    except json.JSONDecodeError as e:
+        raise error(f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}){tail}") from None
+    except (ValueError, RecursionError) as e:
+        raise error(f"{path} is not valid JSON ({type(e).__name__}: {e}){tail}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping key given twice (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base constructor rejects it
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first on line {first}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | os.PathLike[str], *, error: type[MumicError] = RunError) -> tuple[Any, dict[Any, int]]:
+    """The document of a YAML file (safe loader; a key given twice is refused) and the line
+    of each top-level key. Every problem is a one-line ``error`` naming the file and line:
+    bytes that are not UTF-8, a syntax error, a duplicate key, a tag that is not plain data."""
+    path = Path(path)
+    text = read_text(path, error=error)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        value = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        if e.problem and "is given twice" in e.problem:
+            raise error(f"{path}{line}: {e.problem}") from None
+        problem = " ".join(x for x in (e.context, e.problem) if x) or "syntax error"
+        raise error(f"{path}{line}: not valid YAML ({problem})") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise error(f"{path}: not valid YAML (nested too deeply)") from None
+    lines: dict[Any, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                lines.setdefault(key_node.value, key_node.start_mark.line + 1)
+    return value, lines
 
 
 def check_output_folder(out: Path, overwrite: bool, *, marker: str, what: str) -> None:
@@ -146,15 +254,14 @@ def check_output_folder(out: Path, overwrite: bool, *, marker: str, what: str) -
 
 
 @contextlib.contextmanager
-def atomic_folder(out: Path):
+def atomic_folder(out: Path) -> Iterator[Path]:
     """Build a folder in a temporary sibling and swap it in only when the block succeeds,
-    so readers see the old folder or the whole new one, never a half-written one."""
+    so readers see the old folder or the whole new one, never a half-written one. Each
+    writer gets its own temporary folder, so two writers never wipe each other's."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:
@@ -162,10 +269,8 @@ def atomic_folder(out: Path):
         raise
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        out.replace(old / out.name)
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

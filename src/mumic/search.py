@@ -20,12 +20,10 @@ fingerprint, and loading it with another run is refused.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -410,66 +408,6 @@ def search_index(
     q = query_embedding(model, text=text, image=image)
     scores, ids = index.search(q, k, exact=exact)
     return index.results(scores[0], ids[0])
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_index_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """`mumic index RUN MANIFEST --out INDEX`."""
-    p = subparsers.add_parser(
-        "index", help="build a nearest-neighbour index over a manifest's image embeddings",
-        description="Embed every image of a manifest with a run and write an index folder "
-        "(HNSW graph, normalised embeddings, items) for `mumic search` and `mumic serve --index`.",
-    )
-    p.add_argument("run", help="run directory")
-    p.add_argument("manifest", help="manifest (only the image column is needed; other columns are kept)")
-    p.add_argument("--out", required=True, help="index folder to write")
-    p.add_argument("--backend", choices=BACKENDS, default="faiss", help="faiss: HNSW graph plus exact vectors; exact: vectors only (default: faiss)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--allow-outside-paths", action="store_true",
-                   help="accept manifest image paths outside the manifest's folder (only for manifests you trust)")
-    p.add_argument("--allow-duplicate-rows", action="store_true", help="keep exact duplicate manifest rows instead of refusing them")
-    return p
-
-
-def cmd_index(args: argparse.Namespace) -> int:
-    path = build_index(
-        args.run, args.manifest, args.out, backend=args.backend, overwrite=args.overwrite,
-        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, progress=not args.no_progress,
-        allow_outside=args.allow_outside_paths, allow_duplicates=args.allow_duplicate_rows,
-    )
-    meta = json.loads((path / "index.json").read_text())
-    print(f"indexed {meta['count']} images (dim {meta['dim']}, {meta['backend']}) into {path}", file=sys.stderr)
-    return 0
-
-
-def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """`mumic search INDEX (--text TEXT | --image PATH) [-k K]`."""
-    p = subparsers.add_parser(
-        "search", help="nearest indexed images of a text or an image (JSON lines)",
-        description="Print the k nearest images of an index to a text or image query, one JSON object per line, best first.",
-    )
-    p.add_argument("index", help="index folder written by `mumic index`")
-    q = p.add_mutually_exclusive_group(required=True)
-    q.add_argument("--text", help="query text, embedded in the image space")
-    q.add_argument("--image", help="query image file")
-    p.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
-    p.add_argument("--exact", action="store_true", help="exact search over all vectors instead of the HNSW graph")
-    p.add_argument("--run", help="run directory (default: the run recorded in the index)")
-    p.add_argument("--device", default="auto")
-    return p
-
-
-def cmd_search(args: argparse.Namespace) -> int:
-    hits = search_index(args.index, text=args.text, image=args.image, k=args.k, exact=args.exact, run_dir=args.run, device=args.device)
-    for hit in hits:
-        sys.stdout.write(json.dumps(hit, default=str) + "\n")
-    return 0
 
 
 def recall_at_k(approx_ids: Sequence[Sequence[int]], exact_ids: Sequence[Sequence[int]], k: int) -> float:

@@ -31,17 +31,14 @@ an idle keep-alive connection is closed after `keep_alive_s`, a body must arrive
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at
 # run time, and the request models are defined inside create_app.
 
-import argparse
 import asyncio
 import collections
 import concurrent.futures
 import dataclasses
 import io
-import ipaddress
 import json
 import logging
 import queue
-import sys
 import threading
 import time
 from pathlib import Path
@@ -1003,101 +1000,3 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
     return app
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
-def _add_serve_args(p: argparse.ArgumentParser) -> None:
-    d = Limits()
-    p.add_argument("run", help="run directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--index", help="index folder from `mumic index` (enables POST /search)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
-                   help="what runs the image tower: onnxruntime (CPU only; exported once and cached), torch, or auto "
-                        "(default: onnxruntime on the CPU, torch on GPUs)")
-    p.add_argument("--no-batching", action="store_true", help="run each request alone (baseline for benchmarks)")
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help=f"images per model batch (default: {d.max_batch_size})")
-    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help=f"how long a batch waits for more requests (default: {d.max_wait_ms:g})")
-    p.add_argument("--max-images", type=int, default=d.max_images, help=f"images per request (default: {d.max_images})")
-    p.add_argument("--max-labels", type=int, default=d.max_labels, help=f"extra labels per request (default: {d.max_labels})")
-    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes, help=f"bytes per image (default: {d.max_image_bytes})")
-    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help=f"bytes per request (default: {d.max_request_bytes})")
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help=f"pixels per image (default: {d.max_pixels})")
-    p.add_argument("--max-connections", type=int, default=256, help="concurrent connections before answering 503 (default: 256)")
-    p.add_argument("--max-buffered-bytes", type=int, default=d.max_buffered_bytes,
-                   help=f"request-body bytes held in memory at once, all requests together; beyond it 503 (default: {d.max_buffered_bytes})")
-    p.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
-                   help=f"seconds a connection has to send a complete request head (default: {d.header_timeout_s:g})")
-    p.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
-                   help=f"seconds a request has to send its whole body, else 408 (default: {d.body_timeout_s:g})")
-    p.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_s,
-                   help=f"seconds an idle keep-alive connection stays open (default: {d.keep_alive_s:g})")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-
-
-def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """`mumic serve RUN [--host 127.0.0.1] [--port 8000] [--index INDEX] ...`."""
-    p = subparsers.add_parser(
-        "serve", help="serve a run over HTTP (predict, embed, labels, search)",
-        description="Serve a run over HTTP with micro-batching; OpenAPI docs at /docs.",
-    )
-    _add_serve_args(p)
-    return p
-
-
-def _limits_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "batching": not args.no_batching, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
-        "max_images": args.max_images, "max_labels": args.max_labels, "max_image_bytes": args.max_image_bytes,
-        "max_request_bytes": args.max_request_bytes, "max_pixels": args.max_pixels,
-        "max_buffered_bytes": args.max_buffered_bytes, "header_timeout_s": args.header_timeout,
-        "body_timeout_s": args.body_timeout, "keep_alive_s": args.keep_alive_timeout,
-    }
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
-    except ImportError:
-        raise ConfigError("`mumic serve` needs uvicorn and fastapi: pip install fastapi uvicorn python-multipart") from None
-    if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
-    if args.max_connections < 1:
-        raise ConfigError(f"--max-connections must be at least 1, got {args.max_connections}")
-    if not _is_loopback(args.host):
-        log.warning("binding %s: the service is reachable from other machines and has no authentication", args.host)
-    app = create_app(args.run, index=args.index, device=args.device, engine=args.engine, **_limits_from_args(args))  # limits checked first
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_connections,
-        http=protocol_class(args.header_timeout), timeout_keep_alive=args.keep_alive_timeout,
-    )
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mumic.serve RUN ...`: the same as `mumic serve`."""
-    p = argparse.ArgumentParser(prog="mumic serve", description="Serve a run over HTTP.")
-    _add_serve_args(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return cmd_serve(args)
-    except MumicError as e:
-        print(f"mumic: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -839,3 +839,25 @@ def read_labels_file(path: str | os.PathLike[str]) -> tuple[list[LabelSpec], lis
     if dup:
         raise ManifestError(f"{path}: duplicate label name(s): {', '.join(dup)}")
     return specs, templates
+
+
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
+
+
+def inputs_manifest(inputs: Sequence[str | os.PathLike[str]], *, allow_outside: bool = False,
+                    allow_duplicates: bool = False) -> Manifest:
+    """Image files and manifests (told apart by their suffix) as one unlabelled manifest,
+    in the order given; the manifests' other columns are kept."""
+    parts: list[Manifest] = []
+    images = [str(x) for x in inputs if not str(x).lower().endswith(MANIFEST_SUFFIXES)]
+    for x in inputs:
+        if str(x).lower().endswith(MANIFEST_SUFFIXES):
+            parts.append(read_manifest(x, require_labels=False, allow_outside=allow_outside, allow_duplicates=allow_duplicates))
+    paths = [p for m in parts for p in m.images] + [Path(x).resolve() for x in images]
+    frames = [m.frame.drop(columns=["image"], errors="ignore").reset_index(drop=True) for m in parts]
+    if images:
+        frames.append(pd.DataFrame(index=range(len(images))))
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    frame.insert(0, "image", [str(p) for p in paths])
+    lines = [line for m in parts for line in m.lines] + [0] * len(images)
+    return Manifest(path=Path(inputs[0]), images=paths, labels=[[] for _ in paths], negatives=None, splits=None, frame=frame, lines=lines)

@@ -1,0 +1,113 @@
+"""`mumic evaluate`, `mumic predict`, `mumic embed`: a run over images and manifests."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import typing
+from pathlib import Path
+
+from mumic.cli._options import add_batch_options, add_decode_option, add_engine_option, add_manifest_options
+
+
+def register(sub: typing.Any) -> None:
+    p = sub.add_parser("evaluate", help="metrics of a run on a manifest")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--manifest", required=True, help="manifest with image and labels")
+    p.add_argument("--split", help="evaluate only the rows of this split")
+    add_manifest_options(p)
+    p.add_argument("--out", help="metrics JSON (default: RUN/eval-MANIFEST[-SPLIT].json)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    add_decode_option(p)
+    add_engine_option(p)
+    p.set_defaults(func=evaluate)
+
+    p = sub.add_parser("predict", help="label probabilities and decisions for images or manifests (JSON lines)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("inputs", nargs="+", help="image files and/or manifests (.csv .tsv .jsonl .parquet)")
+    p.add_argument("--labels", nargs="+", metavar="LABEL", help="score these labels (names not in the run are zero-shot, from the prompt templates)")
+    p.add_argument("--top-k", type=int, help="keep the K highest scores per image")
+    p.add_argument("--out", help="output file: JSON lines, or Parquet if it ends in .parquet (default: JSON lines on standard output)")
+    add_batch_options(p)
+    p.set_defaults(func=predict)
+
+    p = sub.add_parser("embed", help="normalised image embeddings of a manifest, as Parquet")
+    p.add_argument("run", help="run directory")
+    p.add_argument("manifest", help="manifest (only the image column is needed)")
+    p.add_argument("--out", required=True, help="output .parquet file")
+    add_batch_options(p)
+    p.set_defaults(func=embed)
+
+
+def evaluate(a: argparse.Namespace) -> int:
+    from mumic.evaluate import evaluate_run, format_metrics
+
+    m = evaluate_run(a.run, a.manifest, split=a.split, out=a.out, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device,
+                     allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows, decode=a.decode,
+                     engine=a.engine)
+    sys.stdout.write(format_metrics(m) + "\n")
+    return 0
+
+
+def _batch_model(a: argparse.Namespace) -> typing.Any:
+    """The run of `predict` / `embed` on this rank's device, with the batch options
+    applied (decode checked, engine set, tower compiled)."""
+    from mumic import distributed as dist
+    from mumic.data.gpu_decode import check_decode
+    from mumic.model import MuMIC
+
+    dist.init()
+    model = MuMIC.from_run(a.run, device=dist.device_name(a.device))
+    check_decode(a.decode, model.device)
+    model.set_engine(a.engine)
+    if a.compile:
+        model.compile_image_tower()
+    return model
+
+
+def predict(a: argparse.Namespace) -> int:
+    from mumic import distributed as dist
+    from mumic.data.manifest import inputs_manifest
+    from mumic.errors import ConfigError
+    from mumic.evaluate import predict_manifest
+
+    if a.out is None and dist.launched():
+        raise ConfigError("under torchrun, predict needs --out (the ranks write shards of one file)")
+    model = _batch_model(a)
+    manifest = inputs_manifest(a.inputs, allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows)
+    if a.on_bad_image == "fail":
+        manifest.check_images_exist()
+    if a.out:
+        n = predict_manifest(model, manifest, a.out, labels=a.labels, top_k=a.top_k, batch_size=a.batch_size, num_workers=a.num_workers,
+                             on_bad_image=a.on_bad_image, shard_rows=a.shard_rows, decode=a.decode)
+        if dist.is_main():
+            sys.stderr.write(f"wrote {n} predictions to {a.out}\n")
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d) / "p.jsonl"
+            predict_manifest(model, manifest, out, labels=a.labels, top_k=a.top_k, batch_size=a.batch_size, num_workers=a.num_workers,
+                             progress=False, on_bad_image=a.on_bad_image, decode=a.decode)
+            skipped = out.with_name(out.name + ".skipped.csv")
+            if skipped.is_file():
+                sys.stderr.write("skipped images (row,reason):\n" + skipped.read_text().split("\n", 1)[1])
+            sys.stdout.write(out.read_text())
+    return 0
+
+
+def embed(a: argparse.Namespace) -> int:
+    from mumic import distributed as dist
+    from mumic.data.manifest import read_manifest
+    from mumic.evaluate import embed_manifest
+
+    model = _batch_model(a)
+    manifest = read_manifest(a.manifest, require_labels=False, allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows)
+    if a.on_bad_image == "fail":
+        manifest.check_images_exist()
+    n = embed_manifest(model, manifest, a.out, batch_size=a.batch_size, num_workers=a.num_workers, on_bad_image=a.on_bad_image,
+                       shard_rows=a.shard_rows, decode=a.decode)
+    if dist.is_main():
+        sys.stderr.write(f"wrote {n} embeddings to {a.out}\n")
+    return 0
