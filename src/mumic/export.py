@@ -126,6 +126,9 @@ def onnx_probabilities(folder: str | Path, pixels: Any) -> Any:
     """Probabilities [N, C] of the run's labels from an export folder with onnxruntime:
     uint8 pixels [N, 3, S, S] in, the README's formula applied. (For checks and examples.)"""
     import numpy as np
+    import torch
+
+    from mumic import heads
 
     folder = Path(folder)
     sess = _session(folder / IMAGE_FILE)
@@ -133,7 +136,8 @@ def onnx_probabilities(folder: str | Path, pixels: Any) -> Any:
     v = np.load(folder / "label_embeddings.npy", allow_pickle=False)
     scoring = json.loads((folder / "scoring.json").read_text())
     b = np.array([l["bias"] for l in scoring["labels"]], dtype=np.float32)
-    return 1.0 / (1.0 + np.exp(-(u @ v.T / scoring["tau"] + b)))
+    p = heads.tempered_probabilities(torch.from_numpy(u), torch.from_numpy(v), 1.0 / scoring["tau"], torch.from_numpy(b))
+    return p.numpy()
 
 
 def _session(path: Path) -> Any:
@@ -237,10 +241,12 @@ def export_onnx(
             b = model.label_biases(labels).detach().float().cpu().numpy()
         model.clear_text_cache()
         np.save(tmp / "label_embeddings.npy", v.astype(np.float32), allow_pickle=False)
+        from mumic.heads import FORMULA
+
         th = getattr(model, "thresholds", None) or {"per_label": {}, "default": 0.5}
         default_b = float(model.bias.detach().float().mean())
         scoring = {
-            "formula": "p = sigmoid(dot(image_embedding, label_embedding) / tau + bias)",
+            "formula": FORMULA,
             "tau": model.tau,
             "bias_mode": model.bias_mode,
             "default_bias": default_b,

@@ -22,12 +22,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mumic import heads
 from mumic.data.manifest import LabelSpec
 from mumic.errors import ConfigError, MumicError, RunError
 
 log = logging.getLogger(__name__)
 
-MAX_INV_TAU = 100.0
+MAX_INV_TAU = heads.MAX_INV_TAU
 TEXT_CACHE_SIZE = 8192  # prompt sets whose frozen text features are kept
 FORMAT = "mumic-run-1"
 
@@ -102,7 +103,7 @@ class MuMIC(nn.Module):
 
     @property
     def inv_tau(self) -> torch.Tensor:
-        return self.log_inv_tau.clamp(max=math.log(MAX_INV_TAU)).exp()
+        return heads.inv_tau(self.log_inv_tau)
 
     @property
     def tau(self) -> float:
@@ -211,11 +212,7 @@ class MuMIC(nn.Module):
     # -- scores ---------------------------------------------------------------------------
     def label_biases(self, labels: Sequence[LabelSpec]) -> torch.Tensor:
         """b for each label: its own where b is per label and the label was trained, else the mean."""
-        if self.bias.numel() == 1:
-            return self.bias.expand(len(labels))
-        mean = self.bias.mean()
-        idx = [self.seen_index.get(l.name) if l.seen else None for l in labels]
-        return torch.stack([self.bias[i] if i is not None else mean for i in idx])
+        return heads.label_biases(self.bias, self.seen_index, [l.name for l in labels], [l.seen for l in labels])
 
     def logits(self, u_raw: torch.Tensor, labels: Sequence[LabelSpec] | None = None) -> torch.Tensor:
         """[N, C] logits z for the given labels (default: the seen labels)."""
@@ -225,9 +222,7 @@ class MuMIC(nn.Module):
                 raise MumicError("a linear-head run scores only its trained labels; zero-shot labels need a text classifier")
             z = self.classifier(u_raw)
             return z[:, [self.seen_index[l.name] for l in labels]]
-        v = self.class_embeddings(labels)
-        s = F.normalize(u_raw, dim=-1) @ v.t()
-        return s * self.inv_tau + self.label_biases(labels)
+        return heads.tempered_logits(u_raw, self.class_embeddings(labels), self.inv_tau, self.label_biases(labels))
 
     def forward(self, pixels: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         """Logits over the seen labels, from pixels or cached tower features."""

@@ -674,6 +674,7 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
     from pydantic import BaseModel, ConfigDict, Field
 
     import mumic
+    from mumic import heads
     from mumic.export import public_spec
     from mumic.model import MuMIC
 
@@ -888,8 +889,7 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
         with torch.inference_mode():
             if bank.linear:
                 return torch.sigmoid(model.logits(u_raw.to(model.device), specs).float()).cpu().numpy()
-            s = F.normalize(u_raw, dim=-1) @ v.t()
-            return torch.sigmoid(s * inv_tau + b).numpy()
+            return heads.tempered_probabilities(u_raw, v, inv_tau, b).numpy()
 
     # ------------------------------------------------------------------ routes
     @app.post("/predict", response_model=PredictResponse, responses=errors, summary="Label probabilities of uploaded images")

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mumic import distributed as dist
+from mumic import heads
 from mumic.config import TrainConfig, save_config
 from mumic.data.manifest import LabelSpec, Manifest, read_labels_file, read_manifest
 from mumic.errors import ConfigError, ManifestError, RunError
@@ -105,7 +106,7 @@ def _init_bias(model: MuMIC, data: Data, cfg: TrainConfig, device: torch.device)
     prior = ((y * k).sum(0) / k.sum(0).clamp_min(1)).clamp(1e-4, 1 - 1e-4)
     if model.classifier is not None:
         with torch.no_grad():
-            model.classifier.bias.copy_(torch.log(prior / (1 - prior)))
+            model.classifier.bias.copy_(heads.linear_prior_bias(prior))
         return
     if cfg.bias == "none" or cfg.bias_init == "zero" or cfg.loss == "softmax_ce":
         return
@@ -118,16 +119,8 @@ def _init_bias(model: MuMIC, data: Data, cfg: TrainConfig, device: torch.device)
 
             ds = ImageDataset(data.paths[:n], model.backbone.image_size)
             u = model.image_embeddings(torch.stack([ds[i][1] for i in range(n)]).to(device))
-        s = (torch.nn.functional.normalize(u, dim=-1) @ model.class_embeddings(model.seen).t() * model.inv_tau).float().cpu()
-        target = prior.mean() if model.bias.numel() == 1 else prior
-        lo = torch.full_like(target, -50.0)
-        hi = torch.full_like(target, 50.0)
-        for _ in range(60):  # bisection: mean sigmoid is monotone in b
-            mid = (lo + hi) / 2
-            p = torch.sigmoid(s + mid).mean() if model.bias.numel() == 1 else torch.sigmoid(s + mid).mean(0)
-            lo = torch.where(p < target, mid, lo)
-            hi = torch.where(p < target, hi, mid)
-        model.bias.copy_(((lo + hi) / 2).reshape(model.bias.shape))
+        s = heads.tempered_logits(u, model.class_embeddings(model.seen), model.inv_tau, 0.0).float().cpu()
+        model.bias.copy_(heads.prior_bias(s, prior, per_label=model.bias.numel() > 1).reshape(model.bias.shape))
 
 
 def _optimizer(model: MuMIC, cfg: TrainConfig) -> torch.optim.Optimizer:

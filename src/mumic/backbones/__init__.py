@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import logging
 
-import torch
+from typing import TYPE_CHECKING
 
-from mumic.backbones.base import IMAGE_TOWER_MODES, TEXT_TOWER_MODES, Backbone
 from mumic.errors import BackboneError
 
-__all__ = ["Backbone", "load_backbone", "IMAGE_TOWER_MODES", "TEXT_TOWER_MODES", "VALID_SPECS"]
+if TYPE_CHECKING:  # importing the package stays torch-free (the CLI reads backbones.onnx constants)
+    import torch
+
+    from mumic.backbones.base import Backbone
+
+__all__ = ["load_backbone", "VALID_SPECS"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,8 @@ def load_backbone(
     or "linear" for 'lite'; 'hf:' always uses its pretrained projection ("pretrained").
     New heads are initialised from `seed`, without touching the global random state.
     """
+    import torch
+
     if not isinstance(spec, str):
         raise BackboneError(f"backbone must be a string: {VALID_SPECS}; got {spec!r}")
     try:
