@@ -26,10 +26,10 @@ from PIL import Image
 from mumic.backbones import load_backbone
 from mumic.data.manifest import LabelSpec, read_manifest
 from mumic.data.synthetic import make_shapes
-from mumic.model import MuMIC
+from mumic.predictor import Predictor
 
 
-def per_image_loop(model: MuMIC, paths: list[Path]) -> np.ndarray:
+def per_image_loop(model: Predictor, paths: list[Path]) -> np.ndarray:
     """What a user writes first: PIL open, resize, normalise, forward one image at a time."""
     bb = model.backbone
     size = bb.image_size
@@ -66,7 +66,7 @@ def main() -> None:
         root = Path(tempfile.mkdtemp(prefix="mumic-bench-"))
         paths = read_manifest(make_shapes(root, n=n, size=256)).images[:n]
     bb = load_backbone("lite", image_size=a.size)
-    model = MuMIC(bb, [LabelSpec("x")], ["{}"]).eval()
+    model = Predictor(bb, [LabelSpec("x")], ["{}"]).eval()
     print(f"lite at {bb.image_size} px, {len(paths)} images, torch threads {torch.get_num_threads()}")
     t = time.perf_counter()
     model.set_engine(a.engine)

@@ -42,10 +42,10 @@ from _common import (
 )
 from mumic.backbones import load_backbone
 from mumic.data.manifest import LabelSpec
-from mumic.model import MuMIC
+from mumic.predictor import Predictor
 
 
-def per_image_loop(model: MuMIC, paths: list[Path]) -> np.ndarray:
+def per_image_loop(model: Predictor, paths: list[Path]) -> np.ndarray:
     """Baseline (a): PIL open, resize shorter side + center crop, normalise, batch of 1."""
     bb = model.backbone
     size = bb.image_size
@@ -119,7 +119,7 @@ def main() -> None:
         folder = save_clip(tmp / "clip", vision, projection_dim=128)
         paths = make_photos(tmp / "images", n, size=(640, 480), workers=2)
         bb = load_backbone(f"hf:{folder}")
-        model = MuMIC(bb, [LabelSpec("x")], ["{}"]).eval().set_engine(a.engine, cache_dir=tmp / "engine")
+        model = Predictor(bb, [LabelSpec("x")], ["{}"]).eval().set_engine(a.engine, cache_dir=tmp / "engine")
         from transformers import CLIPModel
 
         clip = CLIPModel.from_pretrained(folder, dtype=torch.float32).eval()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from mumic.data.manifest import read_manifest
 from mumic.evaluate import manifest_embeddings
-from mumic.model import MuMIC
+from mumic.predictor import Predictor
 from mumic.search import HNSW_EF_SEARCH, build_hnsw, exact_search, recall_at_k
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="embed at most 1,000 images")
     ap.add_argument("-k", type=int, default=10)
     a = ap.parse_args()
-    model = MuMIC.from_run(a.run, device="cpu")
+    model = Predictor.from_run(a.run, device="cpu")
     m = read_manifest(a.manifest, require_labels=False, allow_outside=True)
     if a.quick:
         m = m.select(np.arange(min(1000, len(m))))

@@ -8,11 +8,11 @@ import shutil
 import pandas as pd
 import pytest
 
-import mumic.evaluate as ev
+import mumic.batch as ev
 from mumic.data.manifest import read_manifest
 from mumic.data.synthetic import make_shapes
 from mumic.errors import ImageError
-from mumic.model import MuMIC
+from mumic.predictor import Predictor
 from mumic.train import fit
 
 
@@ -74,7 +74,7 @@ def test_training_skips_bad_images_and_lists_them(dirty, tmp_path, tiny_clip_dir
 def test_predict_and_embed_skip_and_list(dirty, tmp_path, tiny_clip_dir):
     root, broken = dirty
     run = fit(**_cfg(root, tmp_path / "run", tiny_clip_dir, on_bad_image="skip"))
-    model = MuMIC.from_run(run, device="cpu")
+    model = Predictor.from_run(run, device="cpu")
     m = read_manifest(root / "manifest.csv")
     with pytest.raises(ImageError):
         ev.predict_manifest(model, m, tmp_path / "p.jsonl", progress=False)

@@ -6,10 +6,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import mumic.evaluate as ev
+import mumic.batch as ev
 from mumic.data.manifest import read_manifest
 from mumic.data.synthetic import make_shapes
-from mumic.model import MuMIC
+from mumic.predictor import Predictor
 from mumic.train import fit
 
 
@@ -19,7 +19,7 @@ def run_and_manifest(tmp_path_factory, tiny_clip_dir):
     root = make_shapes(tmp / "shapes", n=70, size=48, seed=4).parent
     run = fit(manifest=str(root / "manifest.csv"), labels_file=str(root / "labels.yaml"), out=str(tmp / "run"),
               backbone=f"hf:{tiny_clip_dir}", max_steps=2, eval_every=2, cache_dir=str(tmp / "cache"), progress=False)
-    return MuMIC.from_run(run, device="cpu"), read_manifest(root / "manifest.csv")
+    return Predictor.from_run(run, device="cpu"), read_manifest(root / "manifest.csv")
 
 
 class Boom(Exception):

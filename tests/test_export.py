@@ -13,7 +13,7 @@ from mumic.data.manifest import read_manifest
 from mumic.data.synthetic import make_shapes
 from mumic.errors import RunError
 from mumic.export import ExportError, export_onnx, onnx_probabilities
-from mumic.model import MuMIC
+from mumic.predictor import Predictor
 from mumic.train import fit
 
 ZERO_SHOT = ["purple star", "yellow"]
@@ -47,7 +47,7 @@ def check_export_matches_pytorch(run, shapes, out) -> dict[str, float]:
     for name in ("image_encoder.onnx", "text_encoder.onnx", "label_embeddings.npy", "scoring.json", "README.json", "tokenizer"):
         assert (out / name).exists(), name
     assert readme == json.loads((out / "README.json").read_text())
-    model = MuMIC.from_run(run, device="cpu")
+    model = Predictor.from_run(run, device="cpu")
     size = model.backbone.image_size
     pre = readme["image_encoder"]["preprocessing"]
     assert pre["size"] == size and pre["mean"] == list(model.backbone.mean) and pre["std"] == list(model.backbone.std)

@@ -6,12 +6,12 @@ import torch
 
 from mumic.backbones import load_backbone
 from mumic.data.manifest import LabelSpec
-from mumic.model import MuMIC
+from mumic.predictor import Predictor
 
 
 @pytest.fixture()
 def model(tiny_clip_dir):
-    return MuMIC(load_backbone(f"hf:{tiny_clip_dir}"), [LabelSpec("cat"), LabelSpec("dog")], ["a photo of {}."]).eval()
+    return Predictor(load_backbone(f"hf:{tiny_clip_dir}"), [LabelSpec("cat"), LabelSpec("dog")], ["a photo of {}."]).eval()
 
 
 def _images(n, seed=0):

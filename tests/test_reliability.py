@@ -478,9 +478,9 @@ def run_copy(good_run, tmp_path):
 
 
 def load_run(run: Path):
-    from mumic.model import MuMIC
+    from mumic.predictor import Predictor
 
-    return MuMIC.from_run(run, device="cpu")
+    return Predictor.from_run(run, device="cpu")
 
 
 def run_error(run: Path, fragment: str, cls: type = RunError) -> str:

@@ -105,7 +105,7 @@ def test_items_keep_mixed_and_missing_columns(fake_run, tmp_path):
 
 
 def test_index_folder_contents_and_search(search_run, search_shapes, tmp_path):
-    from mumic.model import MuMIC
+    from mumic.predictor import Predictor
 
     out = build_index(search_run, search_shapes / "manifest.csv", tmp_path / "index", progress=False, device="cpu")
     names = {p.name for p in out.iterdir()}
@@ -116,7 +116,7 @@ def test_index_folder_contents_and_search(search_run, search_shapes, tmp_path):
     emb = np.load(out / "embeddings.npy")
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     manifest = read_manifest(search_shapes / "manifest.csv")
-    model = MuMIC.from_run(search_run, device="cpu")
+    model = Predictor.from_run(search_run, device="cpu")
     np.testing.assert_allclose(emb, model.embed_images(manifest.images), atol=1e-5)
     items = pd.read_parquet(out / "items.parquet")
     assert items["image"].tolist() == [str(p) for p in manifest.images]

@@ -61,9 +61,9 @@ def server(serve_run, serve_index, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model(serve_run):
-    from mumic.model import MuMIC
+    from mumic.predictor import Predictor
 
-    return MuMIC.from_run(serve_run, device="cpu")
+    return Predictor.from_run(serve_run, device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from mumic.data.synthetic import make_shapes
 from mumic.errors import RunError
 from mumic.evaluate import evaluate_run
 from mumic.model import MuMIC
+from mumic.predictor import Predictor
 from mumic.train import fit, resume
 
 
@@ -43,7 +44,7 @@ def _assert_reload_same_scores(run, shapes):
     again = evaluate_run(run, shapes / "manifest.csv", split="test", progress=False)
     for k in ("gap10", "gap", "map_macro"):
         assert again[k] == pytest.approx(saved[k], abs=1e-6), k
-    model = MuMIC.from_run(run, device="cpu")
+    model = Predictor.from_run(run, device="cpu")
     test = read_manifest(shapes / "manifest.csv").split("test")
     paths = test.images[:6]
     p_paths = model.predict_proba(paths)

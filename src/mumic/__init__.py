@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from mumic.errors import MumicError  # noqa: E402
 
-__all__ = ["MumicError", "MuMIC", "fit", "__version__"]
+__all__ = ["MumicError", "MuMIC", "Predictor", "fit", "__version__"]
 
 
 def __getattr__(name: str):
@@ -13,6 +13,10 @@ def __getattr__(name: str):
         from mumic.model import MuMIC
 
         return MuMIC
+    if name == "Predictor":
+        from mumic.predictor import Predictor
+
+        return Predictor
     if name == "fit":
         from mumic.train import fit
 

@@ -103,9 +103,9 @@ def _fmt(v: Any) -> str:
 def _test_probs(run: Path, manifest_path: Path, split: str = "test"):
     from mumic.data.manifest import read_manifest
     from mumic.evaluate import model_probs
-    from mumic.model import MuMIC
+    from mumic.predictor import Predictor
 
-    model = MuMIC.from_run(run, device="cpu")
+    model = Predictor.from_run(run, device="cpu")
     m = read_manifest(manifest_path).split(split)
     probs, specs = model_probs(model, m, labels=list(model.seen), use_cache=True, cache_dir=model.config.cache_dir,
                                 engine=model.config.engine)

@@ -191,11 +191,11 @@ def export_onnx(
     import numpy as np
     import torch
 
-    from mumic.model import MuMIC
+    from mumic.predictor import Predictor
 
     out = Path(out)
     check_output_folder(out, overwrite, marker="README.json", what="an export")
-    model = MuMIC.from_run(run_dir, device="cpu")
+    model = Predictor.from_run(run_dir, device="cpu", lazy_text=False)
     model.eval()
     if model.classifier is not None:
         raise ExportError(

@@ -13,8 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,6 @@ log = logging.getLogger(__name__)
 
 MAX_INV_TAU = heads.MAX_INV_TAU
 TEXT_CACHE_SIZE = 8192  # prompt sets whose frozen text features are kept
-FORMAT = "mumic-run-1"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -91,10 +89,6 @@ class MuMIC(nn.Module):
         # (bounded: a service may be asked for any number of new labels)
         self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self.amp = True  # bf16 autocast for inference on CUDA
-        # set by from_run / training: calibrated thresholds, the run folder and its config
-        self.thresholds: dict[str, Any] | None = None
-        self.run_dir: Path | None = None
-        self.config: Any = None
 
     # -- parameters ---------------------------------------------------------------------
     @property
@@ -132,31 +126,13 @@ class MuMIC(nn.Module):
             features = self._tower(pixels.to(self.device, non_blocking=True))
         return self.backbone.image_head(features.to(self.device).float())
 
-    def compile_image_tower(self, **kwargs: Any) -> "MuMIC":
-        """Run the image tower through torch.compile at inference (kwargs go to it).
-        The weights and the saved run are unchanged; the first batches pay the compile."""
-        self._compiled_tower = torch.compile(self.backbone.image_features, **kwargs)
-        return self
-
-    def set_engine(self, engine: str = "auto", cache_dir: str | Path | None = None) -> "MuMIC":
-        """Which engine runs the image tower at inference: "torch", "onnxruntime" (CPU
-        only; the graph is exported once and cached), or "auto" (onnxruntime on the CPU,
-        torch on GPUs). Training always runs in PyTorch. Returns the model."""
-        from mumic.backbones.onnx import OnnxImageTower, resolve_engine
-
-        chosen = resolve_engine(engine, self.device)
-        self._onnx_tower = OnnxImageTower(self.backbone, cache_dir=cache_dir) if chosen == "onnxruntime" else None
-        return self
-
-    def _tower(self, pixels: torch.Tensor) -> torch.Tensor:
-        """f_img(x). At inference on CUDA: bf16 autocast, and a batch that does not fit in
-        GPU memory is split in halves instead of failing."""
-        fn = getattr(self, "_compiled_tower", None) or self.backbone.image_features
+    def _tower(self, pixels: torch.Tensor, fn: Any = None) -> torch.Tensor:
+        """f_img(x), through `fn` when given (a compiled tower). At inference on CUDA: bf16
+        autocast, and a batch that does not fit in GPU memory is split in halves instead of
+        failing."""
+        fn = fn or self.backbone.image_features
         if self.training:
             return fn(pixels)
-        onnx = getattr(self, "_onnx_tower", None)
-        if onnx is not None and pixels.device.type == "cpu":
-            return onnx(pixels)
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp and pixels.device.type == "cuda"):
                 return fn(pixels).float()
@@ -167,7 +143,7 @@ class MuMIC(nn.Module):
                 torch.cuda.empty_cache()
             half = len(pixels) // 2
             log.warning("batch of %d images does not fit in GPU memory; splitting it", len(pixels))
-            return torch.cat([self._tower(pixels[:half]), self._tower(pixels[half:])])
+            return torch.cat([self._tower(pixels[:half], fn), self._tower(pixels[half:], fn)])
 
     def _prompt_features(self, prompt_sets: Sequence[Sequence[str]]) -> torch.Tensor:
         """[C, F_txt]: per label, the mean of its prompts' normalised tower features."""
@@ -244,67 +220,12 @@ class MuMIC(nn.Module):
             out.append(known.get(name) or LabelSpec(name=name, seen=False))
         return out
 
-    # -- inference --------------------------------------------------------------------------
-    def _pixel_batches(self, images: Sequence[Any], batch_size: int, num_workers: int = 0,
-                       decode: str = "cpu") -> Iterator[torch.Tensor]:
-        from mumic.data.dataset import pixel_batches
-        from mumic.data.images import resize_center_crop
-
-        size = self.backbone.image_size
-        if all(isinstance(x, (str, Path)) for x in images):
-            for _, px, _ in pixel_batches([Path(x) for x in images], size, batch_size, device=self.device,
-                                          num_workers=num_workers, decode=decode):
-                yield px
-            return
-        for s in range(0, len(images), batch_size):
-            arrs = []
-            for x in images[s : s + batch_size]:
-                if isinstance(x, (str, Path)):
-                    from mumic.data.images import load_image
-
-                    x = load_image(Path(x), size_hint=size)
-                if isinstance(x, np.ndarray):
-                    from PIL import Image
-
-                    x = Image.fromarray(x)
-                arrs.append(torch.from_numpy(resize_center_crop(x.convert("RGB"), size)))
-            yield torch.stack(arrs)
-
-    @torch.inference_mode()
-    def embed_images(self, images: Sequence[Any], batch_size: int = 32, num_workers: int = 0, decode: str = "cpu") -> np.ndarray:
-        """[N, D] normalised image embeddings (paths, PIL images or HxWx3 uint8 arrays).
-        ``decode="gpu"`` decodes JPEG files with nvjpeg (CUDA + torchvision)."""
-        self.eval()
-        batches = self._pixel_batches(images, batch_size, num_workers, decode)
-        out = [F.normalize(self.image_embeddings(px).float(), dim=-1).cpu() for px in batches]
-        return torch.cat(out).numpy() if out else np.zeros((0, self.backbone.embed_dim), np.float32)
-
-    @torch.inference_mode()
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """[M, D] normalised text embeddings in the image embedding space (one prompt each)."""
-        self.eval()
-        specs = [LabelSpec(name=t, prompts=[t], seen=False) for t in texts]
-        return self.class_embeddings(specs).float().cpu().numpy()
-
     @torch.inference_mode()
     def proba_from_embeddings(self, u_raw: torch.Tensor, labels: Sequence[str | LabelSpec] | None = None) -> np.ndarray:
+        """[N, C] probabilities sigmoid(z) of image embeddings for the given labels."""
         self.eval()
         specs = self.resolve_labels(labels)
         return torch.sigmoid(self.logits(u_raw.to(self.device), specs).float()).cpu().numpy()
-
-    @torch.inference_mode()
-    def predict_proba(
-        self, images: Sequence[Any], labels: Sequence[str | LabelSpec] | None = None, batch_size: int = 32, num_workers: int = 0,
-        decode: str = "cpu",
-    ) -> np.ndarray:
-        """[N, C] probabilities for the run's labels, or for `labels` (names not in the run
-        are zero-shot labels built from the prompt templates)."""
-        self.eval()
-        specs = self.resolve_labels(labels)
-        out = []
-        for px in self._pixel_batches(images, batch_size, num_workers, decode):
-            out.append(torch.sigmoid(self.logits(self.image_embeddings(px), specs).float()).cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, len(specs)), np.float32)
 
     # -- persistence ------------------------------------------------------------------------
     def trained_state(self) -> dict[str, torch.Tensor]:
@@ -336,139 +257,3 @@ class MuMIC(nn.Module):
                 raise RunError(f"{source}: '{k}' holds NaN or infinite values; the weights are corrupt — train the run again")
         self.load_state_dict(state, strict=False)
         self.clear_text_cache()
-
-    @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto") -> "MuMIC":
-        """Load a trained run directory (config.yaml, labels.json, model.safetensors)."""
-        from mumic.backbones import load_backbone
-        from mumic.config import load_config
-        from mumic.io import load_tensors, read_json
-
-        run = Path(run_dir)
-        if not run.is_dir():
-            raise RunError(f"run directory {run} does not exist")
-        # a run is read through safetensors and JSON/YAML parsers only; anything that
-        # could be unpickled is refused outright rather than ignored
-        pickle_suffixes = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npz")
-        pickles = sorted(p.name for p in run.iterdir() if p.name.lower().endswith(pickle_suffixes))
-        if pickles:
-            raise RunError(f"{run} holds pickle files ({', '.join(pickles)}); runs load safetensors only — remove them")
-        for name in ("config.yaml", "labels.json", "model.safetensors"):
-            if not (run / name).is_file():
-                raise RunError(f"{run} is not a finished run: {name} is missing")
-        cfg = load_config(run / "config.yaml")
-        labels_path = run / "labels.json"
-        meta = read_json(labels_path)
-
-        def malformed(what: str) -> RunError:
-            return RunError(f"{labels_path} is malformed: {what}; restore it from the original run")
-
-        def str_list(value: Any, what: str) -> list[str] | None:
-            if value is None:
-                return None
-            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-                raise malformed(f"{what} must be a list of strings, got {value!r:.80}")
-            return list(value)
-
-        def number(value: Any, what: str) -> float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise malformed(f"{what} must be a finite number, got {value!r:.80}")
-            return float(value)
-
-        if not isinstance(meta, dict):
-            raise malformed(f"expected a JSON object, got {type(meta).__name__}")
-        if meta.get("format", FORMAT) != FORMAT:
-            raise RunError(f"{labels_path}: run format {meta.get('format')!r} is not {FORMAT!r}; it was written by another version of mumic")
-        for key in ("labels", "templates", "model"):
-            if key not in meta:
-                raise malformed(f"the key '{key}' is missing")
-        if not isinstance(meta["labels"], list) or not meta["labels"]:
-            raise malformed("'labels' must be a non-empty list")
-        specs = []
-        for k, l in enumerate(meta["labels"]):
-            if not isinstance(l, dict):
-                raise malformed(f"label #{k + 1} must be an object, got {type(l).__name__}")
-            name = l.get("name")
-            if not isinstance(name, str) or not name.strip():
-                raise malformed(f"label #{k + 1} has no name (a non-empty string)")
-            if not isinstance(l.get("seen"), bool):
-                raise malformed(f"label {name!r}: 'seen' must be true or false, got {l.get('seen')!r:.80}")
-            description = l.get("description")
-            if description is not None and not isinstance(description, str):
-                raise malformed(f"label {name!r}: 'description' must be a string")
-            specs.append(LabelSpec(name=name, prompts=str_list(l.get("prompts"), f"label {name!r}: 'prompts'"),
-                                   description=description, seen=l["seen"]))
-        names = [l.name for l in specs]
-        if len(set(names)) != len(names):
-            raise malformed(f"duplicate label names ({', '.join(sorted({n for n in names if names.count(n) > 1})[:3])})")
-        templates = str_list(meta["templates"], "'templates'") or []
-        model_meta = meta["model"]
-        if not isinstance(model_meta, dict) or not isinstance(model_meta.get("backbone"), dict):
-            raise malformed("'model' must be an object with a 'backbone' object")
-        backbone_args = model_meta["backbone"]
-        allowed = ("spec", "image_size", "image_head", "seed")
-        odd = sorted(set(backbone_args) - set(allowed))
-        if odd or not isinstance(backbone_args.get("spec"), str):
-            raise malformed(f"'model.backbone' must have a string 'spec' and only the keys {', '.join(allowed)}" + (f" (found {', '.join(odd)})" if odd else ""))
-        if backbone_args.get("image_size") is not None and (isinstance(backbone_args["image_size"], bool) or not isinstance(backbone_args["image_size"], int)):
-            raise malformed("'model.backbone.image_size' must be an integer")
-        if not isinstance(backbone_args.get("seed", 0), int) or isinstance(backbone_args.get("seed", 0), bool):
-            raise malformed("'model.backbone.seed' must be an integer")
-        if backbone_args.get("image_head") is not None and not isinstance(backbone_args["image_head"], str):
-            raise malformed("'model.backbone.image_head' must be a string")
-        tau = number(model_meta.get("tau", 0.07), "'model.tau'")
-        if tau <= 0:
-            raise malformed(f"'model.tau' must be > 0, got {tau}")
-        dev = resolve_device(device)
-        backbone = load_backbone(**backbone_args, device=str(dev))
-        backbone.set_trainable(image_tower=cfg.image_tower, text_tower=cfg.text_tower)
-        model = cls(backbone, specs, templates, loss=cfg.loss, tau=tau, learn_tau=cfg.learn_tau, bias=cfg.bias)
-        model.to(dev)
-        model.load_trained_state(load_tensors(run / "model.safetensors"), source=str(run / "model.safetensors"))
-        thresholds = load_thresholds(run, [l.name for l in specs])
-        per_label = thresholds["per_label"]
-        if not isinstance(per_label, dict) or not all(
-            isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float)) and 0.0 <= v <= 1.0
-            for k, v in per_label.items()
-        ):
-            raise RunError(f"{run / 'thresholds.json'} is malformed: 'per_label' must map label names to numbers in [0, 1]")
-        default = thresholds["default"]
-        if isinstance(default, bool) or not isinstance(default, (int, float)) or not 0.0 <= default <= 1.0:
-            raise RunError(f"{run / 'thresholds.json'} is malformed: 'default' must be a number in [0, 1], got {default!r:.80}")
-        model.thresholds = thresholds
-        model.run_dir = run
-        model.config = cfg
-        model.eval()
-        return model
-
-    def decide(self, probs: np.ndarray, labels: Sequence[LabelSpec]) -> np.ndarray:
-        """Boolean decisions with the run's calibrated thresholds (default for new labels)."""
-        th = getattr(self, "thresholds", None) or {"per_label": {}, "default": 0.5}
-        t = np.array([th["per_label"].get(l.name, th["default"]) for l in labels], dtype=np.float32)
-        return probs >= t
-
-
-def load_thresholds(run: Path, names: Sequence[str]) -> dict[str, Any]:
-    from mumic.io import read_json
-
-    path = Path(run) / "thresholds.json"
-    if not path.is_file():
-        log.warning("%s is missing; deciding at probability 0.5", path)
-        return {"per_label": {}, "default": 0.5}
-    data = read_json(path)
-    if not isinstance(data, dict) or "per_label" not in data or "default" not in data:
-        raise RunError(f"{path} is malformed: expected keys per_label and default")
-    return data
-
-
-def labels_meta(model: MuMIC, train_counts: dict[str, int], backbone_config: dict[str, Any], tau0: float) -> dict[str, Any]:
-    """The content of a run's labels.json."""
-    return {
-        "format": FORMAT,
-        "labels": [
-            {"name": l.name, "prompts": l.prompts, "description": l.description, "seen": l.seen, "train_positives": int(train_counts.get(l.name, 0))}
-            for l in model.labels
-        ],
-        "templates": model.templates,
-        "model": {"backbone": backbone_config, "tau": tau0},
-    }

@@ -347,7 +347,7 @@ def build_index(
 
     from mumic.data.manifest import read_manifest
     from mumic.evaluate import manifest_embeddings
-    from mumic.model import MuMIC
+    from mumic.predictor import Predictor
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown index backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -358,7 +358,7 @@ def build_index(
     if len(manifest) == 0:
         raise MumicError(f"{manifest_path} has no rows; nothing to index")
     manifest.check_images_exist()
-    model = MuMIC.from_run(run_dir, device=device)
+    model = Predictor.from_run(run_dir, device=device)
     emb = manifest_embeddings(model, manifest.images, batch_size=batch_size, num_workers=num_workers, progress=progress)
     emb = F.normalize(emb.float(), dim=-1).numpy()
     frame = manifest.frame.reset_index(drop=True).copy()
@@ -395,7 +395,7 @@ def search_index(
     device: str = "auto",
 ) -> list[dict[str, Any]]:
     """`mumic search`: the k nearest indexed images of a text or image query, best first."""
-    from mumic.model import MuMIC
+    from mumic.predictor import Predictor
 
     if k < 1:
         raise ConfigError(f"-k must be at least 1, got {k}")
@@ -404,7 +404,7 @@ def search_index(
     if not run.is_dir():
         raise RunError(f"the index's run {run} does not exist; pass --run with the run that built {index_dir}")
     index.check_run(run)
-    model = MuMIC.from_run(run, device=device)
+    model = Predictor.from_run(run, device=device)
     q = query_embedding(model, text=text, image=image)
     scores, ids = index.search(q, k, exact=exact)
     return index.results(scores[0], ids[0])

@@ -676,11 +676,11 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
     import mumic
     from mumic import heads
     from mumic.export import public_spec
-    from mumic.model import MuMIC
+    from mumic.predictor import Predictor
 
     lim = Limits.from_kwargs(**limits)
     t0 = time.perf_counter()
-    model = MuMIC.from_run(run_dir, device=device)
+    model = Predictor.from_run(run_dir, device=device)
     model.eval()
     model.set_engine(engine)
     size = model.backbone.image_size

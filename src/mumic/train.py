@@ -28,12 +28,13 @@ from mumic.data.manifest import LabelSpec, Manifest, read_labels_file, read_mani
 from mumic.errors import ConfigError, ManifestError, RunError
 from mumic.io import atomic_write_json, atomic_write_text, load_tensors, save_tensors
 from mumic.losses import get_loss
-from mumic.model import MuMIC, labels_meta, resolve_device
+from mumic.model import MuMIC, resolve_device
+from mumic.run import CLASS_EMBEDDINGS, labels_meta, write_class_embeddings
 
 log = logging.getLogger(__name__)
 
 RUN_FILES = (
-    "config.yaml", "labels.json", "model.safetensors", "thresholds.json", "metrics.json",
+    "config.yaml", "labels.json", "model.safetensors", CLASS_EMBEDDINGS, "thresholds.json", "metrics.json",
     "log.csv", "report.md", "checkpoint.safetensors", "best.safetensors",
 )
 VAL_SPLITS = ("val", "valid", "validation", "dev")
@@ -501,6 +502,7 @@ def _train(cfg: TrainConfig, run: Path, inputs: tuple, *, resume: bool, progress
         _write_log(run / "skipped.csv", rows)
     metrics["skipped_images"] = {k: len(v) for k, v in skipped.items()}
     atomic_write_json(run / "metrics.json", metrics)
+    write_class_embeddings(run, model)
     save_tensors(run / "model.safetensors", model.trained_state(), metadata={"format": "mumic-run-1"})
     from mumic.evaluate import write_report
 

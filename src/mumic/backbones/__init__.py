@@ -7,7 +7,6 @@ the interface every adapter provides.
 from __future__ import annotations
 
 import logging
-
 from typing import TYPE_CHECKING
 
 from mumic.errors import BackboneError
@@ -31,12 +30,15 @@ def load_backbone(
     image_head: str | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    lazy_text: bool = False,
 ) -> Backbone:
     """Build the backbone named by `spec`, with frozen towers, in eval mode, on `device`.
 
     image_size: resolution to run at (default: the adapter's). image_head: "mlp" (default)
     or "linear" for 'lite'; 'hf:' always uses its pretrained projection ("pretrained").
     New heads are initialised from `seed`, without touching the global random state.
+    lazy_text: load a frozen text tower only when text is first encoded (where the
+    adapter can; 'hf:' loads both towers from one checkpoint).
     """
     import torch
 
@@ -50,7 +52,7 @@ def load_backbone(
     if name == "lite":
         from mumic.backbones.lite import LiteBackbone
 
-        backbone: Backbone = LiteBackbone(image_size=image_size, image_head=image_head, seed=seed)
+        backbone: Backbone = LiteBackbone(image_size=image_size, image_head=image_head, seed=seed, lazy_text=lazy_text)
     elif name.startswith("hf:"):
         from mumic.backbones.hf import HFBackbone
 

@@ -22,7 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mumic.backbones.base import Backbone, identity_linear, quiet_local_loading, verify_sha256
+from mumic.backbones.base import (
+    Backbone,
+    identity_linear,
+    quiet_local_loading,
+    verify_sha256,
+)
 from mumic.errors import BackboneError
 
 logger = logging.getLogger(__name__)
@@ -139,7 +144,8 @@ class LiteBackbone(Backbone):
     1x1 conv head with its BatchNorm (`_conv_head`, `_bn1`), about 1.0 M of 3.4 M weights.
     """
 
-    def __init__(self, *, image_size: int | None = None, image_head: str | None = None, seed: int = 0) -> None:
+    def __init__(self, *, image_size: int | None = None, image_head: str | None = None, seed: int = 0,
+                 lazy_text: bool = False) -> None:
         image_size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
         if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 32:
             raise BackboneError(f"'lite' image_size must be an integer >= 32, got {image_size!r}")
@@ -161,7 +167,12 @@ class LiteBackbone(Backbone):
         self.image_head_kind = image_head
         self.seed = int(seed)
         self.image_tower = build_efficientnet(image_size)
-        self.text_tower, self.tokenizer = build_minilm()
+        if lazy_text:
+            # MiniLM (and transformers) load on the first text_features call: scoring a
+            # run's own labels from its stored class embeddings needs no text tower
+            self.text_tower, self.tokenizer = nn.Module(), None
+        else:
+            self.text_tower, self.tokenizer = build_minilm()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             if image_head == "mlp":
@@ -192,6 +203,8 @@ class LiteBackbone(Backbone):
         texts = self._check_texts(texts)
         if not texts:
             return torch.zeros(0, TEXT_FEATURE_DIM, device=self.device)
+        if self.tokenizer is None:
+            self._load_text_tower()
         enc = self.tokenizer(
             texts, padding=True, truncation=True, max_length=TEXT_MAX_LENGTH, return_tensors="pt"
         )
@@ -199,6 +212,13 @@ class LiteBackbone(Backbone):
         hidden = self.text_tower(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+    def _load_text_tower(self) -> None:
+        if self.text_tower_mode != "frozen":
+            raise BackboneError("a lazily loaded text tower must be frozen")
+        tower, self.tokenizer = build_minilm()
+        self.text_tower = tower.to(self.device).requires_grad_(False).eval()
+        logger.info("loaded the 'lite' text tower")
 
     def config(self) -> dict[str, Any]:
         return {"spec": "lite", "image_size": self.image_size, "image_head": self.image_head_kind, "seed": self.seed}

@@ -8,7 +8,12 @@ import tempfile
 import typing
 from pathlib import Path
 
-from mumic.cli._options import add_batch_options, add_decode_option, add_engine_option, add_manifest_options
+from mumic.cli._options import (
+    add_batch_options,
+    add_decode_option,
+    add_engine_option,
+    add_manifest_options,
+)
 
 
 def register(sub: typing.Any) -> None:
@@ -57,10 +62,10 @@ def _batch_model(a: argparse.Namespace) -> typing.Any:
     applied (decode checked, engine set, tower compiled)."""
     from mumic import distributed as dist
     from mumic.data.gpu_decode import check_decode
-    from mumic.model import MuMIC
+    from mumic.predictor import Predictor
 
     dist.init()
-    model = MuMIC.from_run(a.run, device=dist.device_name(a.device))
+    model = Predictor.from_run(a.run, device=dist.device_name(a.device))
     check_decode(a.decode, model.device)
     model.set_engine(a.engine)
     if a.compile:
@@ -70,9 +75,9 @@ def _batch_model(a: argparse.Namespace) -> typing.Any:
 
 def predict(a: argparse.Namespace) -> int:
     from mumic import distributed as dist
+    from mumic.batch import predict_manifest
     from mumic.data.manifest import inputs_manifest
     from mumic.errors import ConfigError
-    from mumic.evaluate import predict_manifest
 
     if a.out is None and dist.launched():
         raise ConfigError("under torchrun, predict needs --out (the ranks write shards of one file)")
@@ -99,8 +104,8 @@ def predict(a: argparse.Namespace) -> int:
 
 def embed(a: argparse.Namespace) -> int:
     from mumic import distributed as dist
+    from mumic.batch import embed_manifest
     from mumic.data.manifest import read_manifest
-    from mumic.evaluate import embed_manifest
 
     model = _batch_model(a)
     manifest = read_manifest(a.manifest, require_labels=False, allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows)

@@ -1,0 +1,242 @@
+"""Sharded, resumable jobs over a manifest: `predict` (probabilities and decisions) and
+`embed` (normalised image embeddings), written as JSON lines or Parquet."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mumic.data.manifest import Manifest
+from mumic.errors import ConfigError
+from mumic.evaluate import manifest_embeddings, scored_labels
+from mumic.io import atomic_write_json, atomic_write_text
+from mumic.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+SHARD_ROWS = 4096
+
+
+def _sharded(out: Path, n: int, fingerprint: dict[str, Any], shard_rows: int, suffix: str,
+             write_part, progress: bool, desc: str) -> list[Path]:
+    """Process rows [0, n) in shards, each written atomically to OUT.parts/part-K; shards
+    already written by an interrupted call with the same fingerprint are kept, so a
+    rerun resumes from the last completed shard. Memory is bounded by one shard.
+    Under torchrun, rank r writes the shards K with K % world == r."""
+    import shutil
+
+    from mumic import distributed as dist
+    from mumic.io import read_json
+
+    parts_dir = out.with_name(out.name + ".parts")
+    meta = parts_dir / "meta.json"
+    if dist.is_main():
+        if parts_dir.is_dir() and (not meta.is_file() or read_json(meta) != fingerprint):
+            log.info("discarding parts of a different job in %s", parts_dir)
+            shutil.rmtree(parts_dir)
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(meta, fingerprint)
+    dist.barrier()
+    rank, world = dist.rank(), dist.world()
+    parts = []
+    starts = list(range(0, n, shard_rows))
+    done = sum((parts_dir / f"part-{k:05d}{suffix}").is_file() for k in range(len(starts)))
+    if done:
+        log.info("resuming: %d of %d shards already written in %s", done, len(starts), parts_dir)
+    for k, start in enumerate(tqdm(starts, desc=desc, unit="shard", disable=not progress or len(starts) < 2 or rank != 0)):
+        part = parts_dir / f"part-{k:05d}{suffix}"
+        if k % world == rank and not part.is_file():
+            write_part(start, min(n, start + shard_rows), part)
+        parts.append(part)
+    dist.barrier()
+    return parts
+
+
+def _fingerprint(model: Predictor, manifest: Manifest, **extra: Any) -> dict[str, Any]:
+    return {"run": str(getattr(model, "run_dir", "")), "manifest": str(manifest.path), "rows": len(manifest),
+            "first": str(manifest.images[0]) if len(manifest) else "", "last": str(manifest.images[-1]) if len(manifest) else "", **extra}
+
+
+def _records(manifest: Manifest, start: int, end: int) -> list[dict[str, Any]]:
+    """The manifest's own columns of rows [start, end) as JSON-able dicts, image made absolute."""
+    frame = manifest.frame.iloc[start:end]
+    recs = json.loads(frame.to_json(orient="records", default_handler=str))
+    for r, path in zip(recs, manifest.images[start:end]):
+        r["image"] = str(path)
+    return recs
+
+
+def predict_manifest(
+    model: Predictor,
+    manifest: Manifest,
+    out_path: str | Path,
+    *,
+    labels: Sequence[str] | None = None,
+    top_k: int | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool = True,
+    shard_rows: int = SHARD_ROWS,
+    on_bad_image: str = "fail",
+    decode: str = "cpu",
+) -> int:
+    """Per image: probabilities, calibrated decisions and the manifest's other columns.
+
+    Writes JSON lines, or Parquet when out_path ends in .parquet (scores as a list aligned
+    with the label names stored in the file's metadata). Streams in bounded memory and
+    resumes an interrupted call from its last completed shard."""
+    specs = model.resolve_labels(labels) if labels else scored_labels(model)
+    names = [s.name for s in specs]
+    out = Path(out_path)
+    parquet = out.suffix.lower() == ".parquet"
+
+    def write_part(start: int, end: int, part: Path) -> None:
+        failures = _failures(on_bad_image)
+        u = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers, failures=failures,
+                                 decode=decode)
+        keep = _keep_rows(failures, start, end, part)
+        u = u[keep]
+        p = model.proba_from_embeddings(u, specs)
+        decided = model.decide(p, specs)
+        recs = [_records(manifest, start, end)[r] for r in keep]
+        for r, rec in enumerate(recs):
+            order = np.argsort(-p[r], kind="stable")
+            rec["predicted"] = [names[j] for j in order if decided[r, j]]
+            if parquet:
+                rec["scores"] = p[r].astype(np.float32).tolist()
+            else:
+                rec["scores"] = {names[j]: round(float(p[r, j]), 6) for j in (order[:top_k] if top_k else order)}
+        if parquet:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pylist(recs)
+            # explicit types: a shard where nothing is decided must not infer list<null>
+            for col, typ in (("predicted", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))):
+                table = table.set_column(table.schema.get_field_index(col), col, table.column(col).cast(typ))
+            tmp = part.with_name(f".{part.name}.tmp")
+            pq.write_table(table, tmp)
+            tmp.replace(part)
+        else:
+            atomic_write_text(part, "".join(json.dumps(r, default=str) + "\n" for r in recs))
+
+    fp = _fingerprint(model, manifest, kind="predict", labels=names, top_k=top_k, parquet=parquet, on_bad_image=on_bad_image,
+                      **({"decode": decode} if decode != "cpu" else {}))
+    parts = _sharded(out, len(manifest), fp, shard_rows, ".parquet" if parquet else ".jsonl", write_part, progress, "predict")
+    return _merge(parts, out, parquet, metadata={"labels": json.dumps(names)})
+
+
+def embed_manifest(model: Predictor, manifest: Manifest, out_path: str | Path, *, batch_size: int = 32, num_workers: int = 0,
+                   progress: bool = True, shard_rows: int = SHARD_ROWS, on_bad_image: str = "fail",
+                   decode: str = "cpu") -> int:
+    """Write a Parquet file: the manifest's columns plus a normalised `embedding` column.
+    Streams in bounded memory and resumes an interrupted call from its last shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write_part(start: int, end: int, part: Path) -> None:
+        failures = _failures(on_bad_image)
+        emb = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers, failures=failures,
+                                 decode=decode)
+        keep = _keep_rows(failures, start, end, part)
+        emb = F.normalize(emb[keep], dim=-1).numpy().astype(np.float32)
+        frame = manifest.frame.iloc[start:end].reset_index(drop=True).iloc[keep].reset_index(drop=True).copy()
+        frame["image"] = [str(manifest.images[start + r]) for r in keep]
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]))
+        tmp = part.with_name(f".{part.name}.tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(part)
+
+    out = Path(out_path)
+    parts = _sharded(out, len(manifest), _fingerprint(model, manifest, kind="embed", on_bad_image=on_bad_image,
+                                                          **({"decode": decode} if decode != "cpu" else {})), shard_rows, ".parquet", write_part, progress, "embed")
+    return _merge(parts, out, parquet=True)
+
+
+def _failures(on_bad_image: str) -> list[tuple[int, str]] | None:
+    if on_bad_image not in ("fail", "skip"):
+        raise ConfigError(f"on_bad_image is {on_bad_image!r}; choose fail or skip")
+    return [] if on_bad_image == "skip" else None
+
+
+def _keep_rows(failures: list[tuple[int, str]] | None, start: int, end: int, part: Path) -> list[int]:
+    """Rows of a shard to write; skipped images go to the shard's .skipped.csv beside it."""
+    bad = {r for r, _ in failures or []}
+    if failures:
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        for r, reason in sorted(failures):
+            w.writerow([start + r, reason])
+        atomic_write_text(part.with_name(part.name + ".skipped.csv"), buf.getvalue())
+        log.warning("skipped %d unreadable images in rows %d-%d", len(bad), start, end - 1)
+    return [r for r in range(end - start) if r not in bad]
+
+
+def _merge(parts: list[Path], out: Path, parquet: bool, metadata: dict[str, str] | None = None) -> int:
+    """Concatenate the shard files into `out` (atomically), write the skipped images to
+    OUT.skipped.csv (row, image, reason) if any, remove the parts; returns rows written.
+    Under torchrun only rank 0 merges (the others return 0)."""
+    import shutil
+
+    from mumic import distributed as dist
+
+    if not dist.is_main():
+        return 0
+
+    skipped = []
+    for part in parts:
+        sk = part.with_name(part.name + ".skipped.csv")
+        if sk.is_file():
+            skipped.append(sk.read_text())
+    skipped_path = out.with_name(out.name + ".skipped.csv")
+    if skipped:
+        atomic_write_text(skipped_path, "row,reason\n" + "".join(skipped))
+    else:
+        skipped_path.unlink(missing_ok=True)
+    rows = 0
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if parquet:
+        import pyarrow.parquet as pq
+
+        writer = None
+        try:
+            for part in parts:
+                table = pq.read_table(part)
+                if writer is None:
+                    schema = table.schema.with_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in (metadata or {}).items()}})
+                    writer = pq.ParquetWriter(tmp, schema)
+                writer.write_table(table.cast(writer.schema))
+                rows += table.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:  # no rows
+            import pyarrow as pa
+
+            pq.write_table(pa.table({}), tmp)
+    else:
+        with open(tmp, "wb") as dst:
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, dst)
+                with open(part, "rb") as src:
+                    rows += sum(1 for _ in src)
+    tmp.replace(out)
+    if parts:
+        shutil.rmtree(parts[0].parent)
+    return rows
+
+

@@ -1,0 +1,208 @@
+"""The run directory: what training writes and everything that reads it back.
+
+    config.yaml  labels.json  model.safetensors  thresholds.json  class_embeddings.safetensors
+
+`read_run` validates every file of a run before anything is built from it (each problem
+is one `RunError` naming the file and the key); a run is read through safetensors and
+JSON/YAML parsers only, never unpickled. `class_embeddings.safetensors` holds the class
+embeddings v of the run's labels, so that scoring the run's own labels needs no text
+tower; it is bound to the weights by their digest and ignored when they differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mumic.data.manifest import LabelSpec
+from mumic.errors import RunError
+from mumic.io import read_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from mumic.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mumic-run-1"
+REQUIRED = ("config.yaml", "labels.json", "model.safetensors")
+CLASS_EMBEDDINGS = "class_embeddings.safetensors"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npz")
+BACKBONE_KEYS = ("spec", "image_size", "image_head", "seed")
+
+
+@dataclass
+class RunFiles:
+    """The validated content of a run directory (weights not yet read)."""
+
+    path: Path
+    config: TrainConfig
+    labels: list[LabelSpec]
+    templates: list[str]
+    backbone: dict[str, Any]
+    tau: float
+    thresholds: dict[str, Any]
+
+
+def _malformed(path: Path, what: str) -> RunError:
+    return RunError(f"{path} is malformed: {what}; restore it from the original run")
+
+
+def _str_list(path: Path, value: Any, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise _malformed(path, f"{what} must be a list of strings, got {value!r:.80}")
+    return list(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_labels(path: Path) -> tuple[list[LabelSpec], list[str], dict[str, Any], float]:
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise _malformed(path, f"expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format", FORMAT) != FORMAT:
+        raise RunError(f"{path}: run format {meta.get('format')!r} is not {FORMAT!r}; it was written by another version of mumic")
+    for key in ("labels", "templates", "model"):
+        if key not in meta:
+            raise _malformed(path, f"the key '{key}' is missing")
+    if not isinstance(meta["labels"], list) or not meta["labels"]:
+        raise _malformed(path, "'labels' must be a non-empty list")
+    specs = []
+    for k, entry in enumerate(meta["labels"]):
+        if not isinstance(entry, dict):
+            raise _malformed(path, f"label #{k + 1} must be an object, got {type(entry).__name__}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise _malformed(path, f"label #{k + 1} has no name (a non-empty string)")
+        if not isinstance(entry.get("seen"), bool):
+            raise _malformed(path, f"label {name!r}: 'seen' must be true or false, got {entry.get('seen')!r:.80}")
+        description = entry.get("description")
+        if description is not None and not isinstance(description, str):
+            raise _malformed(path, f"label {name!r}: 'description' must be a string")
+        specs.append(LabelSpec(name=name, prompts=_str_list(path, entry.get("prompts"), f"label {name!r}: 'prompts'"),
+                               description=description, seen=entry["seen"]))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise _malformed(path, f"duplicate label names ({', '.join(sorted({n for n in names if names.count(n) > 1})[:3])})")
+    templates = _str_list(path, meta["templates"], "'templates'") or []
+    model = meta["model"]
+    if not isinstance(model, dict) or not isinstance(model.get("backbone"), dict):
+        raise _malformed(path, "'model' must be an object with a 'backbone' object")
+    backbone = model["backbone"]
+    odd = sorted(set(backbone) - set(BACKBONE_KEYS))
+    if odd or not isinstance(backbone.get("spec"), str):
+        raise _malformed(path, f"'model.backbone' must have a string 'spec' and only the keys {', '.join(BACKBONE_KEYS)}"
+                         + (f" (found {', '.join(odd)})" if odd else ""))
+    if backbone.get("image_size") is not None and not _is_int(backbone["image_size"]):
+        raise _malformed(path, "'model.backbone.image_size' must be an integer")
+    if not _is_int(backbone.get("seed", 0)):
+        raise _malformed(path, "'model.backbone.seed' must be an integer")
+    if backbone.get("image_head") is not None and not isinstance(backbone["image_head"], str):
+        raise _malformed(path, "'model.backbone.image_head' must be a string")
+    tau = model.get("tau", 0.07)
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+        raise _malformed(path, f"'model.tau' must be a finite number, got {tau!r:.80}")
+    if tau <= 0:
+        raise _malformed(path, f"'model.tau' must be > 0, got {tau}")
+    return specs, templates, dict(backbone), float(tau)
+
+
+def load_thresholds(run: Path, names: Sequence[str] = ()) -> dict[str, Any]:
+    """thresholds.json ({"per_label": {name: t}, "default": t}); a missing file decides at 0.5."""
+    path = Path(run) / "thresholds.json"
+    if not path.is_file():
+        log.warning("%s is missing; deciding at probability 0.5", path)
+        return {"per_label": {}, "default": 0.5}
+    data = read_json(path)
+    if not isinstance(data, dict) or "per_label" not in data or "default" not in data:
+        raise RunError(f"{path} is malformed: expected keys per_label and default")
+    per_label, default = data["per_label"], data["default"]
+    if not isinstance(per_label, dict) or not all(
+        isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float)) and 0.0 <= v <= 1.0
+        for k, v in per_label.items()
+    ):
+        raise RunError(f"{path} is malformed: 'per_label' must map label names to numbers in [0, 1]")
+    if isinstance(default, bool) or not isinstance(default, (int, float)) or not 0.0 <= default <= 1.0:
+        raise RunError(f"{path} is malformed: 'default' must be a number in [0, 1], got {default!r:.80}")
+    return data
+
+
+def read_run(run_dir: str | Path) -> RunFiles:
+    """Validate a finished run directory and return its settings (see the module docstring)."""
+    from mumic.config import load_config
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise RunError(f"run directory {run} does not exist")
+    # anything that could be unpickled is refused outright rather than ignored
+    pickles = sorted(p.name for p in run.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise RunError(f"{run} holds pickle files ({', '.join(pickles)}); runs load safetensors only — remove them")
+    for name in REQUIRED:
+        if not (run / name).is_file():
+            raise RunError(f"{run} is not a finished run: {name} is missing")
+    cfg = load_config(run / "config.yaml")
+    specs, templates, backbone, tau = _read_labels(run / "labels.json")
+    thresholds = load_thresholds(run, [s.name for s in specs])
+    return RunFiles(path=run, config=cfg, labels=specs, templates=templates, backbone=backbone, tau=tau, thresholds=thresholds)
+
+
+def labels_meta(model: Any, train_counts: dict[str, int], backbone_config: dict[str, Any], tau0: float) -> dict[str, Any]:
+    """The content of a run's labels.json."""
+    return {
+        "format": FORMAT,
+        "labels": [
+            {"name": s.name, "prompts": s.prompts, "description": s.description, "seen": s.seen,
+             "train_positives": int(train_counts.get(s.name, 0))}
+            for s in model.labels
+        ],
+        "templates": model.templates,
+        "model": {"backbone": backbone_config, "tau": tau0},
+    }
+
+
+def _prompt_key(model: Any, labels: Sequence[LabelSpec]) -> str:
+    return json.dumps([[s.name, s.texts(model.templates)] for s in labels])
+
+
+def write_class_embeddings(run: Path, model: Any) -> None:
+    """Store v of every run label beside the weights, bound to them by their digest."""
+    import torch
+
+    from mumic.io import save_tensors, tensors_digest
+
+    with torch.inference_mode():
+        v = model.class_embeddings(model.labels).float().cpu()
+    save_tensors(Path(run) / CLASS_EMBEDDINGS, {"v": v}, metadata={
+        "weights": tensors_digest(model.trained_state()), "labels": _prompt_key(model, model.labels)})
+
+
+def read_class_embeddings(run: Path, model: Any, weights: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The stored v of the run's labels, or None when the file is absent or was written
+    for other weights or other prompts (then the text tower computes v as before)."""
+    from safetensors import safe_open
+
+    from mumic.io import load_tensors, tensors_digest
+
+    path = Path(run) / CLASS_EMBEDDINGS
+    if not path.is_file():
+        return None
+    v = load_tensors(path).get("v")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if v is None or meta.get("weights") != tensors_digest(weights) or meta.get("labels") != _prompt_key(model, model.labels):
+        log.warning("%s does not belong to these weights or labels; computing the class embeddings", path)
+        return None
+    if tuple(v.shape) != (len(model.labels), model.backbone.embed_dim):
+        return None
+    return v
