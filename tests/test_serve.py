@@ -269,8 +269,7 @@ def test_undecodable_and_garbage_bodies(server, test_images):
 
 def test_image_modes_decode_as_files_do(tmp_path):
     """Uploads go through the same conversion as files: alpha onto white, EXIF, 16-bit, palette."""
-    from mumic.data.images import load_image
-    from mumic.serve import decode_image
+    from mumic.data.images import decode_image, load_image
 
     rng = np.random.default_rng(0)
     rgba = Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA")
@@ -346,7 +345,8 @@ def test_micro_batcher_batches_bounds_and_stops():
 
     import torch
 
-    from mumic.serve import MicroBatcher, ServiceError
+    from mumic.errors import ServiceError
+    from mumic.serve import MicroBatcher
 
     sizes = []
     gate = threading.Event()
