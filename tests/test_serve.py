@@ -182,9 +182,11 @@ def test_concurrent_requests_share_batches(server, test_images):
     assert all(r.status_code == 200 for r in rs)
     scores = {tuple(sorted(r.json()["results"][0]["scores"].items())) for r in rs}
     assert len({tuple(round(v, 4) for _, v in s) for s in scores}) == 1  # same answer in any batch
+    # behaviour, not timing: the batcher's counters show that requests shared forward passes
     after = httpx.get(server.url + "/health").json()["batching"]
-    assert after["images"] - before["images"] == 16
-    assert after["batches"] - before["batches"] < 16  # some requests ran together
+    images, batches = after["images"] - before["images"], after["batches"] - before["batches"]
+    assert images == 16
+    assert batches < images, f"{images} images ran in {batches} batches: no two requests were batched together"
     assert after["largest_batch"] > 1
 
 
