@@ -258,7 +258,7 @@ def train_small_run(work: Path) -> tuple[Path, list[Path]]:
 
 
 class ServeProcess:
-    """`python -m mumic.serve RUN ...ARGS` on a free loopback port, waited for on /health,
+    """`python -m mumic serve RUN ...ARGS` on a free loopback port, waited for on /health,
     stopped with SIGINT."""
 
     def __init__(self, run: Path, log: Path, *args: str, timeout: float = 180.0) -> None:

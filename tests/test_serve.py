@@ -182,9 +182,11 @@ def test_concurrent_requests_share_batches(server, test_images):
     assert all(r.status_code == 200 for r in rs)
     scores = {tuple(sorted(r.json()["results"][0]["scores"].items())) for r in rs}
     assert len({tuple(round(v, 4) for _, v in s) for s in scores}) == 1  # same answer in any batch
+    # behaviour, not timing: the batcher's counters show that requests shared forward passes
     after = httpx.get(server.url + "/health").json()["batching"]
-    assert after["images"] - before["images"] == 16
-    assert after["batches"] - before["batches"] < 16  # some requests ran together
+    images, batches = after["images"] - before["images"], after["batches"] - before["batches"]
+    assert images == 16
+    assert batches < images, f"{images} images ran in {batches} batches: no two requests were batched together"
     assert after["largest_batch"] > 1
 
 
@@ -269,8 +271,7 @@ def test_undecodable_and_garbage_bodies(server, test_images):
 
 def test_image_modes_decode_as_files_do(tmp_path):
     """Uploads go through the same conversion as files: alpha onto white, EXIF, 16-bit, palette."""
-    from mumic.data.images import load_image
-    from mumic.serve import decode_image
+    from mumic.data.images import decode_image, load_image
 
     rng = np.random.default_rng(0)
     rgba = Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA")
@@ -346,7 +347,8 @@ def test_micro_batcher_batches_bounds_and_stops():
 
     import torch
 
-    from mumic.serve import MicroBatcher, ServiceError
+    from mumic.errors import ServiceError
+    from mumic.serve import MicroBatcher
 
     sizes = []
     gate = threading.Event()

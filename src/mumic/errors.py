@@ -27,3 +27,20 @@ class RunError(MumicError):
 
 class ExportError(MumicError):
     """A model could not be exported to ONNX, or the exported graphs disagree with PyTorch."""
+
+
+class ServiceError(MumicError):
+    """A request the service refuses, with the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+class UploadError(ImageError):
+    """An uploaded image that cannot be used: 413 (too large) or 422 (not decodable)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status

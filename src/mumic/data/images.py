@@ -1,14 +1,17 @@
 """Image decoding and the two geometric transforms (eval: resize + center crop; train:
 random resized crop + flip).
 
-``load_image`` turns anything Pillow can read into an RGB image, or raises
-:class:`~mumic.errors.ImageError` with the path and the reason. Transforms return
+One decoder serves files and uploaded bytes: ``load_image`` turns a file Pillow can read
+into an RGB image, or raises :class:`~mumic.errors.ImageError` with the path and the
+reason; ``decode_image`` does the same for bytes a client sent (``ALLOWED_FORMATS`` only)
+and raises :class:`~mumic.errors.UploadError` with an HTTP status. Transforms return
 ``uint8`` arrays ``[3, size, size]``; normalisation belongs to the backbone.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import math
 import os
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mumic.errors import ImageError
+from mumic.errors import ImageError, UploadError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,10 @@ _WHITE = (255, 255, 255)
 REFUSED_FORMATS = {"EPS": "decoding it runs Ghostscript, an external interpreter"}
 """Formats Pillow can open but ``load_image`` refuses, with the reason (checked after the
 header is read, before anything is decoded)."""
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+"""Pillow formats ``decode_image`` accepts from clients; others (EPS, PDF, ...) are
+refused before anything is decoded."""
 
 _BOMB_SIZE = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+) pixels")
 
@@ -130,50 +137,90 @@ def load_image(
     """
     path = Path(path)
     _check_file(path)
+    return _decode(path, str(path), upload=False, size_hint=size_hint, max_pixels=max_pixels)
+
+
+def decode_image(data: bytes, *, max_pixels: int, size_hint: int | None = None, name: str = "image") -> Image.Image:
+    """Uploaded bytes -> RGB image, decoded as ``load_image`` decodes files.
+
+    Only ``ALLOWED_FORMATS`` are opened. Raises UploadError: 413 over ``max_pixels``,
+    422 when the bytes are empty or not a supported image; ``name`` starts the message.
+    """
+    if not data:
+        raise UploadError(422, f"{name}: empty upload (0 bytes)")
+    return _decode(io.BytesIO(data), name, upload=True, size_hint=size_hint, max_pixels=max_pixels)
+
+
+def image_pixels(data: bytes, size: int, *, max_pixels: int, name: str = "image") -> np.ndarray:
+    """Uploaded bytes -> uint8 array [3, size, size] (resize shorter side, center crop)."""
+    return resize_center_crop(decode_image(data, max_pixels=max_pixels, size_hint=size, name=name), size)
+
+
+def _decode(
+    source: Path | io.BytesIO, where: str, *, upload: bool, size_hint: int | None, max_pixels: int
+) -> Image.Image:
+    """The one decoder of files and uploads. ``where`` (a path or an upload's name) starts
+    every message; an upload fails with UploadError (413 too large, 422 undecodable), a
+    file with ImageError."""
+
+    def fail(message: str, *, too_large: bool = False) -> ImageError:
+        return UploadError(413 if too_large else 422, message) if upload else ImageError(message)
+
     try:
-        with Image.open(path) as img:
+        with Image.open(source, formats=ALLOWED_FORMATS if upload else None) as img:
             # Only the header has been read so far: refuse here, before any pixel buffer
             # is allocated or any decoder runs.
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageError(
-                    f"{path}: too many pixels ({width}x{height} = {width * height:,}, "
-                    f"limit {max_pixels:,}); downscale the image or raise max_pixels"
+                raise fail(
+                    f"{where}: too many pixels ({width}x{height} = {width * height:,}, limit {max_pixels:,}); "
+                    f"downscale the image{'' if upload else ' or raise max_pixels'}",
+                    too_large=True,
                 )
             refused = REFUSED_FORMATS.get(img.format or "")
             if refused:
-                raise ImageError(f"{path}: {img.format} files are not accepted ({refused}); convert it to PNG or JPEG")
+                raise fail(f"{where}: {img.format} files are not accepted ({refused}); convert it to PNG or JPEG")
             if size_hint is not None and img.format == "JPEG":
                 img.draft("RGB", (size_hint, size_hint))
             img.load()  # force the full decode here, so truncated data fails here
             try:
                 oriented = ImageOps.exif_transpose(img)
             except Exception as e:  # a broken EXIF block must not lose the image
-                log.warning("%s: ignoring unreadable EXIF orientation (%s)", path, e)
+                log.log(logging.DEBUG if upload else logging.WARNING, "%s: ignoring unreadable EXIF orientation (%s)", where, e)
                 oriented = img
             rgb = to_rgb(oriented)
             if rgb is img:
-                rgb = img.copy()  # detach from the file before it closes
+                rgb = img.copy()  # detach from the source before it closes
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image (unrecognised format)") from None
+        accepted = f"in a supported format ({', '.join(ALLOWED_FORMATS)})" if upload else "(unrecognised format)"
+        raise fail(f"{where}: not an image {accepted}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning, where warnings are errors
         found = _BOMB_SIZE.search(str(e))
-        detail = f"{int(found[1]):,} pixels, over the decompression-bomb limit of {int(found[2]):,}" if found else str(e)
-        raise ImageError(f"{path}: too many pixels ({detail}); downscale the image") from None
+        if upload:
+            detail = "decompression bomb limit"
+        else:
+            detail = f"{int(found[1]):,} pixels, over the decompression-bomb limit of {int(found[2]):,}" if found else str(e)
+        raise fail(f"{where}: too many pixels ({detail}); downscale the image", too_large=True) from None
     except MemoryError:
         raise
     except PermissionError:
-        raise ImageError(f"{path}: permission denied") from None
-    except (OSError, EOFError) as e:
-        reason = str(e) or e.__class__.__name__
-        if "truncated" in reason.lower() or isinstance(e, EOFError):
-            reason = f"truncated or corrupt data ({reason})"
-        raise ImageError(f"{path}: cannot decode: {reason}") from None
-    except Exception as e:  # decoders also raise SyntaxError, ValueError, struct.error, ...
-        raise ImageError(f"{path}: cannot decode: {e.__class__.__name__}: {e}") from None
+        raise fail(f"{where}: permission denied") from None
+    except Exception as e:  # decoders raise OSError, EOFError, SyntaxError, ValueError, struct.error, ...
+        raise fail(_decode_failure(where, e, upload=upload)) from None
     return rgb
+
+
+def _decode_failure(where: str, e: Exception, *, upload: bool) -> str:
+    reason = str(e) or e.__class__.__name__
+    if upload:
+        return f"{where}: cannot decode the image ({reason})"
+    if not isinstance(e, (OSError, EOFError)):
+        return f"{where}: cannot decode: {e.__class__.__name__}: {e}"
+    if "truncated" in reason.lower() or isinstance(e, EOFError):
+        reason = f"truncated or corrupt data ({reason})"
+    return f"{where}: cannot decode: {reason}"
 
 
 def _as_chw(img: Image.Image) -> np.ndarray:

@@ -1,0 +1,159 @@
+"""The FastAPI app: routes, error answers and the request guard over a Service."""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at
+# run time, and their defaults and body model depend on the service limits.
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+import mumic
+from mumic.errors import MumicError, ServiceError, UploadError
+from mumic.serve import schemas
+from mumic.serve.limits import JSON_TYPE, MULTIPART, URLENCODED, BodyBudget, Limits, RequestGuard
+from mumic.serve.schemas import ERROR_RESPONSES
+from mumic.serve.service import Service
+
+
+def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: str = "auto", engine: str = "auto",
+               **limits: Any) -> Any:
+    """The FastAPI app serving `run_dir` (and the index folder `index`, for /search).
+    `engine` runs the image tower (see Predictor.set_engine: onnxruntime on CPUs by default).
+
+    `limits` are the fields of Limits (sizes, counts, batching). The model, the run's class
+    embeddings and the index are loaded here, so a bad run or index fails before serving.
+    """
+    lim = Limits.from_kwargs(**limits)
+    svc = Service(run_dir, index, device=device, engine=engine, limits=lim)
+    app = FastAPI(
+        title="mumic",
+        version=mumic.__version__,
+        summary="Multi-label image classification with image-text embeddings (MuMIC)",
+        description=(
+            f"Run `{Path(run_dir).name}`: {len(svc.bank.run_names)} labels, {svc.size} px images, {svc.dim}-d embeddings. "
+            f"Limits: {lim.max_images} images and {lim.max_labels} extra labels per request, "
+            f"{lim.max_image_bytes:,} bytes per image, {lim.max_pixels:,} pixels per image, "
+            f"{lim.max_request_bytes:,} bytes per request."
+        ),
+        lifespan=_lifespan(svc),
+    )
+    app.state.batcher = svc.batcher
+    app.state.model = svc.model
+    app.state.limits = lim
+    app.state.body_budget = body_budget = BodyBudget(max(lim.max_buffered_bytes, lim.max_request_bytes))
+    _add_error_handlers(app)
+    _add_image_routes(app, svc)
+    _add_text_route(app, svc)
+    _add_info_routes(app, svc)
+    content_types = {"/predict": (MULTIPART,), "/embed/image": (MULTIPART,), "/embed/text": (JSON_TYPE,)}
+    if svc.index is not None:
+        _add_search_route(app, svc)
+        content_types["/search"] = (MULTIPART, URLENCODED)
+    # outermost user middleware; the app stays a FastAPI instance (routes, state, OpenAPI)
+    app.add_middleware(RequestGuard, max_bytes=lim.max_request_bytes, content_types=content_types, budget=body_budget,
+                       body_timeout_s=lim.body_timeout_s)
+    return app
+
+
+def _lifespan(svc: Service) -> Any:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any):
+        yield
+        svc.close()
+
+    return lifespan
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _json_error(status: int, detail: Any, headers: dict[str, str] | None = None) -> Any:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+async def _service_error(request: Request, exc: ServiceError) -> Any:
+    return _json_error(exc.status, str(exc), exc.headers)
+
+
+async def _upload_error(request: Request, exc: UploadError) -> Any:
+    return _json_error(exc.status, str(exc))
+
+
+async def _mumic_error(request: Request, exc: MumicError) -> Any:
+    return _json_error(422, str(exc))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Any:
+    # the location and reason only: client input is not echoed back
+    detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in exc.errors()]
+    return _json_error(422, detail)
+
+
+def _add_error_handlers(app: Any) -> None:
+    """Every refusal answers JSON {"detail": ...}."""
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(UploadError, _upload_error)
+    app.add_exception_handler(MumicError, _mumic_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+
+# ----------------------------------------------------------------------------- routes
+
+
+def _add_image_routes(app: Any, svc: Service) -> None:
+    lim = svc.limits
+
+    @app.post("/predict", response_model=schemas.PredictResponse, responses=ERROR_RESPONSES,
+              summary="Label probabilities of uploaded images")
+    async def predict(
+        images: list[UploadFile] = File(description=f"image files (JPEG, PNG, GIF, BMP, WebP, TIFF), at most {lim.max_images}"),
+        labels: list[str] | None = Form(None, description="extra labels to score zero-shot, repeated field; empty entries are ignored"),
+        top_k: int | None = Form(None, ge=1, description="keep the k highest scores per image"),
+        apply_thresholds: bool = Form(True, description="decide with the run's calibrated thresholds (false: at 0.5)"),
+        return_embedding: bool = Form(False, description="also return each image's normalised embedding"),
+    ) -> Any:
+        return await svc.predict(images, labels, top_k, apply_thresholds, return_embedding)
+
+    @app.post("/embed/image", response_model=schemas.EmbeddingsResponse, responses=ERROR_RESPONSES,
+              summary="Normalised embeddings of uploaded images")
+    async def embed_image(
+        images: list[UploadFile] = File(description=f"image files, at most {lim.max_images}"),
+    ) -> Any:
+        return await svc.embed_images(images)
+
+
+def _add_text_route(app: Any, svc: Service) -> None:
+    TextsRequest = schemas.texts_request(svc.limits)
+
+    @app.post("/embed/text", response_model=schemas.EmbeddingsResponse, responses=ERROR_RESPONSES,
+              summary="Normalised embeddings of texts, in the image space")
+    async def embed_text(body: TextsRequest) -> Any:
+        return await svc.embed_texts(body.texts)
+
+
+def _add_info_routes(app: Any, svc: Service) -> None:
+    @app.get("/labels", response_model=schemas.LabelsResponse, summary="The run's labels, seen / unseen, and thresholds")
+    async def labels_info() -> Any:
+        return svc.labels_info()
+
+    @app.get("/health", response_model=schemas.HealthResponse, summary="Liveness and batching counters")
+    async def health() -> Any:
+        return svc.health()
+
+
+def _add_search_route(app: Any, svc: Service) -> None:
+    lim = svc.limits
+
+    @app.post("/search", response_model=schemas.SearchResponse, responses=ERROR_RESPONSES,
+              summary="Nearest indexed images of a text or an image")
+    async def search(
+        text: str | None = Form(None, max_length=lim.max_text_chars, description="query text (give text or image)"),
+        image: UploadFile | None = File(None, description="query image (give text or image)"),
+        k: int = Form(10, ge=1, le=lim.max_k, description="number of results"),
+        exact: bool = Form(False, description="exact search over all vectors instead of the HNSW graph"),
+    ) -> Any:
+        return await svc.search(text, image, k, exact)

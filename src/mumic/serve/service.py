@@ -1,0 +1,207 @@
+"""What the routes call: the loaded run (its model owned by the batcher's thread), the
+label bank, the optional search index, and the handling of each kind of request."""
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastapi import UploadFile
+from fastapi.concurrency import run_in_threadpool
+
+import mumic
+from mumic.data.images import image_pixels
+from mumic.errors import MumicError, ServiceError
+from mumic.serve.batcher import MicroBatcher
+from mumic.serve.labels import LabelBank
+from mumic.serve.limits import Limits
+
+log = logging.getLogger(__name__)
+
+
+def load_index(index: str | Path | None, run_dir: str | Path, dim: int) -> Any:
+    """The search index folder for /search (None without one), checked against the run."""
+    if index is None:
+        return None
+    from mumic.search import Index
+
+    search_index = Index.load(index)
+    search_index.check_run(run_dir)
+    if search_index.dim != dim:
+        raise MumicError(f"index {index} holds {search_index.dim}-d vectors, the run {dim}-d; rebuild the index with this run")
+    return search_index
+
+
+class Service:
+    """A run loaded for serving. Loading fails here, before serving, for a bad run or index.
+
+    `engine` runs the image tower (see Predictor.set_engine: onnxruntime on CPUs by default).
+    """
+
+    def __init__(self, run_dir: str | Path, index: str | Path | None, *, device: str, engine: str, limits: Limits) -> None:
+        from mumic.predictor import Predictor
+
+        lim = self.limits = limits
+        t0 = time.perf_counter()
+        self.run_name = Path(run_dir).name
+        self.model = model = Predictor.from_run(run_dir, device=device)
+        model.eval()
+        model.set_engine(engine)
+        self.size = model.backbone.image_size
+        self.dim = model.backbone.embed_dim
+        self.bank = LabelBank(model, lim.label_cache_size)
+        self.index = load_index(index, run_dir, self.dim)
+        self.batcher = MicroBatcher(
+            self._run_images, enabled=lim.batching, max_batch_size=lim.max_batch_size, max_wait_ms=lim.max_wait_ms,
+            max_pending=lim.max_pending_images,
+        )
+        self.batcher.start()
+        self.decode_slots = asyncio.Semaphore(lim.decode_threads)
+        log.info(
+            "serving run %s: %d labels%s; batching %s; ready in %.1f s", self.run_name, len(self.bank.run_names),
+            f", index of {self.index.count} images" if self.index else "",
+            f"on (max {lim.max_batch_size}, wait {lim.max_wait_ms:g} ms)" if lim.batching else "off", time.perf_counter() - t0,
+        )
+
+    def close(self) -> None:
+        self.batcher.stop()
+
+    # ------------------------------------------------------------------ the model thread
+    def _run_images(self, px: Any) -> Any:
+        with torch.inference_mode():
+            return self.model.image_embeddings(px).float().cpu()
+
+    def _text_embeddings(self, texts: list[str]) -> Any:
+        try:
+            return self.model.embed_texts(texts)
+        finally:
+            self.model.clear_text_cache()
+
+    async def embed_pixels(self, px: Any) -> Any:
+        """Unnormalised image embeddings [n, D] of uint8 pixels [n, 3, S, S], batched with other requests'."""
+        return await asyncio.wrap_future(self.batcher.submit(px))
+
+    async def on_model_thread(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.wrap_future(self.batcher.call(fn))
+
+    # ------------------------------------------------------------------ request parts
+    async def read_images(self, images: list[UploadFile]) -> tuple[Any, list[str | None]]:
+        """Uploads -> uint8 pixels [n, 3, S, S] and the file names, within the limits."""
+        lim = self.limits
+        if len(images) > lim.max_images:
+            raise ServiceError(413, f"{len(images)} images in one request; the limit is {lim.max_images}")
+        names, blobs = [], []
+        for i, up in enumerate(images):
+            data = await up.read(lim.max_image_bytes + 1)
+            label = f"image {i}" + (f" ({up.filename})" if up.filename else "")
+            if len(data) > lim.max_image_bytes:
+                raise ServiceError(413, f"{label} is over the limit of {lim.max_image_bytes:,} bytes")
+            names.append(up.filename)
+            blobs.append((label, data))
+        arrays = []
+        for label, data in blobs:
+            async with self.decode_slots:
+                arrays.append(await run_in_threadpool(image_pixels, data, self.size, max_pixels=lim.max_pixels, name=label))
+        return torch.from_numpy(np.stack(arrays)), names
+
+    def clean_labels(self, labels: list[str] | None) -> list[str]:
+        """Extra label names as asked: stripped, empty ones dropped, duplicates once, within the limits."""
+        lim = self.limits
+        names: list[str] = []
+        for raw in labels or []:
+            name = raw.strip()
+            if not name:
+                continue  # empty form entries are ignored
+            if len(name) > lim.max_label_chars:
+                raise ServiceError(422, f"label '{name[:40]}...' has {len(name)} characters; the limit is {lim.max_label_chars}")
+            if name not in names:
+                names.append(name)
+        if len(names) > lim.max_labels:
+            raise ServiceError(422, f"{len(names)} extra labels; the limit is {lim.max_labels}")
+        return names
+
+    async def label_params(self, names: list[str]) -> tuple[list[Any], Any, Any]:
+        """Specs, [C, D] class embeddings and [C] biases: the run's labels, then extras
+        (embedded on the model thread the first time they are asked for)."""
+        bank = self.bank
+        extra = bank.requested(names)
+        todo = bank.missing(extra)
+        if todo:
+            tv, tb = await self.on_model_thread(lambda: bank.compute(todo))
+            bank.put(todo, tv, tb)
+        return bank.params(extra)
+
+    # ------------------------------------------------------------------ requests
+    async def predict(self, images: list[UploadFile], labels: list[str] | None, top_k: int | None,
+                      apply_thresholds: bool, return_embedding: bool) -> dict[str, Any]:
+        specs, v, b = await self.label_params(self.clean_labels(labels))
+        px, filenames = await self.read_images(images)
+        u_raw = await self.embed_pixels(px)
+        probs = self.bank.probabilities(u_raw, specs, v, b)
+        decided = self.bank.decide(probs, specs, apply_thresholds)
+        u = F.normalize(u_raw, dim=-1).numpy() if return_embedding else None
+        label_names = [s.name for s in specs]
+        results = []
+        for r in range(len(probs)):
+            order = np.argsort(-probs[r], kind="stable")
+            kept = order[:top_k] if top_k else order
+            results.append({
+                "index": r,
+                "filename": filenames[r],
+                "scores": {label_names[j]: round(float(probs[r, j]), 6) for j in kept},
+                "predicted": [label_names[j] for j in order if decided[r, j]],
+                "embedding": u[r].tolist() if u is not None else None,
+            })
+        return {"labels": label_names, "thresholds": "calibrated" if apply_thresholds else "fixed-0.5", "results": results}
+
+    async def embed_images(self, images: list[UploadFile]) -> dict[str, Any]:
+        px, filenames = await self.read_images(images)
+        u = F.normalize(await self.embed_pixels(px), dim=-1)
+        return {"dim": self.dim, "embeddings": u.numpy().tolist(), "filenames": filenames}
+
+    async def embed_texts(self, texts: list[str]) -> dict[str, Any]:
+        emb = await self.on_model_thread(lambda: self._text_embeddings(list(texts)))
+        return {"dim": self.dim, "embeddings": np.asarray(emb).tolist(), "filenames": None}
+
+    async def search(self, text: str | None, image: UploadFile | None, k: int, exact: bool) -> dict[str, Any]:
+        has_text = text is not None and text.strip() != ""
+        if has_text == (image is not None):
+            raise ServiceError(422, "give exactly one query: a non-empty 'text' or one 'image'")
+        if has_text:
+            q = np.asarray(await self.on_model_thread(lambda: self._text_embeddings([text])), dtype=np.float32)
+        else:
+            px, _ = await self.read_images([image])
+            q = F.normalize(await self.embed_pixels(px), dim=-1).numpy()
+        scores, ids = await run_in_threadpool(self.index.search, q, k, exact=exact)
+        return {"query": "text" if has_text else "image", "exact": bool(exact or self.index.ann is None),
+                "results": self.index.results(scores[0], ids[0])}
+
+    def labels_info(self) -> dict[str, Any]:
+        from mumic.export import public_spec
+
+        model = self.model
+        th = getattr(model, "thresholds", None) or {"per_label": {}, "default": 0.5}
+        scored = set(self.bank.run_names)
+        return {
+            "labels": [
+                {"name": l.name, "seen": l.seen, "scored": l.name in scored,
+                 "threshold": float(th["per_label"].get(l.name, th["default"])), "prompts": l.texts(model.templates)}
+                for l in model.labels
+            ],
+            "default_threshold": float(th["default"]),
+            "tau": model.tau,
+            "embed_dim": self.dim,
+            "backbone": public_spec(model.backbone.spec),
+            "zero_shot": not self.bank.linear,
+        }
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok", "version": mumic.__version__, "run": self.run_name, "labels": len(self.bank.run_names),
+            "image_size": self.size, "embed_dim": self.dim, "index_items": self.index.count if self.index else None,
+            "label_cache": len(self.bank), "batching": self.batcher.stats(),
+        }
