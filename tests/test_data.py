@@ -474,6 +474,14 @@ def test_make_shapes(tmp_path: Path) -> None:
         assert np.array_equal(np.asarray(x), np.asarray(z))
 
 
+@pytest.mark.parametrize("kw,fragment", [({"n": 0}, "-n"), ({"n": 2.5}, "-n"), ({"size": 8}, "size")])
+def test_make_shapes_bad_arguments(tmp_path: Path, kw: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment) as info:
+        make_shapes(tmp_path / "shapes", **kw)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "shapes").exists()
+
+
 def test_manifest_repr_is_short(tmp_path: Path) -> None:
     m = read_manifest(WRITERS["m.csv"](tmp_path / "m.csv"), allow_outside=True)
     assert isinstance(m, Manifest) and len(repr(m)) < 200 and "rows=3" in repr(m)
