@@ -23,7 +23,8 @@ import yaml
 from PIL import Image
 
 from mumic.data import emoji as E
-from mumic.data.manifest import read_labels_file, read_manifest
+from mumic.data.labels import read_labels_file
+from mumic.data.manifest import read_manifest
 from mumic.errors import ConfigError, MumicError
 
 SKIN = "1F3FB"
