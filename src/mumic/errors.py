@@ -27,3 +27,8 @@ class RunError(MumicError):
 
 class ExportError(MumicError):
     """A model could not be exported to ONNX, or the exported graphs disagree with PyTorch."""
+
+
+class EmojiSourceError(MumicError):
+    """An EmojiTags source package could not be fetched, failed its integrity check, or
+    has an unexpected layout."""
