@@ -62,6 +62,13 @@ def test_bad_inputs_give_one_line_and_exit_2(tmp_path):
     _one_line_error(mumic("train", "--manifest", m, "--backbone", f"hf:{tmp_path / 'no-model'}", "--out", tmp_path / "r", check=False), "no-model")
 
 
+
+def test_shapes_with_no_images_is_a_one_line_error(tmp_path):
+    p = mumic("data", "shapes", "-n", "0", "--out", tmp_path / "shapes", check=False)
+    _one_line_error(p, "-n", "at least 1", "got 0")
+    assert not (tmp_path / "shapes" / "manifest.csv").exists()
+
+
 @pytest.mark.slow
 def test_train_evaluate_predict_embed(tmp_path, tiny_clip_dir):
     root = make_shapes(tmp_path / "shapes", n=90, size=48, seed=2).parent

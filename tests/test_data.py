@@ -14,7 +14,8 @@ from PIL import Image
 
 from mumic.data.dataset import ImageDataset, file_digest, make_loader
 from mumic.data.images import load_image, random_resized_crop, resize_center_crop
-from mumic.data.manifest import LabelSpec, Manifest, read_labels_file, read_manifest
+from mumic.data.labels import LabelSpec, read_labels_file
+from mumic.data.manifest import Manifest, read_manifest
 from mumic.data.synthetic import make_shapes
 from mumic.errors import ConfigError, ImageError, ManifestError
 
@@ -215,6 +216,14 @@ def test_labels_file_forms(tmp_path: Path) -> None:
     assert [(s.name, s.seen) for s in specs] == [("cat", True), ("dog", False)] and templates is None
 
 
+
+def test_labels_names_are_still_importable_from_manifest() -> None:
+    from mumic.data import labels, manifest
+
+    for name in ("LabelSpec", "read_labels_file", "fill_template", "SEPARATOR", "PLACEHOLDER"):
+        assert getattr(manifest, name) is getattr(labels, name), name
+
+
 @pytest.mark.parametrize(
     "name,text,fragment",
     [
@@ -222,15 +231,15 @@ def test_labels_file_forms(tmp_path: Path) -> None:
         ("unknown2.yaml", "labels:\n  - {name: cat, colour: red}\n", "unknown key 'colour'"),
         ("top.yaml", "labels: [cat]\ntemplate: ['{}']\n", "unknown key 'template'"),
         ("dup.yaml", "- cat\n- dog\n- cat\n", "duplicate label name(s): cat"),
-        ("dupkey.yaml", "cat: null\ncat: {seen: false}\n", "duplicate key 'cat'"),
-        ("dupkey.json", '{"cat": null, "cat": null}', "duplicate key 'cat'"),
+        ("dupkey.yaml", "cat: null\ncat: {seen: false}\n", "line 2: key 'cat' is given twice (first on line 1); keep one"),
+        ("dupkey.json", '{"cat": null, "cat": null}', "duplicate key 'cat'; keep one"),
         ("tmpl.yaml", "labels: [cat]\ntemplates: ['a photo']\n", "exactly once"),
         ("tmpl2.yaml", "labels: [cat]\ntemplates: ['{} and {}']\n", "exactly once"),
         ("bool.yaml", "- yes\n- cat\n", "not a string"),
         ("seen.yaml", "cat: {seen: maybe}\n", "seen must be true or false"),
         ("empty.yaml", "", "empty"),
-        ("syntax.yaml", "- cat\n- [dog\n", "invalid YAML"),
-        ("syntax.json", '{"labels": [\n  "cat",\n}', "line 3: invalid JSON"),
+        ("syntax.yaml", "- cat\n- [dog\n", "line 3: not valid YAML"),
+        ("syntax.json", '{"labels": [\n  "cat",\n}', "line 3: not valid JSON"),
         ("labels.txt", "cat\n", "unsupported labels file extension"),
         ("noname.yaml", "labels:\n  - {prompts: [x]}\n", "has no 'name'"),
     ],
@@ -243,7 +252,7 @@ def test_labels_file_errors(tmp_path: Path, name: str, text: str, fragment: str)
 
 
 def test_labels_file_missing(tmp_path: Path) -> None:
-    with pytest.raises(ManifestError, match="nope.yaml: file not found"):
+    with pytest.raises(ManifestError, match="nope.yaml does not exist"):
         read_labels_file(tmp_path / "nope.yaml")
 
 
@@ -472,6 +481,14 @@ def test_make_shapes(tmp_path: Path) -> None:
     a = read_manifest(other)
     with Image.open(a.images[5]) as x, Image.open(out / "images" / a.images[5].name) as z:
         assert np.array_equal(np.asarray(x), np.asarray(z))
+
+
+@pytest.mark.parametrize("kw,fragment", [({"n": 0}, "-n"), ({"n": 2.5}, "-n"), ({"size": 8}, "size")])
+def test_make_shapes_bad_arguments(tmp_path: Path, kw: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment) as info:
+        make_shapes(tmp_path / "shapes", **kw)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "shapes").exists()
 
 
 def test_manifest_repr_is_short(tmp_path: Path) -> None:

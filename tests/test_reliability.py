@@ -33,7 +33,8 @@ from PIL import Image, ImageFile
 
 from mumic.config import load_config
 from mumic.data.images import load_image, random_resized_crop, resize_center_crop
-from mumic.data.manifest import read_labels_file, read_manifest
+from mumic.data.labels import read_labels_file
+from mumic.data.manifest import read_manifest
 from mumic.errors import BackboneError, ConfigError, ImageError, ManifestError, MumicError, RunError
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "mumic"

@@ -44,3 +44,8 @@ class UploadError(ImageError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class EmojiSourceError(MumicError):
+    """An EmojiTags source package could not be fetched, failed its integrity check, or
+    has an unexpected layout."""

@@ -82,13 +82,21 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """sha256 hex digest of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
+def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256", *, digest_size: int | None = None,
+                chunk: int = 1 << 20) -> str:
+    """Hex digest of a file's bytes, read in chunks, with any ``hashlib`` algorithm
+    (``digest_size`` for the variable-length ones, e.g. blake2b). OSError is left to the
+    caller, which knows what the file is."""
+    h = hashlib.new(algorithm) if digest_size is None else hashlib.new(algorithm, digest_size=digest_size)
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes, read in chunks."""
+    return file_digest(path, "sha256", chunk=chunk)
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -162,8 +170,9 @@ def read_text(path: str | os.PathLike[str], *, error: type[MumicError] = RunErro
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise error(f"{path} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
+        start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # e.start counts from after a BOM
+        line = data.count(b"\n", 0, start) + 1
+        raise error(f"{path} line {line}: not valid UTF-8 (byte 0x{data[start]:02x}); save the file as UTF-8") from None
 
 
 def read_json(path: str | os.PathLike[str], *, error: type[MumicError] = RunError, hint: str | None = RUN_HINT,

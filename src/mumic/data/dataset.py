@@ -6,7 +6,6 @@ batch is the same whatever the number of workers or the order items are fetched 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -15,10 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mumic import io
 from mumic.data.images import MAX_PIXELS, load_image, random_resized_crop, resize_center_crop
 from mumic.errors import ImageError
-
-_CHUNK = 1 << 20
 
 
 class ImageDataset(Dataset):
@@ -173,16 +171,13 @@ def _joined(held: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str] | 
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
-    """Hex blake2b-128 of the file's bytes, read in 1 MiB chunks (feature-cache keys)."""
-    h = hashlib.blake2b(digest_size=16)
+    """Hex blake2b-128 of the file's bytes (feature-cache keys); an unreadable file is an
+    ImageError naming it."""
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
+        return io.file_digest(path, "blake2b", digest_size=16)
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise ImageError(f"{path}: is a directory, not a file") from None
     except OSError as e:
         raise ImageError(f"{path}: cannot read: {e.strerror or e}") from None
-    return h.hexdigest()

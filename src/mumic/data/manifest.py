@@ -1,4 +1,4 @@
-"""Manifests (which image has which labels) and labels files (label names, prompts).
+"""Manifests: which image has which labels (labels files are read in :mod:`mumic.data.labels`).
 
 A manifest is a CSV, TSV, JSONL or Parquet table with a column ``image`` (a path,
 relative to the manifest's folder unless absolute) and ``labels`` (a list in
@@ -31,14 +31,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from mumic.data.labels import PLACEHOLDER, SEPARATOR, LabelSpec, fill_template, read_labels_file  # noqa: F401
 from mumic.errors import ConfigError, ImageError, ManifestError
+from mumic.io import read_text
+
+__all__ = [
+    "MANIFEST_SUFFIXES", "Manifest", "inputs_manifest", "read_manifest",
+    # at home in mumic.data.labels; importable from here too
+    "PLACEHOLDER", "SEPARATOR", "LabelSpec", "fill_template", "read_labels_file",
+]
 
 log = logging.getLogger(__name__)
-
-SEPARATOR = "|"
-"""Separator of several labels in one CSV/TSV cell (and in a JSONL string)."""
 
 _FORMATS: dict[str, str] = {
     ".csv": "csv",
@@ -229,34 +233,21 @@ def _where(path: Path, line: int) -> str:
     return f"{path} {unit} {line}"
 
 
-def _read_text(path: Path) -> str:
-    """The file as text (UTF-8, optional BOM); bad bytes are reported with their line."""
-    data = _read_bytes(path)
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
-        line = data.count(b"\n", 0, start) + 1
-        col = start - (data.rfind(b"\n", 0, start) + 1) + 1
-        raise ManifestError(
-            f"{path} line {line}: not valid UTF-8 (byte 0x{data[start]:02x} at column {col}); "
-            "save the file as UTF-8"
-        ) from None
+def _check_file(path: Path) -> None:
+    """A manifest path that is missing or a folder is refused with a message that says so."""
+    if not path.exists():
+        raise ManifestError(f"{path}: file not found")
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a directory, not a manifest file")
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise ManifestError(f"{path}: is a directory, not a manifest file") from None
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read: {e.strerror or e}") from None
+def _manifest_text(path: Path) -> str:
+    _check_file(path)
+    return read_text(path, error=ManifestError)
 
 
 def _read_delimited(path: Path, delimiter: str) -> tuple[pd.DataFrame, list[int]]:
-    text = _read_text(path)
+    text = _manifest_text(path)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     header: list[str] | None = None
     rows: list[list[str]] = []
@@ -292,7 +283,7 @@ def _read_delimited(path: Path, delimiter: str) -> tuple[pd.DataFrame, list[int]
 
 
 def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[int]]:
-    text = _read_text(path)
+    text = _manifest_text(path)
     records: list[dict[str, Any]] = []
     lines: list[int] = []
     # JSON Lines are separated by "\n" only: str.splitlines() would also split at U+2028
@@ -348,10 +339,7 @@ def _has_lone_surrogate(value: Any) -> bool:
 
 
 def _read_parquet(path: Path) -> tuple[pd.DataFrame, list[int]]:
-    if not path.exists():
-        raise ManifestError(f"{path}: file not found")
-    if path.is_dir():
-        raise ManifestError(f"{path}: is a directory, not a manifest file")
+    _check_file(path)
     try:
         frame = pd.read_parquet(path)
     except Exception as e:  # pyarrow raises several unrelated types for bad files
@@ -597,248 +585,6 @@ def read_manifest(
     )
     log.debug("read %d rows from %s", len(manifest), path)
     return manifest
-
-
-# --------------------------------------------------------------------------- labels files
-
-
-@dataclass
-class LabelSpec:
-    """One label: its name, optional own prompts and description, and whether it is
-    trained on (``seen``) or only predicted zero-shot."""
-
-    name: str
-    prompts: list[str] | None = None
-    description: str | None = None
-    seen: bool = True
-
-    def texts(self, templates: Sequence[str] | None = None) -> list[str]:
-        """The prompt texts for this label: its own prompts if it has any, else the
-        templates filled with its name, else the name itself; a description is one
-        more prompt (the prompts of a label are averaged into its class embedding)."""
-        if self.prompts:
-            texts = list(self.prompts)
-        elif templates:
-            texts = [fill_template(t, self.name) for t in templates]
-        else:
-            texts = [self.name]
-        if self.description and self.description not in texts:
-            texts.append(self.description)
-        return texts
-
-
-PLACEHOLDER = "{}"
-"""Where a template takes the label name; ``{label}`` is accepted and rewritten to ``{}``."""
-
-_ENTRY_KEYS = ("name", "prompts", "description", "seen")
-_TOP_KEYS = ("labels", "templates")
-
-
-def fill_template(template: str, name: str) -> str:
-    """``template`` with its ``{}`` replaced by ``name`` (other braces are left alone)."""
-    return template.replace(PLACEHOLDER, name, 1)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses duplicate mapping keys instead of keeping the last."""
-
-
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            duplicate = key in seen
-        except TypeError:
-            continue  # unhashable keys are rejected by the base constructor
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
-
-
-def _load_structured(path: Path) -> Any:
-    text = _read_text(path)
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-
-        def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-            out: dict[str, Any] = {}
-            for k, v in pairs:
-                if k in out:
-                    raise ManifestError(f"{path}: duplicate key {k!r}")
-                out[k] = v
-            return out
-
-        try:
-            return json.loads(text, object_pairs_hook=no_duplicates)
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{path} line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-        except RecursionError:
-            raise ManifestError(f"{path}: invalid JSON: nested too deeply") from None
-        except ValueError as e:
-            raise ManifestError(f"{path}: invalid JSON: {e}") from None
-    if suffix in (".yaml", ".yml"):
-        try:
-            return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            problem = " ".join(p for p in (e.context, e.problem) if p)
-            raise ManifestError(f"{path}{line}: invalid YAML: {problem}") from None
-        except yaml.YAMLError as e:
-            raise ManifestError(f"{path}: invalid YAML: {e}") from None
-        except RecursionError:
-            raise ManifestError(f"{path}: invalid YAML: nested too deeply") from None
-    raise ManifestError(
-        f"{path}: unsupported labels file extension {suffix or '(none)'!r}; supported: .yaml, .yml, .json"
-    )
-
-
-def _label_name(path: Path, value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise ManifestError(
-            f"{path}: {what} is {value!r} ({type(value).__name__}), not a string; "
-            "quote label names in YAML (e.g. \"no\", \"1\")"
-        )
-    name = value.strip()
-    if not name:
-        raise ManifestError(f"{path}: {what} is an empty label name")
-    if SEPARATOR in name:
-        raise ManifestError(f"{path}: label {name!r} contains '|', which separates labels in manifests")
-    return name
-
-
-def _str_list(path: Path, value: Any, what: str) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ManifestError(f"{path}: {what} must be a list of strings, got {value!r}")
-    out = [v.strip() for v in value]
-    if not out:
-        raise ManifestError(f"{path}: {what} is empty; remove it or give at least one")
-    if any(not v for v in out):
-        raise ManifestError(f"{path}: {what} contains an empty string")
-    return out
-
-
-def _label_entry(path: Path, name: str, entry: Any) -> LabelSpec:
-    """A LabelSpec from ``name`` and its entry (a mapping of prompts/description/seen, or None)."""
-    if entry is None:
-        return LabelSpec(name=name)
-    if not isinstance(entry, dict):
-        raise ManifestError(
-            f"{path}: label {name!r}: expected a mapping with keys prompts, description, seen "
-            f"(or nothing), got {type(entry).__name__}"
-        )
-    for key in entry:
-        if key not in _ENTRY_KEYS[1:]:
-            raise ManifestError(
-                f"{path}: label {name!r}: unknown key {key!r}; allowed: {', '.join(_ENTRY_KEYS[1:])}"
-            )
-    return _spec_from_fields(path, name, entry)
-
-
-def _spec_from_fields(path: Path, name: str, entry: dict[str, Any]) -> LabelSpec:
-    prompts = entry.get("prompts")
-    description = entry.get("description")
-    seen = entry.get("seen", True)
-    if prompts is not None:
-        prompts = _str_list(path, prompts, f"label {name!r}: prompts")
-    if description is not None and not isinstance(description, str):
-        raise ManifestError(f"{path}: label {name!r}: description must be a string, got {description!r}")
-    if not isinstance(seen, bool):
-        raise ManifestError(f"{path}: label {name!r}: seen must be true or false, got {seen!r}")
-    return LabelSpec(name=name, prompts=prompts, description=description, seen=seen)
-
-
-def _labels_from_list(path: Path, items: list[Any]) -> list[LabelSpec]:
-    specs = []
-    for k, item in enumerate(items, start=1):
-        if isinstance(item, dict):
-            for key in item:
-                if key not in _ENTRY_KEYS:
-                    raise ManifestError(
-                        f"{path}: label #{k}: unknown key {key!r}; allowed: {', '.join(_ENTRY_KEYS)}"
-                    )
-            if "name" not in item:
-                raise ManifestError(f"{path}: label #{k} has no 'name'")
-            name = _label_name(path, item["name"], f"label #{k} name")
-            specs.append(_spec_from_fields(path, name, item))
-        else:
-            specs.append(LabelSpec(name=_label_name(path, item, f"label #{k}")))
-    return specs
-
-
-def _labels_from_mapping(path: Path, mapping: dict[Any, Any]) -> list[LabelSpec]:
-    return [_label_entry(path, _label_name(path, key, f"label key {key!r}"), entry) for key, entry in mapping.items()]
-
-
-def _is_wrapped(data: dict[Any, Any]) -> bool:
-    """True for form (c) ``{labels: ..., templates: ...}``, False for form (b) ``{name: entry}``."""
-    if "labels" not in data:
-        return False
-    value = data["labels"]
-    if "templates" in data or isinstance(value, list):
-        return True
-    # {labels: {prompts: ...}} is a label called "labels" (form b).
-    return isinstance(value, dict) and not set(value) <= set(_ENTRY_KEYS[1:])
-
-
-def _templates(path: Path, value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    templates = _str_list(path, value, "templates")
-    out = []
-    for t in templates:
-        t = t.replace("{label}", PLACEHOLDER)
-        if t.count(PLACEHOLDER) != 1:
-            raise ManifestError(
-                f"{path}: template {t!r} must contain the placeholder {{}} (or {{label}}) exactly once"
-            )
-        out.append(t)
-    return out
-
-
-def read_labels_file(path: str | os.PathLike[str]) -> tuple[list[LabelSpec], list[str] | None]:
-    """Read a YAML/JSON labels file; return the label specs and the prompt templates (if any).
-
-    Accepted forms: (a) a list of names (or of ``{name, prompts, description, seen}``
-    mappings); (b) a mapping ``name -> {prompts, description, seen}`` or ``name -> null``;
-    (c) a mapping with ``labels`` (form a or b) and optional ``templates``, a list of
-    strings each containing ``{}`` (or ``{label}``) once, where the label name goes.
-    """
-    path = Path(path)
-    data = _load_structured(path)
-    templates: list[str] | None = None
-    if isinstance(data, dict) and _is_wrapped(data):
-        for key in data:
-            if key not in _TOP_KEYS:
-                raise ManifestError(f"{path}: unknown key {key!r}; allowed: {', '.join(_TOP_KEYS)}")
-        templates = _templates(path, data.get("templates"))
-        data = data["labels"]
-    if isinstance(data, list):
-        specs = _labels_from_list(path, data)
-    elif isinstance(data, dict):
-        specs = _labels_from_mapping(path, data)
-    elif data is None:
-        raise ManifestError(f"{path}: the labels file is empty")
-    else:
-        raise ManifestError(
-            f"{path}: expected a list of label names or a mapping of label names, got {type(data).__name__}"
-        )
-    if not specs:
-        raise ManifestError(f"{path}: no labels")
-    names = [s.name for s in specs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ManifestError(f"{path}: duplicate label name(s): {', '.join(dup)}")
-    return specs, templates
 
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")

@@ -9,14 +9,19 @@ unseen in ``labels.yaml`` so the set also exercises zero-shot prediction.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import numbers
 import os
 from pathlib import Path
 
 import numpy as np
 import yaml
 from PIL import Image, ImageDraw
+
+from mumic.errors import ConfigError
+from mumic.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +119,10 @@ def make_shapes(out_dir: str | os.PathLike[str], n: int = 300, size: int = 64, s
     """Write the Shapes set to ``out_dir`` (images/, manifest.csv, labels.yaml, params.json)
     and return the manifest path. Deterministic given ``seed``; returns at once when
     ``out_dir`` already holds a set made with the same parameters."""
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    if size < 16:
-        raise ValueError(f"size must be at least 16 pixels, got {size}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ConfigError(f"n (the number of images, -n) must be a whole number of at least 1; got {n!r}")
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 16:
+        raise ConfigError(f"size must be a whole number of pixels, at least 16; got {size!r}")
     out = Path(out_dir)
     manifest_path = out / "manifest.csv"
     params_path = out / "params.json"
@@ -133,7 +138,7 @@ def make_shapes(out_dir: str | os.PathLike[str], n: int = 300, size: int = 64, s
 
     image_dir = out / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    for old in image_dir.glob("shape_*.png"):
+    for old in (*image_dir.glob("shape_*.png"), *image_dir.glob(".shape_*.tmp")):
         old.unlink()
     rng = np.random.default_rng(seed)
     rows: list[tuple[str, str]] = []
@@ -141,20 +146,20 @@ def make_shapes(out_dir: str | os.PathLike[str], n: int = 300, size: int = 64, s
     for i in range(n):
         img, labels = _draw(rng, size)
         name = f"images/shape_{i:0{width}d}.png"
-        img.save(out / name, format="PNG", optimize=False)
+        with atomic_path(out / name) as tmp:
+            img.save(tmp, format="PNG", optimize=False)
         rows.append((name, "|".join(labels)))
     splits = _split_names(n, np.random.default_rng([seed, 1]))
 
-    tmp = manifest_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "labels", "split"])
-        for (image, labels), split in zip(rows, splits):
-            writer.writerow([image, labels, split])
-    os.replace(tmp, manifest_path)
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(["image", "labels", "split"])
+    for (image, labels), split in zip(rows, splits):
+        writer.writerow([image, labels, split])
+    atomic_write_text(manifest_path, buf.getvalue())
 
     labels_doc = {"labels": _label_specs(), "templates": list(TEMPLATES)}
-    (out / "labels.yaml").write_text(yaml.safe_dump(labels_doc, sort_keys=False), encoding="utf-8")
-    params_path.write_text(json.dumps(params), encoding="utf-8")
+    atomic_write_text(out / "labels.yaml", yaml.safe_dump(labels_doc, sort_keys=False))
+    atomic_write_text(params_path, json.dumps(params))  # last: the set is complete
     log.info("wrote %d shape images to %s", n, out)
     return manifest_path

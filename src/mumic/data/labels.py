@@ -1,0 +1,212 @@
+"""Labels files (label names, their prompts, and prompt templates) and the labels in them.
+
+A labels file is YAML or JSON in one of three forms (see :func:`read_labels_file`); every
+problem in one is a :class:`~mumic.errors.ManifestError` naming the file (and the line,
+for syntax errors and keys given twice).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mumic.errors import ManifestError
+from mumic.io import read_json, read_text, read_yaml
+
+SEPARATOR = "|"
+"""Separator of several labels in one manifest CSV/TSV cell (and in a JSONL string), so
+never part of a label name."""
+
+
+@dataclass
+class LabelSpec:
+    """One label: its name, optional own prompts and description, and whether it is
+    trained on (``seen``) or only predicted zero-shot."""
+
+    name: str
+    prompts: list[str] | None = None
+    description: str | None = None
+    seen: bool = True
+
+    def texts(self, templates: Sequence[str] | None = None) -> list[str]:
+        """The prompt texts for this label: its own prompts if it has any, else the
+        templates filled with its name, else the name itself; a description is one
+        more prompt (the prompts of a label are averaged into its class embedding)."""
+        if self.prompts:
+            texts = list(self.prompts)
+        elif templates:
+            texts = [fill_template(t, self.name) for t in templates]
+        else:
+            texts = [self.name]
+        if self.description and self.description not in texts:
+            texts.append(self.description)
+        return texts
+
+
+PLACEHOLDER = "{}"
+"""Where a template takes the label name; ``{label}`` is accepted and rewritten to ``{}``."""
+
+_ENTRY_KEYS = ("name", "prompts", "description", "seen")
+_TOP_KEYS = ("labels", "templates")
+
+
+def fill_template(template: str, name: str) -> str:
+    """``template`` with its ``{}`` replaced by ``name`` (other braces are left alone)."""
+    return template.replace(PLACEHOLDER, name, 1)
+
+
+def _load(path: Path) -> Any:
+    """The document of a labels file: YAML or JSON by its extension, a key given twice refused."""
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return read_json(path, error=ManifestError, hint=None, unique_keys=True)
+    if suffix in (".yaml", ".yml"):
+        return read_yaml(path, error=ManifestError)[0]
+    read_text(path, error=ManifestError)  # a missing file is said first
+    raise ManifestError(
+        f"{path}: unsupported labels file extension {suffix or '(none)'!r}; supported: .yaml, .yml, .json"
+    )
+
+
+def _label_name(path: Path, value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ManifestError(
+            f"{path}: {what} is {value!r} ({type(value).__name__}), not a string; "
+            "quote label names in YAML (e.g. \"no\", \"1\")"
+        )
+    name = value.strip()
+    if not name:
+        raise ManifestError(f"{path}: {what} is an empty label name")
+    if SEPARATOR in name:
+        raise ManifestError(f"{path}: label {name!r} contains '|', which separates labels in manifests")
+    return name
+
+
+def _str_list(path: Path, value: Any, what: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ManifestError(f"{path}: {what} must be a list of strings, got {value!r}")
+    out = [v.strip() for v in value]
+    if not out:
+        raise ManifestError(f"{path}: {what} is empty; remove it or give at least one")
+    if any(not v for v in out):
+        raise ManifestError(f"{path}: {what} contains an empty string")
+    return out
+
+
+def _label_entry(path: Path, name: str, entry: Any) -> LabelSpec:
+    """A LabelSpec from ``name`` and its entry (a mapping of prompts/description/seen, or None)."""
+    if entry is None:
+        return LabelSpec(name=name)
+    if not isinstance(entry, dict):
+        raise ManifestError(
+            f"{path}: label {name!r}: expected a mapping with keys prompts, description, seen "
+            f"(or nothing), got {type(entry).__name__}"
+        )
+    for key in entry:
+        if key not in _ENTRY_KEYS[1:]:
+            raise ManifestError(
+                f"{path}: label {name!r}: unknown key {key!r}; allowed: {', '.join(_ENTRY_KEYS[1:])}"
+            )
+    return _spec_from_fields(path, name, entry)
+
+
+def _spec_from_fields(path: Path, name: str, entry: dict[str, Any]) -> LabelSpec:
+    prompts = entry.get("prompts")
+    description = entry.get("description")
+    seen = entry.get("seen", True)
+    if prompts is not None:
+        prompts = _str_list(path, prompts, f"label {name!r}: prompts")
+    if description is not None and not isinstance(description, str):
+        raise ManifestError(f"{path}: label {name!r}: description must be a string, got {description!r}")
+    if not isinstance(seen, bool):
+        raise ManifestError(f"{path}: label {name!r}: seen must be true or false, got {seen!r}")
+    return LabelSpec(name=name, prompts=prompts, description=description, seen=seen)
+
+
+def _labels_from_list(path: Path, items: list[Any]) -> list[LabelSpec]:
+    specs = []
+    for k, item in enumerate(items, start=1):
+        if isinstance(item, dict):
+            for key in item:
+                if key not in _ENTRY_KEYS:
+                    raise ManifestError(
+                        f"{path}: label #{k}: unknown key {key!r}; allowed: {', '.join(_ENTRY_KEYS)}"
+                    )
+            if "name" not in item:
+                raise ManifestError(f"{path}: label #{k} has no 'name'")
+            name = _label_name(path, item["name"], f"label #{k} name")
+            specs.append(_spec_from_fields(path, name, item))
+        else:
+            specs.append(LabelSpec(name=_label_name(path, item, f"label #{k}")))
+    return specs
+
+
+def _labels_from_mapping(path: Path, mapping: dict[Any, Any]) -> list[LabelSpec]:
+    return [_label_entry(path, _label_name(path, key, f"label key {key!r}"), entry) for key, entry in mapping.items()]
+
+
+def _is_wrapped(data: dict[Any, Any]) -> bool:
+    """True for form (c) ``{labels: ..., templates: ...}``, False for form (b) ``{name: entry}``."""
+    if "labels" not in data:
+        return False
+    value = data["labels"]
+    if "templates" in data or isinstance(value, list):
+        return True
+    # {labels: {prompts: ...}} is a label called "labels" (form b).
+    return isinstance(value, dict) and not set(value) <= set(_ENTRY_KEYS[1:])
+
+
+def _templates(path: Path, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    templates = _str_list(path, value, "templates")
+    out = []
+    for t in templates:
+        t = t.replace("{label}", PLACEHOLDER)
+        if t.count(PLACEHOLDER) != 1:
+            raise ManifestError(
+                f"{path}: template {t!r} must contain the placeholder {{}} (or {{label}}) exactly once"
+            )
+        out.append(t)
+    return out
+
+
+def read_labels_file(path: str | os.PathLike[str]) -> tuple[list[LabelSpec], list[str] | None]:
+    """Read a YAML/JSON labels file; return the label specs and the prompt templates (if any).
+
+    Accepted forms: (a) a list of names (or of ``{name, prompts, description, seen}``
+    mappings); (b) a mapping ``name -> {prompts, description, seen}`` or ``name -> null``;
+    (c) a mapping with ``labels`` (form a or b) and optional ``templates``, a list of
+    strings each containing ``{}`` (or ``{label}``) once, where the label name goes.
+    """
+    path = Path(path)
+    data = _load(path)
+    templates: list[str] | None = None
+    if isinstance(data, dict) and _is_wrapped(data):
+        for key in data:
+            if key not in _TOP_KEYS:
+                raise ManifestError(f"{path}: unknown key {key!r}; allowed: {', '.join(_TOP_KEYS)}")
+        templates = _templates(path, data.get("templates"))
+        data = data["labels"]
+    if isinstance(data, list):
+        specs = _labels_from_list(path, data)
+    elif isinstance(data, dict):
+        specs = _labels_from_mapping(path, data)
+    elif data is None:
+        raise ManifestError(f"{path}: the labels file is empty")
+    else:
+        raise ManifestError(
+            f"{path}: expected a list of label names or a mapping of label names, got {type(data).__name__}"
+        )
+    if not specs:
+        raise ManifestError(f"{path}: no labels")
+    names = [s.name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ManifestError(f"{path}: duplicate label name(s): {', '.join(dup)}")
+    return specs, templates
