@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mumic.data.manifest import LabelSpec, Manifest, read_manifest
+from mumic.data.labels import LabelSpec
+from mumic.data.manifest import Manifest, read_manifest
 from mumic.errors import ManifestError
 from mumic.io import atomic_write_json, atomic_write_text
 from mumic.model import MuMIC

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mumic import heads
-from mumic.data.manifest import LabelSpec
+from mumic.data.labels import LabelSpec
 from mumic.errors import ConfigError, MumicError, RunError
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mumic.backbones import load_backbone
-from mumic.data.manifest import LabelSpec
+from mumic.data.labels import LabelSpec
 from mumic.model import MuMIC, resolve_device
 from mumic.run import RunFiles, read_class_embeddings, read_run
 

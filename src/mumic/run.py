@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mumic.data.manifest import LabelSpec
+from mumic.data.labels import LabelSpec
 from mumic.errors import RunError
 from mumic.io import read_json
 
