@@ -47,8 +47,11 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 
 
 def test_two_folder_writers_do_not_share_a_temporary_folder(tmp_path):
+    """Each writer builds in its own temporary folder (one fixed name let one writer wipe
+    the other's); the swaps themselves happen one after the other here."""
     out = tmp_path / "index"
     inside = threading.Barrier(2)
+    a_done = threading.Event()
     seen = []
 
     def write(tag):
@@ -56,6 +59,11 @@ def test_two_folder_writers_do_not_share_a_temporary_folder(tmp_path):
             seen.append(d)
             (d / "who").write_text(tag)
             inside.wait(timeout=10)  # both temporary folders exist at once
+            if tag == "b":
+                a_done.wait(timeout=10)
+            assert (d / "who").read_text() == tag  # nobody wiped it
+        if tag == "a":
+            a_done.set()
 
     threads = [threading.Thread(target=write, args=(t,)) for t in "ab"]
     for t in threads:
@@ -63,7 +71,7 @@ def test_two_folder_writers_do_not_share_a_temporary_folder(tmp_path):
     for t in threads:
         t.join()
     assert len(set(seen)) == 2
-    assert (out / "who").read_text() in ("a", "b")
+    assert (out / "who").read_text() == "b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
 
 
