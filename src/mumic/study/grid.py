@@ -26,6 +26,7 @@ import yaml
 from mumic.data.cross_style import TEST_STYLE as CROSS_TEST_STYLE
 from mumic.data.cross_style import TRAIN_STYLES as CROSS_TRAIN_STYLES
 from mumic.errors import ConfigError, ManifestError, MumicError
+from mumic.study.report import write_results
 from mumic.study.schema import Ablation, Cell, load_ablation, run_dir
 
 log = logging.getLogger(__name__)
@@ -276,8 +277,6 @@ def run_ablation(config: str | os.PathLike[str], *, out: str | os.PathLike[str] 
     Returns {"out", "report", "trained", "reused", "failed"}; a cell whose training fails
     with a MumicError is reported and left out, and the grid goes on.
     """
-    from mumic.study.report import write_results
-
     abl = load_ablation(config)
     if seeds is not None:
         if seeds < 1:
