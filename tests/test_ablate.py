@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from mumic.ablate import (
+from mumic.study import (
     CSV_COLUMNS,
     add_label_noise,
     load_ablation,
@@ -170,3 +170,30 @@ def test_grid_without_test_split_fails_before_training(tmp_path, shapes, tiny_cl
     with pytest.raises(ConfigError, match="split 'test'"):
         run_ablation(_write(tmp_path / "nt.yaml", doc), out=tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_committed_results_table_renders_from_its_csv(monkeypatch):
+    """docs/results/emojitags/results.md is what the report writer makes of the rows of the
+    results.csv beside it (the runs themselves are not committed)."""
+    from pathlib import Path
+
+    from mumic.study import read_results_csv, render_results
+    from mumic.study.report import results_csv
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)  # the report names the grid by the path the command was given
+    abl = load_ablation(Path("ablations/emojitags.yaml"))
+    out = Path("docs/results/emojitags")
+    rows = read_results_csv(out / "results.csv", abl)
+    assert [r["name"] for r in rows] == [c.name for c in abl.cells]
+    assert results_csv(rows) == (out / "results.csv").read_text(encoding="utf-8")
+    md = render_results(abl, rows, out, plots=["gap10.png", "map_macro.png"])
+    assert md == (out / "results.md").read_text(encoding="utf-8")
+
+
+def test_ablation_file_giving_a_key_twice_is_refused(tmp_path):
+    bad = tmp_path / "twice.yaml"
+    bad.write_text("seeds: 1\ncells:\n  - name: a\n    overrides: {loss: asl}\n    name: b\n")
+    with pytest.raises(ConfigError, match=r"line 5.*'name' is given twice \(first on line 3\)") as e:
+        load_ablation(bad)
+    assert str(bad) in str(e.value)

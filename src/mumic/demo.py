@@ -8,7 +8,6 @@ plots. Runs that already finished are reused, so a second `mumic demo` takes sec
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -27,32 +26,19 @@ RUNS = {
     "mumic_cross_style": {"loss": "tempered_sigmoid", "cross": True},
     "baseline_cross_style": {"loss": "linear_bce", "cross": True},
 }
-TRAIN_STYLES = ("google", "twitter")
-TEST_STYLE = "openmoji"
 DEMO_SETTINGS: dict[str, Any] = {
     "backbone": "lite", "image_size": 128, "batch_size": 64, "epochs": 60, "eval_every": 40, "patience": 8,
     "lr_head": 1e-3, "lr_temp": 1e-2, "majority_n": 32,
 }
 
 
-def _cross_style_manifest(manifest: Path, out: Path) -> Path:
-    """Train/val on Google + Twitter artwork, test on OpenMoji artwork (same emoji splits)."""
-    import pandas as pd
-
-    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    df["image"] = [str((manifest.parent / p).resolve()) for p in df["image"]]
-    keep = (df["split"].isin(["train", "val"]) & df["style"].isin(TRAIN_STYLES)) | ((df["split"] == "test") & (df["style"] == TEST_STYLE))
-    target = out / "cross_style_manifest.csv"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    df[keep].to_csv(target, index=False)
-    return target
-
-
 def _train_all(out: Path, manifest: Path, labels_file: Path, *, overwrite: bool, progress: bool, settings: dict[str, Any]) -> dict[str, Path]:
     from mumic.config import load_config
+    from mumic.data.cross_style import TEST_STYLE, TRAIN_STYLES, cross_style_manifest
     from mumic.train import fit
 
-    cross = _cross_style_manifest(manifest, out)
+    # train/val on Google + Twitter artwork, test on OpenMoji artwork (same emoji splits)
+    cross = cross_style_manifest(manifest, out / "cross_style_manifest.csv", TRAIN_STYLES, TEST_STYLE)
     runs = {}
     for name, spec in RUNS.items():
         run = out / name
@@ -113,6 +99,16 @@ def _test_probs(run: Path, manifest_path: Path, split: str = "test"):
     return model, m, specs, probs, y
 
 
+def _save(fig: Any, path: Path, *, dpi: int) -> None:
+    import matplotlib.pyplot as plt
+
+    from mumic.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+
+
 def write_demo_report(out: Path, runs: dict[str, Path], manifest: Path, *, settings: dict[str, Any], wall_s: float) -> Path:
     """report.md + summary.md + plots from the finished runs."""
     import matplotlib
@@ -121,11 +117,12 @@ def write_demo_report(out: Path, runs: dict[str, Path], manifest: Path, *, setti
     import matplotlib.pyplot as plt
     from sklearn.metrics import precision_recall_curve
 
+    from mumic.io import atomic_write_text, read_json
     from mumic.metrics import average_precision_per_label
 
-    metrics = {k: json.loads((r / "metrics.json").read_text()) for k, r in runs.items()}
+    metrics = {k: read_json(r / "metrics.json") for k, r in runs.items()}
     stats_path = manifest.parent / "stats.json"
-    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    stats = read_json(stats_path, hint=None) if stats_path.is_file() else {}
     m_test, b_test = metrics["mumic"]["test"], metrics["baseline"]["test"]
     mc_test, bc_test = metrics["mumic_cross_style"]["test"], metrics["baseline_cross_style"]["test"]
     head = ["| test split | MuMIC (tempered sigmoid) | baseline (linear head + BCE) |", "|---|---|---|"]
@@ -135,7 +132,7 @@ def write_demo_report(out: Path, runs: dict[str, Path], manifest: Path, *, setti
     head.append(f"| cross-style macro mAP | {_fmt(mc_test.get('map_macro'))} | {_fmt(bc_test.get('map_macro'))} |")
     head.append(f"| cross-style ZSL mAP | {_fmt(mc_test.get('zsl_map'))} | n/a |")
     head.append(f"| training time (s) | {metrics['mumic']['train_time_s']:.0f} | {metrics['baseline']['train_time_s']:.0f} |")
-    (out / "summary.md").write_text("\n".join(head) + "\n")
+    atomic_write_text(out / "summary.md", "\n".join(head) + "\n")
 
     model, m, specs, p_m, y = _test_probs(runs["mumic"], manifest)
     _, _, _, p_b, _ = _test_probs(runs["baseline"], manifest)
@@ -154,8 +151,7 @@ def write_demo_report(out: Path, runs: dict[str, Path], manifest: Path, *, setti
     ax.set_xlim(0, 1)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "per_label_ap.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "per_label_ap.png", dpi=110)
 
     # micro precision-recall curves
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -167,8 +163,7 @@ def write_demo_report(out: Path, runs: dict[str, Path], manifest: Path, *, setti
     ax.set_title("test, all (image, seen label) pairs")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "precision_recall.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "precision_recall.png", dpi=110)
 
     # a grid of test images with true and predicted tags
     from PIL import Image
@@ -185,8 +180,7 @@ def write_demo_report(out: Path, runs: dict[str, Path], manifest: Path, *, setti
         hit = [("✓ " if t in true else "✗ ") + t for t in pred] or ["(none)"]
         ax.set_title("true: " + ", ".join(true[:5]) + "\npred: " + ", ".join(hit), fontsize=7, loc="left")
     fig.tight_layout()
-    fig.savefig(out / "examples.png", dpi=100)
-    plt.close(fig)
+    _save(fig, out / "examples.png", dpi=100)
 
     lines = [
         "# EmojiTags demo: MuMIC vs. the usual baseline", "",
@@ -202,5 +196,5 @@ def write_demo_report(out: Path, runs: dict[str, Path], manifest: Path, *, setti
         "Runs: " + ", ".join(f"[{k}]({k}/report.md)" for k in runs), "",
     ]
     report = out / "report.md"
-    report.write_text("\n".join(lines))
+    atomic_write_text(report, "\n".join(lines))
     return report

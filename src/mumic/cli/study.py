@@ -31,22 +31,22 @@ def register(sub: typing.Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run `mumic ablate`; 0 when every selected run finished, 1 when some failed."""
-    from mumic import ablate
+    from mumic import study
 
     if getattr(args, "list", False):
-        abl = ablate.load_ablation(args.config)
+        abl = study.load_ablation(args.config)
         if args.seeds:
             abl.seeds = list(range(args.seeds))
         out = Path(args.out) if args.out else Path("docs/results") / abl.name
-        chosen = {c.name for c in ablate._select(abl, args.only, args.frozen_only)}
+        chosen = {c.name for c in study.select_cells(abl, args.only, args.frozen_only)}
         for c in abl.cells:
-            states = [ablate.cell_state(ablate.run_dir(out, c, s)) for s in abl.seeds]
+            states = [study.cell_state(study.run_dir(out, c, s)) for s in abl.seeds]
             mark = "*" if c.name in chosen else " "
-            sys.stdout.write(f"{mark} {c.group:<14} {c.name:<24} {'frozen' if ablate.is_frozen(abl, c) else 'tuned ':<6} "
-                             f"{sum(s == 'finished' for s in states)}/{len(states)} finished  {ablate._describe(abl, c)}\n")
+            sys.stdout.write(f"{mark} {c.group:<14} {c.name:<24} {'frozen' if study.is_frozen(abl, c) else 'tuned ':<6} "
+                             f"{sum(s == 'finished' for s in states)}/{len(states)} finished  {study.describe(c)}\n")
         return 0
-    res = ablate.run_ablation(args.config, out=args.out, seeds=args.seeds, only=args.only, frozen_only=args.frozen_only,
-                              device=args.device, progress=not args.no_progress, report_only=args.report_only)
+    res = study.run_ablation(args.config, out=args.out, seeds=args.seeds, only=args.only, frozen_only=args.frozen_only,
+                             device=args.device, progress=not args.no_progress, report_only=args.report_only)
     sys.stdout.write(f"ablation report: {res['report']}\n")
     if res["failed"]:
         sys.stdout.write(f"{len(res['failed'])} run(s) failed: {', '.join(res['failed'])}\n")
