@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
-
-
 def add_manifest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-outside-paths", action="store_true",
                    help="accept manifest image paths outside the manifest's folder (only for manifests you trust)")
