@@ -181,8 +181,13 @@ def write_class_embeddings(run: Path, model: Any) -> None:
 
     from mumic.io import save_tensors, tensors_digest
 
-    with torch.inference_mode():
-        v = model.class_embeddings(model.labels).float().cpu()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            v = model.class_embeddings(model.labels).float().cpu()
+    finally:
+        model.train(was_training)
     save_tensors(Path(run) / CLASS_EMBEDDINGS, {"v": v}, metadata={
         "weights": tensors_digest(model.trained_state()), "labels": _prompt_key(model, model.labels)})
 
