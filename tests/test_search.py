@@ -11,9 +11,9 @@ from mumic.config import load_config
 from mumic.data.manifest import read_manifest
 from mumic.data.synthetic import make_shapes
 from mumic.errors import MumicError, RunError
+from mumic.errors import IndexFolderError
 from mumic.search import (
     Index,
-    IndexFolderError,
     build_index,
     exact_search,
     recall_at_k,

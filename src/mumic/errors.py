@@ -49,3 +49,7 @@ class UploadError(ImageError):
 class EmojiSourceError(MumicError):
     """An EmojiTags source package could not be fetched, failed its integrity check, or
     has an unexpected layout."""
+
+
+class IndexFolderError(MumicError):
+    """An index folder is missing, incomplete, or does not belong to the run in use."""

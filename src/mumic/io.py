@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from typing import TYPE_CHECKING
@@ -88,9 +88,23 @@ def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256", *, dige
     (``digest_size`` for the variable-length ones, e.g. blake2b). OSError is left to the
     caller, which knows what the file is."""
     h = hashlib.new(algorithm) if digest_size is None else hashlib.new(algorithm, digest_size=digest_size)
+    _feed(h, path, chunk)
+    return h.hexdigest()
+
+
+def _feed(h: Any, path: str | os.PathLike[str], chunk: int = 1 << 20) -> None:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+
+
+def files_digest(named: Sequence[tuple[str, str | os.PathLike[str]]], algorithm: str = "sha256") -> str:
+    """One hex digest over several files: for each (name, path) in order, the name's UTF-8
+    bytes, then the file's bytes."""
+    h = hashlib.new(algorithm)
+    for name, path in named:
+        h.update(name.encode("utf-8"))
+        _feed(h, path)
     return h.hexdigest()
 
 

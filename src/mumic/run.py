@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from mumic.data.labels import LabelSpec
 from mumic.errors import RunError
-from mumic.io import read_json
+from mumic.io import files_digest, read_json
 
 if TYPE_CHECKING:
     import torch
@@ -169,6 +169,16 @@ def labels_meta(model: Any, train_counts: dict[str, int], backbone_config: dict[
         "templates": model.templates,
         "model": {"backbone": backbone_config, "tau": tau0},
     }
+
+
+def run_fingerprint(run_dir: str | Path) -> str:
+    """sha256 over the files of a run that decide its image embeddings: model.safetensors
+    (the trained heads and tuned tower weights) and labels.json (the backbone's settings)."""
+    run = Path(run_dir)
+    for name in ("model.safetensors", "labels.json"):
+        if not (run / name).is_file():
+            raise RunError(f"{run} is not a finished run: {name} is missing")
+    return files_digest([(name, run / name) for name in ("model.safetensors", "labels.json")])
 
 
 def _prompt_key(model: Any, labels: Sequence[LabelSpec]) -> str:

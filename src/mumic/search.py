@@ -20,7 +20,6 @@ fingerprint, and loading it with another run is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mumic.errors import ConfigError, MumicError, RunError
+from mumic.errors import ConfigError, IndexFolderError, MumicError, RunError
 from mumic.io import atomic_folder, check_output_folder
+from mumic.run import run_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -45,29 +45,6 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128
 RESULT_FIELDS = ("rank", "score", "id")
-
-
-class IndexFolderError(MumicError):
-    """An index folder is missing, incomplete, or does not belong to the run in use."""
-
-
-def run_fingerprint(run_dir: str | Path) -> str:
-    """sha256 over the files of a run that decide its image embeddings.
-
-    model.safetensors holds the trained heads (and tuned tower weights), labels.json the
-    backbone's configuration; together they fix P_img(f_img(x)).
-    """
-    run = Path(run_dir)
-    digest = hashlib.sha256()
-    for name in ("model.safetensors", "labels.json"):
-        path = run / name
-        if not path.is_file():
-            raise RunError(f"{run} is not a finished run: {name} is missing")
-        digest.update(name.encode())
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def _faiss():

@@ -13,7 +13,6 @@ trainable. `image_features` is the cacheable part when the image tower is frozen
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mumic.errors import BackboneError
+from mumic.io import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +37,6 @@ IMAGE_PROJECTION = "image_projection"
 TEXT_PROJECTION = "text_projection"
 
 
-def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_sha256(path: str | Path, expected: str, package: str) -> None:
     """Raise BackboneError unless the file at `path` has the pinned sha256.
 
@@ -59,7 +47,7 @@ def verify_sha256(path: str | Path, expected: str, package: str) -> None:
         raise BackboneError(
             f"weight file {path} is missing; reinstall the pinned package ({package})"
         )
-    actual = sha256_of(path)
+    actual = file_sha256(path)
     if actual != expected:
         raise BackboneError(
             f"weight file {path} has sha256 {actual}, expected {expected}; "
