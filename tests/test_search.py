@@ -10,8 +10,7 @@ import pytest
 from mumic.config import load_config
 from mumic.data.manifest import read_manifest
 from mumic.data.synthetic import make_shapes
-from mumic.errors import MumicError, RunError
-from mumic.errors import IndexFolderError
+from mumic.errors import IndexFolderError, MumicError, RunError
 from mumic.search import (
     Index,
     build_index,
