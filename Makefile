@@ -6,7 +6,7 @@ VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mumic-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo lint test test-fast clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/mumic demo
 
+# ruff over the code, tests and benchmarks, then mypy over src/ (settings: pyproject.toml).
+# Both keep caches under .cache/, so a second run with nothing changed takes about a second.
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+
+# `test` will depend on `lint` (test: setup lint) once src/ passes it.
 test: setup
 	$(PY) -m pytest -q
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mumic.backbones import load_backbone
 from mumic.backbones import lite as lite_mod
+from mumic.backbones import load_backbone
 from mumic.errors import BackboneError
 
 SIZE = 128
@@ -312,15 +311,37 @@ def test_hf_siglip_matches_transformers(tiny_siglip_dir):
     assert "image_tower.head." in b.tuned_prefixes()
 
 
-def test_hf_missing_dir_is_quick(tmp_path):
-    start = time.perf_counter()
-    with pytest.raises(BackboneError, match="could not load 'hf:.*save_pretrained"):
+def test_hf_missing_dir_fails_without_the_network_or_a_download(tmp_path, monkeypatch):
+    """A missing folder is refused before transformers is asked; offline (as in the tests) a
+    hub name is looked up in the local cache only; nothing probes the hub or opens a socket."""
+    import socket
+
+    from mumic.backbones import hf as hf_mod
+
+    attempts = []
+    real_load_parts = hf_mod._load_parts
+
+    def load_parts(name, source, *, local_only, quiet):
+        attempts.append((name, local_only))
+        return real_load_parts(name, source, local_only=local_only, quiet=quiet)
+
+    def no_network(*args, **kwargs):
+        attempts.append(("network", args))
+        raise OSError("the test has no network")
+
+    monkeypatch.setattr(hf_mod, "_load_parts", load_parts)
+    monkeypatch.setattr(hf_mod, "_hub_unreachable", lambda timeout=5.0: pytest.fail("probed the hub"))
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(BackboneError, match="could not load 'hf:.*no such directory.*save_pretrained"):
         load_backbone("hf:" + str(tmp_path / "no-such-model"))
+    assert attempts == []  # refused before transformers is asked
     with pytest.raises(BackboneError, match="could not load 'hf:org/not-cached-model'"):
         load_backbone("hf:org/not-cached-model")
+    assert attempts == [("org/not-cached-model", True)]  # the local cache only
     with pytest.raises(BackboneError, match="could not load 'hf:"):
         load_backbone("hf:" + str(tmp_path))  # exists, but holds no model
-    assert time.perf_counter() - start < 5
+    assert attempts == [("org/not-cached-model", True), (str(tmp_path), True)]
 
 
 def test_hf_unreachable_hub_fails_fast(monkeypatch):

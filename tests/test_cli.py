@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,14 +22,58 @@ def mumic(*args, cwd=None, check=True):
     return p
 
 
+VERBS = ("train", "evaluate", "predict", "embed", "data", "demo", "ablate", "serve", "index", "search", "export")
+
+
+def _listed_verbs(help_text):
+    """The verbs `mumic --help` lists under VERB (one per line, indented four spaces)."""
+    section = help_text.split("positional arguments:", 1)[1].split("\n\n", 1)[0]
+    return [m.group(1) for m in re.finditer(r"^ {4}(\S+)", section, re.M)]
+
+
+def _listed_options(help_text):
+    """Every option string declared in a verb's --help (`  --a-b A_B`, `  --x, --no-x`)."""
+    return {flag for line in help_text.splitlines() if re.match(r"^ {2}-", line)
+            for flag in re.findall(r"(?<![\w-])--?[a-z][\w-]*", line.split("  ", 2)[1])}
+
+
 def test_help_lists_verbs_and_every_train_option():
-    out = mumic("--help").stdout
-    for verb in ("train", "evaluate", "predict", "embed", "data", "demo"):
-        assert verb in out
+    listed = _listed_verbs(mumic("--help").stdout)
+    assert sorted(listed) == sorted(VERBS), listed
     train_help = mumic("train", "--help").stdout
+    assert train_help.startswith("usage: mumic train ")
+    flags = _listed_options(train_help)
     for name in FIELDS:
-        assert "--" + name.replace("_", "-") in train_help, name
-    assert "--resume" in train_help and "--overwrite" in train_help
+        assert "--" + name.replace("_", "-") in flags, name
+    assert {"--resume", "--overwrite", "--no-progress"} <= flags
+
+
+def test_every_verb_parses_and_every_train_option_sets_its_setting(capsys):
+    import typing
+
+    from mumic.cli import build_parser, main
+    from mumic.config import TrainConfig
+
+    for verb in VERBS:
+        with pytest.raises(SystemExit) as exit_:
+            main([verb, "--help"])
+        assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"usage: mumic {verb} "), verb
+    parser = build_parser()
+    hints = typing.get_type_hints(TrainConfig)
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        hint = str(hints[name])
+        if "bool" in hint:
+            argv, value = [flag], True
+        elif f.metadata.get("choices"):
+            argv, value = [flag, f.metadata["choices"][-1]], f.metadata["choices"][-1]
+        elif "list" in hint:
+            argv, value = [flag, "a {}", "an {}"], ["a {}", "an {}"]
+        else:
+            argv, value = [flag, "7"], "7"
+        a = parser.parse_args(["train", *argv])
+        assert getattr(a, name) == value, (name, argv)
+        assert all(getattr(a, other) is None for other in FIELDS if other != name), (name, argv)
 
 
 def _one_line_error(p, *needles):
@@ -57,9 +102,10 @@ def test_bad_inputs_give_one_line_and_exit_2(tmp_path):
     (tmp_path / "b.png").write_bytes(b"")
     _one_line_error(mumic("train", "--manifest", m, "--backbone", "resnet", "--out", tmp_path / "r", check=False), "resnet")
     assert not (tmp_path / "r").exists()  # nothing written for a run that could not start
-    _one_line_error(mumic("train", "--manifest", m, "--backbone", f"hf:{tmp_path / 'no-model'}", "--out", tmp_path / "r", check=False), "no-model")
+    no_model = ["train", "--manifest", m, "--backbone", f"hf:{tmp_path / 'no-model'}", "--out", tmp_path / "r"]
+    _one_line_error(mumic(*no_model, check=False), "no-model")
     # a run that failed before its first checkpoint does not block the next attempt
-    _one_line_error(mumic("train", "--manifest", m, "--backbone", f"hf:{tmp_path / 'no-model'}", "--out", tmp_path / "r", check=False), "no-model")
+    _one_line_error(mumic(*no_model, check=False), "no-model")
 
 
 

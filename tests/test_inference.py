@@ -19,22 +19,31 @@ def _images(n, seed=0):
     return [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def test_out_of_memory_batches_are_split_not_failed(model, monkeypatch):
+def test_out_of_memory_batches_are_split_not_failed(model, monkeypatch, caplog):
     imgs = _images(10)
     ref = model.predict_proba(imgs, batch_size=10)
+    ref_emb = model.embed_images(imgs, batch_size=10)
     real = model.backbone.image_features
-    sizes = []
+    calls = []  # (batch size, whether it fit)
 
     def small_gpu(px):
-        sizes.append(len(px))
+        calls.append((len(px), len(px) <= 3))
         if len(px) > 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(px)
 
     monkeypatch.setattr(model.backbone, "image_features", small_gpu)
-    got = model.predict_proba(imgs, batch_size=10)
+    with caplog.at_level("WARNING", logger="mumic.model"):
+        got = model.predict_proba(imgs, batch_size=10)
+    # halves until a part fits: 10 -> 5 + 5, each 5 -> 2 + 3
+    assert calls == [(10, False), (5, False), (2, True), (3, True), (5, False), (2, True), (3, True)]
+    # every image went through the tower exactly once, and the parts are put back in order
+    assert sum(n for n, fit in calls if fit) == len(imgs)
     np.testing.assert_allclose(got, ref, atol=1e-6)
-    assert max(s for s in sizes if s <= 3) <= 3 and sizes[0] == 10
+    assert [r.getMessage() for r in caplog.records] == [f"batch of {n} images does not fit in GPU memory; splitting it" for n in (10, 5, 5)]
+    calls.clear()
+    np.testing.assert_allclose(model.embed_images(imgs, batch_size=10), ref_emb, atol=1e-6)
+    assert sum(n for n, fit in calls if fit) == len(imgs)
 
 
 def test_out_of_memory_on_one_image_is_raised(model, monkeypatch):
@@ -82,8 +91,8 @@ def test_onnxruntime_engine_matches_torch_and_caches_its_graph(model, tmp_path, 
 
 
 def test_engine_choice_errors_name_the_problem(model):
-    from mumic.errors import ConfigError
     from mumic.backbones.onnx import resolve_engine
+    from mumic.errors import ConfigError
 
     assert resolve_engine("auto", "cpu") == "onnxruntime" and resolve_engine("auto", "cuda") == "torch"
     with pytest.raises(ConfigError, match="engine must be one of auto, torch, onnxruntime, got 'ort'"):
