@@ -27,7 +27,7 @@ from mumic.config import TrainConfig, save_config
 from mumic.data.manifest import LabelSpec, Manifest, read_labels_file, read_manifest
 from mumic.errors import ConfigError, ManifestError, RunError
 from mumic.io import atomic_write_json, atomic_write_text, load_tensors, save_tensors
-from mumic.losses import get_loss
+from mumic.losses import loss_spec
 from mumic.model import MuMIC, labels_meta, resolve_device
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def _init_bias(model: MuMIC, data: Data, cfg: TrainConfig, device: torch.device)
         with torch.no_grad():
             model.classifier.bias.copy_(heads.linear_prior_bias(prior))
         return
-    if cfg.bias == "none" or cfg.bias_init == "zero" or cfg.loss == "softmax_ce":
+    if cfg.bias == "none" or cfg.bias_init == "zero" or not loss_spec(cfg.loss).prior_bias:
         return
     n = min(len(y), 512)
     with torch.no_grad():
@@ -322,7 +322,7 @@ def _train(cfg: TrainConfig, run: Path, inputs: tuple, *, resume: bool, progress
     backbone.set_trainable(image_tower=cfg.image_tower, text_tower=cfg.text_tower)
     tau0 = cfg.resolved_tau(backbone.logit_scale)
     model = MuMIC(backbone, specs, templates, loss=cfg.loss, tau=tau0, learn_tau=cfg.learn_tau, bias=cfg.bias).to(device)
-    loss_fn = get_loss(cfg.loss)
+    loss_fn = loss_spec(cfg.loss).fn
 
     skip = cfg.on_bad_image == "skip"
     skipped: dict[str, list[tuple[int, str]]] = {}
@@ -375,7 +375,7 @@ def _train(cfg: TrainConfig, run: Path, inputs: tuple, *, resume: bool, progress
 
         # every rank starts from rank 0's weights; the linear baseline leaves the text head unused
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=cfg.loss == "linear_bce")
+                                      find_unused_parameters=loss_spec(cfg.loss).head == "linear")
 
     state: dict[str, Any] = {"step": 0, "best": -1.0, "best_step": 0, "bad_evals": 0, "log": [], "stopped": False}
     if resume:
