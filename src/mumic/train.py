@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -272,7 +272,7 @@ def fit(
     inputs = _load_inputs(cfg)  # bad data fails here, before anything is written
     # the saved config records what the run uses: the labels file's templates if it has
     # some, and a local backbone folder as an absolute path
-    cfg = dataclasses.replace(cfg, templates=list(inputs[4]), backbone=absolute_backbone(cfg.backbone))
+    cfg = dataclasses.replace(cfg, templates=inputs.templates, backbone=absolute_backbone(cfg.backbone))
     dist.init()
     if dist.is_main():
         prepare_run_dir(run, overwrite=overwrite, resume=False)
@@ -293,7 +293,17 @@ def resume(run_dir: str | Path, *, progress: bool = True, on_step: Callable[[int
     return Trainer(cfg, run, _load_inputs(cfg), progress=progress, on_step=on_step).run(resume=True)
 
 
-def _load_inputs(cfg: TrainConfig) -> tuple:
+class Inputs(NamedTuple):
+    """What a run reads before anything is written: each split's manifest, labels, templates."""
+
+    train: Manifest
+    val: Manifest
+    test: Manifest | None
+    labels: list[LabelSpec]
+    templates: list[str]
+
+
+def _load_inputs(cfg: TrainConfig) -> Inputs:
     """Manifests of each split, the run's labels and templates, all checked."""
     train_m, val_m, test_m = _split_manifests(cfg)
     specs, templates = resolve_labels(cfg, [m for m in (train_m, val_m, test_m) if m is not None])
@@ -303,7 +313,7 @@ def _load_inputs(cfg: TrainConfig) -> tuple:
                 m.check_images_exist()
     if not any(s.seen for s in specs):
         raise ManifestError("every label is marked unseen; at least one label must be trained")
-    return train_m, val_m, test_m, specs, templates
+    return Inputs(train_m, val_m, test_m, specs, list(templates))
 
 
 @dataclass
@@ -328,7 +338,7 @@ class Trainer:
     checkpointed state; `loop` runs the optimizer steps with periodic evaluation and
     checkpoints; `finalize` writes the run's results from the best weights."""
 
-    def __init__(self, cfg: TrainConfig, run: Path, inputs: tuple, *, progress: bool = True,
+    def __init__(self, cfg: TrainConfig, run: Path, inputs: Inputs, *, progress: bool = True,
                  on_step: Callable[[int], None] | None = None) -> None:
         self.cfg, self.run_dir, self.inputs, self.on_step = cfg, run, inputs, on_step
         self.main = dist.is_main()
