@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from mumic.config import TrainConfig, load_config, save_config
+from mumic.config import FIELDS, GROUPS, TrainConfig, load_config, save_config
 from mumic.errors import ConfigError
 
 
@@ -58,4 +58,48 @@ def test_resolved_tau():
     assert TrainConfig().resolved_tau(1000.0) == pytest.approx(0.01)  # 1/tau clamped at 100
     assert TrainConfig(loss="tempered_sigmoid_fixed").resolved_tau(50.0) == 1.0
     assert TrainConfig(tau=0.2).resolved_tau(50.0) == 0.2
-    assert yaml.safe_load(yaml.safe_dump(TrainConfig().to_dict()))["loss"] == "tempered_sigmoid"
+
+
+def _other_value(name, f, default):
+    """A valid value of the field that is not its default."""
+    if f.metadata.get("choices"):
+        return next(c for c in f.metadata["choices"] if c != default)
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, list):
+        return ["an image of {}", "{}, drawn"]
+    if isinstance(default, (int, float)):
+        return default + 3
+    return {"backbone": "hf:some-org/some-model", "image_size": 96, "max_steps": 7, "tau": 0.25}.get(name, f"{name}.txt")
+
+
+def test_every_key_survives_save_and_load_in_order(tmp_path):
+    default = TrainConfig()
+    values = {name: _other_value(name, f, getattr(default, name)) for name, f in FIELDS.items()}
+    cfg = load_config(overrides=values)
+    assert all(getattr(cfg, k) != getattr(default, k) for k in FIELDS)
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert list(yaml.safe_load(text)) == list(FIELDS)  # the flat keys, in the order of --help
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_groups_cover_every_setting_once():
+    names = [k for keys in GROUPS.values() for k in keys]
+    assert sorted(names) == sorted(FIELDS) and len(names) == len(set(names))
+    cfg = load_config(overrides={"lr_head": 0.5, "backbone": "lite"})
+    assert cfg.group("optimisation")["lr_head"] == 0.5 and "backbone" not in cfg.group("optimisation")
+    assert cfg.group("model")["backbone"] == "lite"
+    with pytest.raises(ConfigError, match="unknown settings group 'optim'"):
+        cfg.group("optim")
+
+
+def test_local_hf_directory_is_recorded_absolute(tmp_path, monkeypatch):
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert load_config(overrides={"backbone": "hf:models/tiny"}).backbone == f"hf:{tmp_path / 'models' / 'tiny'}"
+    (tmp_path / "c.yaml").write_text("backbone: hf:./models/tiny\n")
+    assert load_config("c.yaml").backbone == f"hf:{tmp_path / 'models' / 'tiny'}"
+    # a hub name (no such folder here) and the lite backbone are kept as given
+    assert load_config(overrides={"backbone": "hf:openai/clip-vit-base-patch32"}).backbone == "hf:openai/clip-vit-base-patch32"
+    assert load_config(overrides={"backbone": "lite"}).backbone == "lite"

@@ -1,13 +1,16 @@
 """Typed run configuration: a YAML file plus command-line overrides.
 
 One flat dataclass keeps the YAML, the command line (`mumic train --help` lists every
-field) and the saved `config.yaml` of a run in one-to-one correspondence.
+field) and the saved `config.yaml` of a run in one-to-one correspondence; GROUPS sorts
+its settings into data / model / optimisation / runtime. Importing this module imports
+neither torch nor transformers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +19,8 @@ from typing import Any
 import yaml
 
 from mumic.errors import ConfigError
-from mumic.losses import LOSS_NAMES
+from mumic.io import atomic_write_text, read_yaml
+from mumic.losses import LOSS_NAMES, loss_spec
 
 DEFAULT_TEMPLATES = ["a photo of {}.", "a picture of {}.", "an image showing {}."]
 
@@ -30,7 +34,7 @@ def _f(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    # data
+    # data (GROUPS below says which group each setting belongs to)
     manifest: str | None = _f(None, "training manifest (CSV/TSV/JSONL/Parquet with image, labels[, split])")
     val_manifest: str | None = _f(None, "validation manifest; default: rows of --manifest whose split is val")
     test_manifest: str | None = _f(None, "test manifest evaluated at the end; default: split test if present")
@@ -76,8 +80,9 @@ class TrainConfig:
     def resolved_tau(self, backbone_logit_scale: float | None) -> float:
         if self.tau is not None:
             return float(self.tau)
-        if self.loss == "tempered_sigmoid_fixed":
-            return 1.0
+        spec = loss_spec(self.loss)
+        if spec.tau is not None:
+            return spec.tau
         if backbone_logit_scale:
             return 1.0 / min(float(backbone_logit_scale), 100.0)
         return 0.07
@@ -85,8 +90,39 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def group(self, name: str) -> dict[str, Any]:
+        """The settings of one group of GROUPS, e.g. ``cfg.group("optimisation")``."""
+        if name not in GROUPS:
+            raise ConfigError(f"unknown settings group {name!r}; choose one of {', '.join(GROUPS)}")
+        return {k: getattr(self, k) for k in GROUPS[name]}
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+# what each setting is about; every field is in exactly one group
+GROUPS: dict[str, tuple[str, ...]] = {
+    "data": ("manifest", "val_manifest", "test_manifest", "labels_file", "allow_outside_paths", "allow_duplicate_rows",
+             "templates", "unlisted", "on_bad_image"),
+    "model": ("backbone", "image_size", "image_head", "image_tower", "text_tower", "loss", "tau", "learn_tau", "bias",
+              "bias_init"),
+    "optimisation": ("epochs", "max_steps", "batch_size", "grad_accum", "lr_tower", "lr_head", "lr_temp", "weight_decay",
+                     "warmup_steps", "eval_every", "patience", "seed"),
+    "runtime": ("out", "device", "amp", "num_workers", "engine", "cache_dir", "majority_n"),
+}
+
+
+def default_cache_dir() -> Path:
+    """Where frozen features and exported graphs are cached: $MUMIC_CACHE or ~/.cache/mumic."""
+    return Path(os.environ.get("MUMIC_CACHE") or Path.home() / ".cache" / "mumic")
+
+
+def absolute_backbone(spec: str) -> str:
+    """`hf:DIR` with DIR made absolute when it is a local directory, so that a run made in
+    one folder loads from any other; hub names and 'lite' are returned unchanged."""
+    if not spec.startswith("hf:"):
+        return spec
+    local = os.path.expanduser(spec[3:].strip())
+    return "hf:" + os.path.abspath(local) if os.path.isdir(local) else spec
 
 
 def _check_type(name: str, value: Any, where: str) -> Any:
@@ -141,6 +177,8 @@ def _check_type(name: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: key '{name}' must be at least 1")
     if name == "backbone" and not (value == "lite" or (value.startswith("hf:") and len(value) > 3)):
         raise ConfigError(f"{where}: key 'backbone' is {value!r}; use 'lite' or 'hf:<hub name or local dir>'")
+    if name == "backbone":
+        value = absolute_backbone(value)
     if name == "tau" and value is not None and value <= 0:
         raise ConfigError(f"{where}: key 'tau' must be > 0, got {value!r}")
     return value
@@ -153,42 +191,8 @@ def _unknown_key(key: str, where: str) -> ConfigError:
 
 
 def _read_yaml(p: Path) -> tuple[Any, dict[Any, int]]:
-    """The YAML document of a config file (safe loader) and the line of each top-level key.
-
-    Every problem is a one-line ConfigError naming the file and line: bytes that are not
-    UTF-8, a syntax error, a key given twice (plain YAML would keep the last silently).
-    """
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"config file {p}: cannot read: {e.strerror or e}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ConfigError(f"{p} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        value = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        problem = " ".join(x for x in (e.context, e.problem) if x) or "syntax error"
-        raise ConfigError(f"{p}{line}: not valid YAML ({problem})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    except RecursionError:
-        raise ConfigError(f"{p}: not valid YAML (nested too deeply)") from None
-    lines: dict[Any, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, _ in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            line = key_node.start_mark.line + 1
-            if key in lines:
-                raise ConfigError(f"{p} line {line}: key '{key}' is given twice (first on line {lines[key]}); keep one")
-            if key is not None:
-                lines[key] = line
-    return value, lines
+    """The YAML document of a config file and the line of each top-level key (used by mumic.ablate)."""
+    return read_yaml(p, error=ConfigError)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -202,7 +206,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
-        data, key_lines = _read_yaml(p)
+        data, key_lines = read_yaml(p, error=ConfigError)
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -222,6 +226,4 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    from mumic.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

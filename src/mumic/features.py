@@ -12,21 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from mumic.backbones.onnx import OnnxImageTower, resolve_engine
+from mumic.config import default_cache_dir
 from mumic.data.dataset import file_digest, pixel_batches
+from mumic.errors import ImageError
 from mumic.io import save_tensors
 
 log = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MUMIC_CACHE") or Path.home() / ".cache" / "mumic")
 
 
 def backbone_key(backbone: torch.nn.Module) -> str:
@@ -109,8 +107,6 @@ def extract_features(
     With a `failures` list, unreadable images do not stop the job: their rows are NaN
     and (row, reason) is appended to the list. ``engine`` "onnxruntime" (or "auto" on
     the CPU) runs the tower in onnxruntime (its graph cached under ``onnx_cache_dir``)."""
-    from mumic.backbones.onnx import OnnxImageTower, resolve_engine
-
     device = torch.device(device)
     tower = backbone.image_features
     if resolve_engine(engine, device) == "onnxruntime":
@@ -145,8 +141,6 @@ def cached_features(
 
     With a `failures` list, unreadable images (including missing files) give NaN rows
     and a (row, reason) entry instead of an error; they are never cached."""
-    from mumic.errors import ImageError
-
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     digests: list[str | None] = []
     for i, p in enumerate(paths):

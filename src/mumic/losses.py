@@ -1,28 +1,31 @@
-"""Losses on a [N, C] matrix of logits with {0,1} targets and a mask of known cells.
+"""Losses on a [N, C] matrix of logits with {0,1} targets and a mask of known cells, and
+the registry of the losses a run can train with.
 
 All losses average over the known (image, label) cells, so masking unknown labels
 changes what is learned, not the scale of the loss. The tempered-sigmoid BCE of MuMIC is
 `bce` applied to z = s / tau + b (the model computes z); the comparison losses take the
 same logits so an ablation changes one thing at a time.
+
+Importing this module does not import torch (the command line's --help lists the loss
+names); the loss functions import it when first called.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from mumic.errors import ConfigError
 
-# loss name -> (function, what the model's logits are)
-#   tempered_sigmoid        BCE on cosine / tau + b, tau learned           (MuMIC)
-#   tempered_sigmoid_fixed  BCE on cosine / tau + b, tau fixed (1 by default)
-#   linear_bce              BCE on a linear classifier over image embeddings (the usual baseline)
-#   softmax_ce              CLIP-style softmax over classes, multi-positive targets
-#   asl                     Asymmetric Loss (Ridnik et al., 2021) on cosine / tau + b
-LOSS_NAMES = ("tempered_sigmoid", "tempered_sigmoid_fixed", "linear_bce", "softmax_ce", "asl")
+if TYPE_CHECKING:
+    import torch
 
 
 def _known(y: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
+    import torch
+
     return torch.ones_like(y, dtype=torch.bool) if known is None else known.bool()
 
 
@@ -33,6 +36,8 @@ def bce(logits: torch.Tensor, y: torch.Tensor, known: torch.Tensor | None = None
     exponentially with the similarity of the negative, which is the hardness-aware
     behaviour of the tempered sigmoid.
     """
+    import torch.nn.functional as F
+
     k = _known(y, known)
     cell = F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype), reduction="none")
     return (cell * k).sum() / k.sum().clamp_min(1)
@@ -43,6 +48,8 @@ def softmax_ce(logits: torch.Tensor, y: torch.Tensor, known: torch.Tensor | None
 
     Unknown cells are excluded from the softmax; images without a known positive are skipped.
     """
+    import torch
+
     k = _known(y, known)
     pos = (y > 0.5) & k
     n_pos = pos.sum(1)
@@ -71,6 +78,8 @@ def asl(
     L+ = (1-p)^gamma_pos log p,  L- = p_m^gamma_neg log(1 - p_m),  p_m = max(p - clip, 0).
     Averaged over known cells (the original sums; the mean keeps learning rates comparable).
     """
+    import torch
+
     k = _known(y, known)
     yy = y.to(logits.dtype)
     p = torch.sigmoid(logits)
@@ -81,12 +90,42 @@ def asl(
     return (cell * k).sum() / k.sum().clamp_min(1)
 
 
-def get_loss(name: str):
-    """The loss function for a loss name (see LOSS_NAMES)."""
-    if name in ("tempered_sigmoid", "tempered_sigmoid_fixed", "linear_bce"):
-        return bce
-    if name == "softmax_ce":
-        return softmax_ce
-    if name == "asl":
-        return asl
-    raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+Head = Literal["prompt", "linear"]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What a loss name means for a run: the loss on the logits, which head makes them,
+    and how tau and b start."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]  # (logits [N, C], y, known) -> scalar
+    head: Head  # "prompt": z = cos(u, v_c) / tau + b over class text embeddings; "linear": a linear classifier
+    learns_tau: bool  # False: tau stays at its initial value whatever learn_tau says
+    prior_bias: bool  # b starts where the mean predicted probability matches the label prior
+    tau: float | None  # initial tau when none is configured (None: from the backbone's logit scale)
+    summary: str
+
+
+LOSSES: Mapping[str, LossSpec] = types.MappingProxyType({s.name: s for s in (
+    LossSpec("tempered_sigmoid", bce, "prompt", learns_tau=True, prior_bias=True, tau=None,
+             summary="BCE on cosine / tau + b, tau learned (MuMIC)"),
+    LossSpec("tempered_sigmoid_fixed", bce, "prompt", learns_tau=False, prior_bias=True, tau=1.0,
+             summary="BCE on cosine / tau + b, tau fixed (1 by default)"),
+    LossSpec("linear_bce", bce, "linear", learns_tau=True, prior_bias=True, tau=None,
+             summary="BCE on a linear classifier over image embeddings (the usual baseline)"),
+    # a shared b cancels in the softmax, so it is not fitted to the prior
+    LossSpec("softmax_ce", softmax_ce, "prompt", learns_tau=True, prior_bias=False, tau=None,
+             summary="CLIP-style softmax over classes, multi-positive targets"),
+    LossSpec("asl", asl, "prompt", learns_tau=True, prior_bias=True, tau=None,
+             summary="Asymmetric Loss (Ridnik et al., 2021) on cosine / tau + b"),
+)})
+LOSS_NAMES = tuple(LOSSES)
+
+
+def loss_spec(name: str) -> LossSpec:
+    """The registry entry of a loss name; an unknown name is a ConfigError listing the known ones."""
+    try:
+        return LOSSES[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}") from None

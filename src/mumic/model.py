@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from mumic import heads
 from mumic.data.labels import LabelSpec
 from mumic.errors import ConfigError, MumicError, RunError
+from mumic.losses import loss_spec
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,14 @@ class MuMIC(nn.Module):
             raise ConfigError("no seen (trainable) labels: mark at least one label seen")
         self.seen_index = {l.name: i for i, l in enumerate(self.seen)}
         n = len(self.seen)
-        fixed = loss == "tempered_sigmoid_fixed" or not learn_tau
+        spec = loss_spec(loss)
+        fixed = not spec.learns_tau or not learn_tau
         self.log_inv_tau = nn.Parameter(torch.tensor(math.log(1.0 / tau)), requires_grad=not fixed)
         if bias == "none":
             self.register_buffer("bias", torch.zeros(1))
         else:
             self.bias = nn.Parameter(torch.zeros(1 if bias == "shared" else n))
-        self.classifier = nn.Linear(backbone.embed_dim, n) if loss == "linear_bce" else None
+        self.classifier = nn.Linear(backbone.embed_dim, n) if spec.head == "linear" else None
         # frozen text tower: mean normalised tower feature of each prompt set, computed once
         # (bounded: a service may be asked for any number of new labels)
         self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()

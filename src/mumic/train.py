@@ -7,27 +7,36 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mumic import distributed as dist
 from mumic import heads
-from mumic.config import TrainConfig, save_config
+from mumic.backbones import load_backbone
+from mumic.config import TrainConfig, absolute_backbone, load_config, save_config
+from mumic.data.dataset import ImageDataset, find_bad_images
 from mumic.data.manifest import LabelSpec, Manifest, read_labels_file, read_manifest
 from mumic.errors import ConfigError, ManifestError, RunError
+from mumic.evaluate import evaluate_model, evaluate_probs, manifest_embeddings, write_report
+from mumic.features import cached_features
 from mumic.io import atomic_write_json, atomic_write_text, load_tensors, save_tensors
-from mumic.losses import get_loss
+from mumic.losses import loss_spec
+from mumic.metrics import fit_thresholds, gap
 from mumic.model import MuMIC, resolve_device
 from mumic.run import CLASS_EMBEDDINGS, labels_meta, write_class_embeddings
 
@@ -109,15 +118,13 @@ def _init_bias(model: MuMIC, data: Data, cfg: TrainConfig, device: torch.device)
         with torch.no_grad():
             model.classifier.bias.copy_(heads.linear_prior_bias(prior))
         return
-    if cfg.bias == "none" or cfg.bias_init == "zero" or cfg.loss == "softmax_ce":
+    if cfg.bias == "none" or cfg.bias_init == "zero" or not loss_spec(cfg.loss).prior_bias:
         return
     n = min(len(y), 512)
     with torch.no_grad():
         if data.features is not None:
             u = model.image_embeddings(features=data.features[:n].to(device))
         else:
-            from mumic.data.dataset import ImageDataset
-
             ds = ImageDataset(data.paths[:n], model.backbone.image_size)
             u = model.image_embeddings(torch.stack([ds[i][1] for i in range(n)]).to(device))
         s = heads.tempered_logits(u, model.class_embeddings(model.seen), model.inv_tau, 0.0).float().cpu()
@@ -171,8 +178,6 @@ def score_data(model: MuMIC, data: Data, cfg: TrainConfig, device: torch.device,
                gather: bool = True) -> np.ndarray:
     """Probabilities [N, C] for a split (seen labels by default). Under torchrun with
     `gather`, every rank scores a share and all ranks get the whole result."""
-    from mumic.evaluate import manifest_embeddings
-
     model.eval()
     r, w = (dist.rank(), dist.world()) if gather else (0, 1)
     rows = list(range(r, len(data.paths), w))  # under torchrun each rank scores every w-th image
@@ -189,7 +194,7 @@ def score_data(model: MuMIC, data: Data, cfg: TrainConfig, device: torch.device,
     return probs
 
 
-def _save_checkpoint(path: Path, model: MuMIC, opt: torch.optim.Optimizer, sched: Any, state: dict[str, Any]) -> None:
+def _save_checkpoint(path: Path, model: MuMIC, opt: torch.optim.Optimizer, sched: Any, state: TrainState) -> None:
     tensors = {"model." + k: v for k, v in model.trained_state().items()}
     osd = opt.state_dict()
     for idx, st in osd["state"].items():
@@ -197,13 +202,11 @@ def _save_checkpoint(path: Path, model: MuMIC, opt: torch.optim.Optimizer, sched
             tensors[f"opt.{idx}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
     tensors["rng.torch"] = torch.get_rng_state()
     sd = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
-    meta = {"param_groups": json.dumps(osd["param_groups"]), "scheduler": json.dumps(sd), "state": json.dumps(state)}
+    meta = {"param_groups": json.dumps(osd["param_groups"]), "scheduler": json.dumps(sd), "state": json.dumps(dataclasses.asdict(state))}
     save_tensors(path, tensors, metadata=meta)
 
 
-def _load_checkpoint(path: Path, model: MuMIC, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
-    from safetensors import safe_open
-
+def _load_checkpoint(path: Path, model: MuMIC, opt: torch.optim.Optimizer, sched: Any) -> TrainState:
     tensors = load_tensors(path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
@@ -218,7 +221,7 @@ def _load_checkpoint(path: Path, model: MuMIC, opt: torch.optim.Optimizer, sched
     sd["lr_lambdas"] = [None] * len(opt.param_groups)
     sched.load_state_dict(sd)
     torch.set_rng_state(tensors["rng.torch"])
-    return json.loads(meta["state"])
+    return TrainState(**json.loads(meta["state"]))
 
 
 def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -260,8 +263,6 @@ def fit(
     `cfg` is a TrainConfig, a YAML config path or None; keyword arguments override its
     keys, as on the command line: `fit(manifest="photos.csv", out="runs/a", epochs=5)`.
     """
-    from mumic.config import load_config
-
     if not isinstance(cfg, TrainConfig):
         cfg = load_config(cfg, overrides)
     elif overrides:
@@ -270,18 +271,19 @@ def fit(
         raise ConfigError("no run directory: give --out or 'out:' in the config")
     run = Path(cfg.out)
     inputs = _load_inputs(cfg)  # bad data fails here, before anything is written
+    # the saved config records what the run uses: the labels file's templates if it has
+    # some, and a local backbone folder as an absolute path
+    cfg = dataclasses.replace(cfg, templates=inputs.templates, backbone=absolute_backbone(cfg.backbone))
     dist.init()
     if dist.is_main():
         prepare_run_dir(run, overwrite=overwrite, resume=False)
         save_config(cfg, run / "config.yaml")
     dist.barrier()
-    return _train(cfg, run, inputs, resume=False, progress=progress, on_step=on_step)
+    return Trainer(cfg, run, inputs, progress=progress, on_step=on_step).run(resume=False)
 
 
 def resume(run_dir: str | Path, *, progress: bool = True, on_step: Callable[[int], None] | None = None) -> Path:
     """Continue an interrupted run from its last checkpoint, with its saved config."""
-    from mumic.config import load_config
-
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise RunError(f"{run} is not a run directory (config.yaml is missing)")
@@ -289,10 +291,20 @@ def resume(run_dir: str | Path, *, progress: bool = True, on_step: Callable[[int
         raise RunError(f"{run} has already finished; nothing to resume")
     cfg = load_config(run / "config.yaml")
     dist.init()
-    return _train(cfg, run, _load_inputs(cfg), resume=True, progress=progress, on_step=on_step)
+    return Trainer(cfg, run, _load_inputs(cfg), progress=progress, on_step=on_step).run(resume=True)
 
 
-def _load_inputs(cfg: TrainConfig) -> tuple:
+class Inputs(NamedTuple):
+    """What a run reads before anything is written: each split's manifest, labels, templates."""
+
+    train: Manifest
+    val: Manifest
+    test: Manifest | None
+    labels: list[LabelSpec]
+    templates: list[str]
+
+
+def _load_inputs(cfg: TrainConfig) -> Inputs:
     """Manifests of each split, the run's labels and templates, all checked."""
     train_m, val_m, test_m = _split_manifests(cfg)
     specs, templates = resolve_labels(cfg, [m for m in (train_m, val_m, test_m) if m is not None])
@@ -302,212 +314,239 @@ def _load_inputs(cfg: TrainConfig) -> tuple:
                 m.check_images_exist()
     if not any(s.seen for s in specs):
         raise ManifestError("every label is marked unseen; at least one label must be trained")
-    return train_m, val_m, test_m, specs, templates
+    return Inputs(train_m, val_m, test_m, specs, list(templates))
 
 
-def _train(cfg: TrainConfig, run: Path, inputs: tuple, *, resume: bool, progress: bool, on_step: Callable[[int], None] | None) -> Path:
-    from mumic.backbones import load_backbone
-    from mumic.evaluate import evaluate_probs
-    from mumic.features import cached_features
-    from mumic.metrics import fit_thresholds, gap
+@dataclass
+class TrainState:
+    """What a checkpoint records besides the weights: where training is and how it went."""
 
-    t_start = time.time()
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(dist.device_name(cfg.device))
-    main = dist.is_main()
-    progress = progress and main
-    train_m, val_m, test_m, specs, templates = inputs
-    seen_names = [s.name for s in specs if s.seen]
+    step: int = 0
+    best: float = -1.0  # best validation GAP@10 so far
+    best_step: int = 0
+    bad_evals: int = 0  # evaluations since the best one
+    log: list[dict[str, Any]] = field(default_factory=list)  # the rows of log.csv
+    stopped: bool = False  # early stopping fired
 
-    backbone = load_backbone(cfg.backbone, image_size=cfg.image_size, image_head=cfg.image_head, device=str(device), seed=cfg.seed)
-    backbone.set_trainable(image_tower=cfg.image_tower, text_tower=cfg.text_tower)
-    tau0 = cfg.resolved_tau(backbone.logit_scale)
-    model = MuMIC(backbone, specs, templates, loss=cfg.loss, tau=tau0, learn_tau=cfg.learn_tau, bias=cfg.bias).to(device)
-    loss_fn = get_loss(cfg.loss)
 
-    skip = cfg.on_bad_image == "skip"
-    skipped: dict[str, list[tuple[int, str]]] = {}
-    feats: dict[str, torch.Tensor] = {}
-    for name, m in (("train", train_m), ("val", val_m)):
-        failures: list[tuple[int, str]] | None = [] if skip else None
+def _group_lr(opt: torch.optim.Optimizer, name: str) -> float | None:
+    """The current learning rate of a named parameter group (its decayed part or not)."""
+    return next((g["lr"] for g in opt.param_groups if g["name"] in (name, name + "_no_decay")), None)
+
+
+class Trainer:
+    """One training run: `prepare` builds the model, data, optimizer and (on resume) the
+    checkpointed state; `loop` runs the optimizer steps with periodic evaluation and
+    checkpoints; `finalize` writes the run's results from the best weights."""
+
+    def __init__(self, cfg: TrainConfig, run: Path, inputs: Inputs, *, progress: bool = True,
+                 on_step: Callable[[int], None] | None = None) -> None:
+        self.cfg, self.run_dir, self.inputs, self.on_step = cfg, run, inputs, on_step
+        self.main = dist.is_main()
+        self.progress = progress and self.main
+        self.rank, self.world = dist.rank(), dist.world()
+        self.best_path = run / "best.safetensors"
+        self.state = TrainState()
+
+    def run(self, *, resume: bool) -> Path:
+        self.prepare(resume=resume)
+        self.loop()
+        dist.barrier()
+        if self.main:  # rank 0 writes the run's results
+            self.finalize()
+        return self.run_dir
+
+    # -- prepare ------------------------------------------------------------------------
+    def prepare(self, *, resume: bool) -> None:
+        cfg = self.cfg
+        self.t_start = time.time()
+        torch.manual_seed(cfg.seed)
+        self.device = device = resolve_device(dist.device_name(cfg.device))
+        train_m, val_m, self.test_m, specs, templates = self.inputs
+        self.seen_names = [s.name for s in specs if s.seen]
+        self.loss = loss_spec(cfg.loss)
+
+        self.backbone = load_backbone(cfg.backbone, image_size=cfg.image_size, image_head=cfg.image_head, device=str(device),
+                                      seed=cfg.seed)
+        self.backbone.set_trainable(image_tower=cfg.image_tower, text_tower=cfg.text_tower)
+        self.tau0 = cfg.resolved_tau(self.backbone.logit_scale)
+        self.model = model = MuMIC(self.backbone, specs, templates, loss=cfg.loss, tau=self.tau0, learn_tau=cfg.learn_tau,
+                                   bias=cfg.bias).to(device)
+
+        self.skipped: dict[str, list[tuple[int, str]]] = {}
+        train_m, train_f = self._readable("train", train_m)
+        self.val_m, val_f = self._readable("val", val_m)
+        self.train = Data(train_m, *_targets(train_m, self.seen_names, cfg.unlisted), features=train_f)
+        self.val = Data(self.val_m, *_targets(self.val_m, self.seen_names, "negative"), features=val_f)
+        if not bool(self.val.y.any()):
+            raise ManifestError("the validation data has no positive for any trained label; early stopping needs some")
+        self.train_counts = dict(zip(self.seen_names, (self.train.y * self.train.known).sum(0).long().tolist()))
+        for name, c in self.train_counts.items():
+            if c == 0:
+                log.warning("label '%s' has no positive in the training data", name)
+        _init_bias(model, self.train, cfg, device)
+
+        self.steps_per_epoch = math.ceil(math.ceil(len(train_m) / cfg.batch_size) / cfg.grad_accum)
+        self.total = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.opt = _optimizer(model, cfg)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule(min(cfg.warmup_steps, self.total // 2), self.total))
+        self.net: torch.nn.Module = model
+        if self.world > 1:
+            # every rank starts from rank 0's weights; the linear baseline leaves the text head unused
+            self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=self.loss.head == "linear")
+        if resume:
+            ckpt = self.run_dir / "checkpoint.safetensors"
+            if not ckpt.is_file():
+                raise RunError(f"{self.run_dir} has no checkpoint yet to resume from; start it again with --overwrite")
+            self.state = _load_checkpoint(ckpt, model, self.opt, self.sched)
+            log.info("resuming %s at step %d", self.run_dir, self.state.step)
+
+    def _readable(self, name: str, m: Manifest) -> tuple[Manifest, torch.Tensor | None]:
+        """A split without the images left out under on_bad_image=skip, and its cached
+        features when the image tower is frozen."""
+        cfg = self.cfg
+        failures: list[tuple[int, str]] | None = [] if cfg.on_bad_image == "skip" else None
+        feats = None
         if cfg.image_tower == "frozen":
             # rank 0 fills the cache first; the other ranks then read it (and compute only
             # what they cannot find there, e.g. on a node without a shared cache folder)
             for turn in ("first", "rest"):
-                if (turn == "first") == main:
-                    feats[name] = cached_features(backbone, m.images, cache_dir=cfg.cache_dir, batch_size=max(cfg.batch_size, 32),
-                                                  num_workers=cfg.num_workers, device=device, amp=cfg.amp, progress=progress,
-                                                  failures=failures, engine=cfg.engine)
+                if (turn == "first") == self.main:
+                    feats = cached_features(self.backbone, m.images, cache_dir=cfg.cache_dir, batch_size=max(cfg.batch_size, 32),
+                                            num_workers=cfg.num_workers, device=self.device, amp=cfg.amp, progress=self.progress,
+                                            failures=failures, engine=cfg.engine)
                 dist.barrier()
-        elif skip:
-            from mumic.data.dataset import find_bad_images
-
-            failures = find_bad_images(m.images, backbone.image_size, num_workers=cfg.num_workers)
+        elif failures is not None:
+            failures = find_bad_images(m.images, self.backbone.image_size, num_workers=cfg.num_workers)
         if failures:
-            skipped[name] = [(m.lines[i] if m.lines else i, r) for i, r in failures]
+            self.skipped[name] = [(m.lines[i] if m.lines else i, r) for i, r in failures]
             keep = np.setdiff1d(np.arange(len(m)), [i for i, _ in failures])
-            if name == "train":
-                train_m = m.select(keep)
-            else:
-                val_m = m.select(keep)
-            if name in feats:
-                feats[name] = feats[name][torch.from_numpy(keep)]
-            log.warning("skipped %d unreadable %s images (listed in %s)", len(failures), name, run / "skipped.csv")
-    train = Data(train_m, *_targets(train_m, seen_names, cfg.unlisted), features=feats.get("train"))
-    val = Data(val_m, *_targets(val_m, seen_names, "negative"), features=feats.get("val"))
-    if not bool(val.y.any()):
-        raise ManifestError("the validation data has no positive for any trained label; early stopping needs some")
-    train_counts = dict(zip(seen_names, (train.y * train.known).sum(0).long().tolist()))
-    for name, c in train_counts.items():
-        if c == 0:
-            log.warning("label '%s' has no positive in the training data", name)
-    _init_bias(model, train, cfg, device)
+            m = m.select(keep)
+            if feats is not None:
+                feats = feats[torch.from_numpy(keep)]
+            log.warning("skipped %d unreadable %s images (listed in %s)", len(failures), name, self.run_dir / "skipped.csv")
+        return m, feats
 
-    n = len(train.manifest)
-    micro = cfg.batch_size
-    steps_per_epoch = math.ceil(math.ceil(n / micro) / cfg.grad_accum)
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(min(cfg.warmup_steps, total // 2), total))
-    rank, world = dist.rank(), dist.world()
-    net: torch.nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    # -- loop ---------------------------------------------------------------------------
+    def loop(self) -> None:
+        cfg, st, train = self.cfg, self.state, self.train
+        self.model.train()
+        bar = tqdm(total=self.total, initial=st.step, desc="train", unit="step", disable=not self.progress)
+        running: list[float] = []
+        while st.step < self.total and not st.stopped:
+            epoch, in_epoch = divmod(st.step, self.steps_per_epoch)
+            batches = _epoch_batches(len(train.manifest), cfg.batch_size, cfg.seed, epoch)
+            groups = [batches[i : i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)][in_epoch:]
+            loader = None
+            if train.features is None:
+                ds = ImageDataset(train.paths, self.model.backbone.image_size, train=True, seed=cfg.seed, epoch=epoch)
+                flat = [_rank_slice(b, self.rank, self.world)[0].tolist() for g in groups for b in g]
+                loader = iter(DataLoader(ds, batch_sampler=flat, num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda"))
+            for group in groups:
+                loss = self.step(group, loader)
+                running.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tau=f"{self.model.tau:.3f}", best=f"{max(st.best, 0):.3f}")
+                if st.step % cfg.eval_every == 0 or st.step == self.total or st.step % self.steps_per_epoch == 0:
+                    self.evaluate(float(np.mean(running)) if running else float("nan"))
+                    running = []
+                if self.on_step is not None:
+                    self.on_step(st.step)
+                if st.stopped or st.step >= self.total:
+                    break
+        bar.close()
 
-        # every rank starts from rank 0's weights; the linear baseline leaves the text head unused
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=cfg.loss == "linear_bce")
+    def step(self, group: list[torch.Tensor], loader: Any) -> float:
+        """One optimizer step over a group of micro-batches; returns its mean training loss."""
+        train, device, world = self.train, self.device, self.world
+        self.opt.zero_grad(set_to_none=True)
+        weight_total = sum(len(b) for b in group)  # images in the whole (global) step
+        use_amp = self.cfg.amp and device.type == "cuda"
+        loss_sum = 0.0
+        for j, full_idx in enumerate(group):
+            idx, weight = _rank_slice(full_idx, self.rank, world)
+            # DDP averages gradients over ranks, so each rank's share is scaled by world
+            scale = weight / weight_total * world
+            sync = j == len(group) - 1 or world == 1
+            with (self.net.no_sync() if not sync else contextlib.nullcontext()):  # type: ignore[operator]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    if train.features is not None:
+                        z = self.net(features=train.features[idx].to(device, non_blocking=True))
+                    else:
+                        _, px = next(loader)
+                        z = self.net(pixels=px)
+                    loss = self.loss.fn(z.float(), train.y[idx].to(device), train.known[idx].to(device))
+                (loss * scale).backward()
+            loss_sum += float(loss.detach()) * weight / weight_total * world
+        if not math.isfinite(loss_sum):
+            raise RunError(
+                f"training loss became {loss_sum} at step {self.state.step + 1}; lower the learning rates. "
+                f"The best weights so far are in {self.best_path}"
+            )
+        self.opt.step()
+        self.sched.step()
+        self.state.step += 1
+        return loss_sum
 
-    state: dict[str, Any] = {"step": 0, "best": -1.0, "best_step": 0, "bad_evals": 0, "log": [], "stopped": False}
-    if resume:
-        ckpt = run / "checkpoint.safetensors"
-        if not ckpt.is_file():
-            raise RunError(f"{run} has no checkpoint yet to resume from; start it again with --overwrite")
-        state = _load_checkpoint(ckpt, model, opt, sched)
-        log.info("resuming %s at step %d", run, state["step"])
-
-    use_amp = cfg.amp and device.type == "cuda"
-    best_path = run / "best.safetensors"
-
-    def evaluate_now(step: int, train_loss: float) -> None:
-        probs = score_data(model, val, cfg, device)
-        g10 = gap(val.y.numpy(), probs, k=10)
-        row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "train_loss": round(train_loss, 6), "val_gap10": round(g10, 6),
-               "tau": round(model.tau, 6), "bias_mean": round(float(model.bias.detach().mean()), 6), "lr_head": opt.param_groups[0]["lr"],
-               "elapsed_s": round(time.time() - t_start, 2)}
-        state["log"].append(row)
-        if g10 > state["best"] + 1e-9:
-            state.update(best=g10, best_step=step, bad_evals=0)
-            if main:
-                save_tensors(best_path, model.trained_state())
+    def evaluate(self, train_loss: float) -> None:
+        """Validation GAP@10, the best weights so far, early stopping, the checkpoint and log.csv."""
+        st, model = self.state, self.model
+        probs = score_data(model, self.val, self.cfg, self.device)
+        g10 = gap(self.val.y.numpy(), probs, k=10)
+        st.log.append({"step": st.step, "epoch": round(st.step / self.steps_per_epoch, 3), "train_loss": round(train_loss, 6),
+                       "val_gap10": round(g10, 6), "tau": round(model.tau, 6), "bias_mean": round(float(model.bias.detach().mean()), 6),
+                       "lr_head": _group_lr(self.opt, "heads"), "elapsed_s": round(time.time() - self.t_start, 2)})
+        if g10 > st.best + 1e-9:
+            st.best, st.best_step, st.bad_evals = g10, st.step, 0
+            if self.main:
+                save_tensors(self.best_path, model.trained_state())
         else:
-            state["bad_evals"] += 1
-        state["step"] = step
-        if state["bad_evals"] >= cfg.patience:
-            state["stopped"] = True
-        if main:  # one writer; every rank holds the same state (validation scores are gathered)
-            _save_checkpoint(run / "checkpoint.safetensors", model, opt, sched, state)
-            _write_log(run / "log.csv", state["log"])
+            st.bad_evals += 1
+        if st.bad_evals >= self.cfg.patience:
+            st.stopped = True
+        if self.main:  # one writer; every rank holds the same state (validation scores are gathered)
+            _save_checkpoint(self.run_dir / "checkpoint.safetensors", model, self.opt, self.sched, st)
+            _write_log(self.run_dir / "log.csv", st.log)
         dist.barrier()
         model.train()
 
-    model.train()
-    step = state["step"]
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress)
-    running: list[float] = []
-    while step < total and not state["stopped"]:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        batches = _epoch_batches(n, micro, cfg.seed, epoch)
-        groups = [batches[i : i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
-        loader = None
-        if train.features is None:
-            from torch.utils.data import DataLoader
-
-            from mumic.data.dataset import ImageDataset
-
-            ds = ImageDataset(train.paths, model.backbone.image_size, train=True, seed=cfg.seed, epoch=epoch)
-            flat = [_rank_slice(b, rank, world)[0].tolist() for g in groups[in_epoch:] for b in g]
-            loader = iter(DataLoader(ds, batch_sampler=flat, num_workers=cfg.num_workers, pin_memory=device.type == "cuda"))
-        for group in groups[in_epoch:]:
-            opt.zero_grad(set_to_none=True)
-            weight_total = sum(len(b) for b in group)  # images in the whole (global) step
-            loss_sum = 0.0
-            for j, full_idx in enumerate(group):
-                idx, weight = _rank_slice(full_idx, rank, world)
-                # DDP averages gradients over ranks, so each rank's share is scaled by world
-                scale = weight / weight_total * world
-                sync = j == len(group) - 1 or world == 1
-                with (net.no_sync() if not sync else contextlib.nullcontext()):  # type: ignore[operator]
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                        if train.features is not None:
-                            z = net(features=train.features[idx].to(device, non_blocking=True))
-                        else:
-                            _, px = next(loader)  # type: ignore[arg-type]
-                            z = net(pixels=px)
-                        loss = loss_fn(z.float(), train.y[idx].to(device), train.known[idx].to(device))
-                    (loss * scale).backward()
-                loss_sum += float(loss.detach()) * weight / weight_total * world
-            if not math.isfinite(loss_sum):
-                raise RunError(
-                    f"training loss became {loss_sum} at step {step + 1}; lower the learning rates. "
-                    f"The best weights so far are in {best_path}"
-                )
-            opt.step()
-            sched.step()
-            step += 1
-            running.append(loss_sum)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", tau=f"{model.tau:.3f}", best=f"{max(state['best'], 0):.3f}")
-            if step % cfg.eval_every == 0 or step == total or step % steps_per_epoch == 0:
-                evaluate_now(step, float(np.mean(running)) if running else float("nan"))
-                running = []
-            if on_step is not None:
-                on_step(step)
-            if state["stopped"] or step >= total:
-                break
-    bar.close()
-    dist.barrier()
-    if not main:  # rank 0 writes the run's results
-        return run
-
-    # final: best weights, thresholds, metrics, report
-    model.load_trained_state(load_tensors(best_path), source=str(best_path))
-    val_probs = score_data(model, val, cfg, device, gather=False)
-    y_val = val.y.numpy()
-    th = fit_thresholds(y_val, val_probs)
-    default_th = float(fit_thresholds(y_val.reshape(-1, 1), val_probs.reshape(-1, 1))[0])
-    thresholds = {"method": "max F1 on validation; labels with few positives use the global threshold",
-                  "default": default_th, "per_label": {name: float(t) for name, t in zip(seen_names, th)}}
-    atomic_write_json(run / "thresholds.json", thresholds)
-    model.thresholds = thresholds
-    meta = labels_meta(model, train_counts, backbone.config(), tau0)
-    atomic_write_json(run / "labels.json", meta)
-    metrics: dict[str, Any] = {
-        "best_step": state["best_step"], "steps": step, "train_images": n, "tau": model.tau,
-        "train_time_s": round(time.time() - t_start, 2),
-        "val": evaluate_probs(model, val_m, val_probs, seen_only=True, train_counts=train_counts, majority_n=cfg.majority_n),
-    }
-    if test_m is not None:
-        from mumic.evaluate import evaluate_model
-
-        test_failures: list[tuple[int, str]] | None = [] if skip else None
-        metrics["test"] = evaluate_model(model, test_m, train_counts=train_counts, majority_n=cfg.majority_n,
-                                         batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                         use_cache=cfg.image_tower == "frozen", cache_dir=cfg.cache_dir, failures=test_failures,
-                                         engine=cfg.engine)
-        if test_failures:
-            skipped["test"] = [(test_m.lines[i] if test_m.lines else i, r) for i, r in test_failures]
-    if skipped:
-        rows = [{"split": k, "line": line, "reason": reason} for k, v in skipped.items() for line, reason in v]
-        _write_log(run / "skipped.csv", rows)
-    metrics["skipped_images"] = {k: len(v) for k, v in skipped.items()}
-    atomic_write_json(run / "metrics.json", metrics)
-    write_class_embeddings(run, model)
-    save_tensors(run / "model.safetensors", model.trained_state(), metadata={"format": "mumic-run-1"})
-    from mumic.evaluate import write_report
-
-    write_report(run, metrics, state["log"])
-    for f in ("checkpoint.safetensors", "best.safetensors"):
-        (run / f).unlink(missing_ok=True)
-    log.info("run %s finished: val GAP@10 %.4f at step %d", run, state["best"], state["best_step"])
-    return run
+    # -- finalize -----------------------------------------------------------------------
+    def finalize(self) -> None:
+        """Thresholds, labels, metrics, the final weights and the report, from the best weights."""
+        cfg, run, model, val, st = self.cfg, self.run_dir, self.model, self.val, self.state
+        model.load_trained_state(load_tensors(self.best_path), source=str(self.best_path))
+        val_probs = score_data(model, val, cfg, self.device, gather=False)
+        y_val = val.y.numpy()
+        th = fit_thresholds(y_val, val_probs)
+        default_th = float(fit_thresholds(y_val.reshape(-1, 1), val_probs.reshape(-1, 1))[0])
+        thresholds = {"method": "max F1 on validation; labels with few positives use the global threshold",
+                      "default": default_th, "per_label": {name: float(t) for name, t in zip(self.seen_names, th)}}
+        atomic_write_json(run / "thresholds.json", thresholds)
+        model.thresholds = thresholds
+        atomic_write_json(run / "labels.json", labels_meta(model, self.train_counts, self.backbone.config(), self.tau0))
+        metrics: dict[str, Any] = {
+            "best_step": st.best_step, "steps": st.step, "train_images": len(self.train.manifest), "tau": model.tau,
+            "train_time_s": round(time.time() - self.t_start, 2),
+            "val": evaluate_probs(model, self.val_m, val_probs, seen_only=True, train_counts=self.train_counts, majority_n=cfg.majority_n),
+        }
+        test_m = self.test_m
+        if test_m is not None:
+            test_failures: list[tuple[int, str]] | None = [] if cfg.on_bad_image == "skip" else None
+            metrics["test"] = evaluate_model(model, test_m, train_counts=self.train_counts, majority_n=cfg.majority_n,
+                                             batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                             use_cache=cfg.image_tower == "frozen", cache_dir=cfg.cache_dir, failures=test_failures,
+                                             engine=cfg.engine)
+            if test_failures:
+                self.skipped["test"] = [(test_m.lines[i] if test_m.lines else i, r) for i, r in test_failures]
+        if self.skipped:
+            rows = [{"split": k, "line": line, "reason": reason} for k, v in self.skipped.items() for line, reason in v]
+            _write_log(run / "skipped.csv", rows)
+        metrics["skipped_images"] = {k: len(v) for k, v in self.skipped.items()}
+        atomic_write_json(run / "metrics.json", metrics)
+        write_class_embeddings(run, model)
+        save_tensors(run / "model.safetensors", model.trained_state(), metadata={"format": "mumic-run-1"})
+        write_report(run, metrics, st.log)
+        for f in ("checkpoint.safetensors", "best.safetensors"):
+            (run / f).unlink(missing_ok=True)
+        log.info("run %s finished: val GAP@10 %.4f at step %d", run, st.best, st.best_step)

@@ -7,6 +7,7 @@ features, normalisation inside) is exported once per tower and kept in the mumic
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from mumic.config import default_cache_dir
 from mumic.errors import ConfigError, ExportError
 
 log = logging.getLogger(__name__)
@@ -58,8 +60,6 @@ def resolve_engine(engine: str, device: Any) -> str:
 def image_tower_key(backbone: Any) -> str:
     """A key for f_img's exact function: backbone config, resolution, every weight of the
     image tower, and the torch and onnxruntime versions that build and run its graph."""
-    import hashlib
-
     import onnxruntime
     import torch
 
@@ -84,8 +84,6 @@ class OnnxImageTower:
         import onnxruntime as ort
         import torch
         from torch import nn
-
-        from mumic.features import default_cache_dir
 
         self.image_size = backbone.image_size
         path = Path(cache_dir or default_cache_dir()) / "onnx" / f"image-tower-{image_tower_key(backbone)}.onnx"
