@@ -261,7 +261,7 @@ def test_saved_config_and_log_record_what_the_run_used(shapes, tmp_path, tiny_cl
     assert saved["backbone"] == f"hf:{tiny_clip_dir}"
     # the run works from any folder
     monkeypatch.chdir(tmp_path)
-    assert MuMIC.from_run(run, device="cpu").predict_proba(read_manifest(shapes / "manifest.csv").images[:2]).shape[0] == 2
+    assert Predictor.from_run(run, device="cpu").predict_proba(read_manifest(shapes / "manifest.csv").images[:2]).shape[0] == 2
     # lr_head is the heads' rate even though the tuned tower's group comes first
     f = _schedule(0, 4)
     rows = _log(run)

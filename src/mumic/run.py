@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 FORMAT = "mumic-run-1"
 REQUIRED = ("config.yaml", "labels.json", "model.safetensors")
 CLASS_EMBEDDINGS = "class_embeddings.safetensors"
+RUN_FILES = (  # every file mumic writes into a run folder
+
+    "config.yaml", "labels.json", "model.safetensors", CLASS_EMBEDDINGS, "thresholds.json", "metrics.json",
+    "log.csv", "report.md", "checkpoint.safetensors", "best.safetensors",
+)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npz")
 BACKBONE_KEYS = ("spec", "image_size", "image_head", "seed")
 
@@ -221,3 +226,16 @@ def read_class_embeddings(run: Path, model: Any, weights: dict[str, torch.Tensor
     if tuple(v.shape) != (len(model.labels), model.backbone.embed_dim):
         return None
     return v
+
+
+def prepare_run_dir(run: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to overwrite a run's results unless asked; clear only mumic's own files."""
+    present = [f for f in RUN_FILES if (run / f).exists()]
+    if resume:
+        return
+    # a run that failed before its first checkpoint holds only its config: nothing to lose
+    if present and present != ["config.yaml"] and not overwrite:
+        raise RunError(f"{run} already holds a run ({', '.join(present[:3])}); pass --overwrite to replace it or --resume to continue it")
+    for f in present:
+        (run / f).unlink()
+    run.mkdir(parents=True, exist_ok=True)

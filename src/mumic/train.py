@@ -6,9 +6,7 @@ atomic safetensors checkpoints and exact resume.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -30,23 +28,20 @@ from mumic import heads
 from mumic.backbones import load_backbone
 from mumic.config import TrainConfig, absolute_backbone, load_config, save_config
 from mumic.data.dataset import ImageDataset, find_bad_images
-from mumic.data.manifest import LabelSpec, Manifest, read_labels_file, read_manifest
+from mumic.data.labels import LabelSpec
+from mumic.data.manifest import Manifest
+from mumic.data.training import resolve_labels, split_manifests
 from mumic.errors import ConfigError, ManifestError, RunError
 from mumic.evaluate import evaluate_model, evaluate_probs, manifest_embeddings, write_report
 from mumic.features import cached_features
-from mumic.io import atomic_write_json, atomic_write_text, load_tensors, save_tensors
+from mumic.io import atomic_write_csv, atomic_write_json, load_tensors, save_tensors
 from mumic.losses import loss_spec
 from mumic.metrics import fit_thresholds, gap
 from mumic.model import MuMIC, resolve_device
-from mumic.run import CLASS_EMBEDDINGS, labels_meta, write_class_embeddings
+from mumic.run import labels_meta, prepare_run_dir, write_class_embeddings
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = (
-    "config.yaml", "labels.json", "model.safetensors", CLASS_EMBEDDINGS, "thresholds.json", "metrics.json",
-    "log.csv", "report.md", "checkpoint.safetensors", "best.safetensors",
-)
-VAL_SPLITS = ("val", "valid", "validation", "dev")
 
 
 @dataclass
@@ -61,48 +56,6 @@ class Data:
     @property
     def paths(self) -> list[Path]:
         return self.manifest.images
-
-
-def _split_manifests(cfg: TrainConfig) -> tuple[Manifest, Manifest, Manifest | None]:
-    if not cfg.manifest:
-        raise ConfigError("no training manifest: give --manifest or 'manifest:' in the config")
-    full = read_manifest(cfg.manifest, allow_outside=cfg.allow_outside_paths, allow_duplicates=cfg.allow_duplicate_rows)
-    splits = set(full.splits) if full.splits is not None else set()
-    train = full.split("train") if "train" in splits else full
-    if cfg.val_manifest:
-        val = read_manifest(cfg.val_manifest, allow_outside=cfg.allow_outside_paths, allow_duplicates=cfg.allow_duplicate_rows)
-    else:
-        name = next((s for s in VAL_SPLITS if s in splits), None)
-        if name is None:
-            raise ManifestError(
-                f"{cfg.manifest}: no validation data — add a 'split' column with train/val rows, or give --val-manifest"
-            )
-        val = full.split(name)
-    if cfg.test_manifest:
-        test = read_manifest(cfg.test_manifest, allow_outside=cfg.allow_outside_paths, allow_duplicates=cfg.allow_duplicate_rows)
-    else:
-        test = full.split("test") if "test" in splits else None
-    return train, val, test
-
-
-def resolve_labels(cfg: TrainConfig, manifests: list[Manifest]) -> tuple[list[LabelSpec], list[str]]:
-    """The run's labels (from the labels file, else the training manifest) and templates."""
-    templates = list(cfg.templates)
-    if cfg.labels_file:
-        specs, file_templates = read_labels_file(cfg.labels_file)
-        if file_templates:
-            templates = list(file_templates)
-    else:
-        specs = [LabelSpec(name=n) for n in manifests[0].label_names()]
-    names = {s.name for s in specs}
-    for m in manifests:
-        for i, labels in enumerate(m.labels):
-            extra = [l for l in labels + (m.negatives[i] if m.negatives else []) if l not in names]
-            if extra:
-                where = f"{m.path}, line {m.lines[i]}" if m.lines else str(m.path)
-                src = f"the labels file {cfg.labels_file}" if cfg.labels_file else "the training manifest"
-                raise ManifestError(f"{where}: label '{extra[0]}' is not in {src}")
-    return specs, templates
 
 
 def _targets(m: Manifest, names: list[str], unlisted: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,32 +177,6 @@ def _load_checkpoint(path: Path, model: MuMIC, opt: torch.optim.Optimizer, sched
     return TrainState(**json.loads(meta["state"]))
 
 
-def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def prepare_run_dir(run: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to overwrite a run's results unless asked; clear only mumic's own files."""
-    present = [f for f in RUN_FILES if (run / f).exists()]
-    if resume:
-        return
-    # a run that failed before its first checkpoint holds only its config: nothing to lose
-    if present and present != ["config.yaml"] and not overwrite:
-        raise RunError(f"{run} already holds a run ({', '.join(present[:3])}); pass --overwrite to replace it or --resume to continue it")
-    for f in present:
-        (run / f).unlink()
-    run.mkdir(parents=True, exist_ok=True)
-
-
 def fit(
     cfg: TrainConfig | str | Path | None = None,
     *,
@@ -306,7 +233,7 @@ class Inputs(NamedTuple):
 
 def _load_inputs(cfg: TrainConfig) -> Inputs:
     """Manifests of each split, the run's labels and templates, all checked."""
-    train_m, val_m, test_m = _split_manifests(cfg)
+    train_m, val_m, test_m = split_manifests(cfg)
     specs, templates = resolve_labels(cfg, [m for m in (train_m, val_m, test_m) if m is not None])
     if cfg.on_bad_image == "fail":
         for m in (train_m, val_m, test_m):
@@ -507,7 +434,7 @@ class Trainer:
             st.stopped = True
         if self.main:  # one writer; every rank holds the same state (validation scores are gathered)
             _save_checkpoint(self.run_dir / "checkpoint.safetensors", model, self.opt, self.sched, st)
-            _write_log(self.run_dir / "log.csv", st.log)
+            atomic_write_csv(self.run_dir / "log.csv", st.log)
         dist.barrier()
         model.train()
 
@@ -541,7 +468,7 @@ class Trainer:
                 self.skipped["test"] = [(test_m.lines[i] if test_m.lines else i, r) for i, r in test_failures]
         if self.skipped:
             rows = [{"split": k, "line": line, "reason": reason} for k, v in self.skipped.items() for line, reason in v]
-            _write_log(run / "skipped.csv", rows)
+            atomic_write_csv(run / "skipped.csv", rows)
         metrics["skipped_images"] = {k: len(v) for k, v in self.skipped.items()}
         atomic_write_json(run / "metrics.json", metrics)
         write_class_embeddings(run, model)
