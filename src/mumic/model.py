@@ -80,6 +80,7 @@ class MuMIC(nn.Module):
         self.seen_index = {l.name: i for i, l in enumerate(self.seen)}
         n = len(self.seen)
         spec = loss_spec(loss)
+        self.head_kind = spec.head  # "prompt": class embeddings score any label; "linear": the trained ones only
         fixed = not spec.learns_tau or not learn_tau
         self.log_inv_tau = nn.Parameter(torch.tensor(math.log(1.0 / tau)), requires_grad=not fixed)
         if bias == "none":
@@ -93,6 +94,16 @@ class MuMIC(nn.Module):
         self.amp = True  # bf16 autocast for inference on CUDA
 
     # -- parameters ---------------------------------------------------------------------
+    @property
+    def zero_shot(self) -> bool:
+        """Whether the head scores labels from their prompts, so new labels need no training."""
+        return self.head_kind == "prompt"
+
+    @property
+    def scored_labels(self) -> list[LabelSpec]:
+        """The run labels the head can score: all of them, or the trained ones for a linear head."""
+        return list(self.labels) if self.zero_shot else list(self.seen)
+
     @property
     def device(self) -> torch.device:
         return self.log_inv_tau.device
@@ -113,7 +124,7 @@ class MuMIC(nn.Module):
         """Parameter groups with their own learning rates: towers, heads, tau/b."""
         groups = {k: list(v) for k, v in self.backbone.param_groups().items()}
         heads = groups.setdefault("heads", [])
-        if self.classifier is not None:
+        if self.classifier is not None:  # the linear head
             heads += list(self.classifier.parameters())
         temp = [p for p in (self.log_inv_tau, self.bias) if isinstance(p, nn.Parameter) and p.requires_grad]
         groups["temperature"] = temp
@@ -195,7 +206,7 @@ class MuMIC(nn.Module):
     def logits(self, u_raw: torch.Tensor, labels: Sequence[LabelSpec] | None = None) -> torch.Tensor:
         """[N, C] logits z for the given labels (default: the seen labels)."""
         labels = self.seen if labels is None else labels
-        if self.classifier is not None:
+        if self.classifier is not None:  # the linear head
             if any(l.name not in self.seen_index or not l.seen for l in labels):
                 raise MumicError("a linear-head run scores only its trained labels; zero-shot labels need a text classifier")
             z = self.classifier(u_raw)
