@@ -52,3 +52,24 @@ def test_stored_embeddings_of_other_weights_are_ignored(lite_run, tmp_path):
     stale = Predictor.from_run(copy, device="cpu")
     assert getattr(stale, "_stored_v", None) is None
     np.testing.assert_allclose(stale.predict_proba(images), truth, atol=1e-6)
+
+
+def test_onnxruntime_text_tower_matches_torch_and_skips_transformers(lite_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run, images = lite_run
+    texts = ["a red circle", "A Blue SQUARE with ünïcödé", "shape " * 200]  # the last one is truncated at 128 tokens
+    torch_model = Predictor.from_run(run, device="cpu").set_engine("torch")
+    ort_model = Predictor.from_run(run, device="cpu").set_engine("onnxruntime", cache_dir=tmp_path)
+    np.testing.assert_allclose(ort_model.embed_texts(texts), torch_model.embed_texts(texts), atol=1e-5)
+    np.testing.assert_allclose(ort_model.predict_proba(images, labels=["a red circle"]),
+                               torch_model.predict_proba(images, labels=["a red circle"]), atol=1e-5)
+    # with the graph cached, a text query imports neither transformers nor MiniLM's model code
+    code = (f"import sys; from mumic.predictor import Predictor; m = Predictor.from_run({str(run)!r}, device='cpu')"
+            f".set_engine('onnxruntime', cache_dir={str(tmp_path)!r}); m.embed_texts(['a red circle']); "
+            "print(sorted(k for k in sys.modules if k.split('.')[0] == 'transformers'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

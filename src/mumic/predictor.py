@@ -69,11 +69,15 @@ class Predictor(MuMIC):
     def set_engine(self, engine: str = "auto", cache_dir: str | Path | None = None) -> Predictor:
         """Which engine runs the image tower at inference: "torch", "onnxruntime" (CPU
         only; the graph is exported once and cached), or "auto" (onnxruntime on the CPU,
-        torch on GPUs). Training always runs in PyTorch. Returns the predictor."""
+        torch on GPUs). With onnxruntime, a frozen `lite` text tower runs there too.
+        Training always runs in PyTorch. Returns the predictor."""
         from mumic.backbones.onnx import OnnxImageTower, resolve_engine
 
         chosen = resolve_engine(engine, self.device)
         self._onnx_tower = OnnxImageTower(self.backbone, cache_dir=cache_dir) if chosen == "onnxruntime" else None
+        use_onnx_text = getattr(self.backbone, "use_onnx_text", None)  # backbones whose text tower has a graph
+        if use_onnx_text is not None:
+            use_onnx_text(chosen == "onnxruntime", cache_dir)
         return self
 
     def _tower(self, pixels: torch.Tensor, fn: Any = None) -> torch.Tensor:

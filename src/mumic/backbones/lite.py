@@ -167,6 +167,8 @@ class LiteBackbone(Backbone):
         self.image_head_kind = image_head
         self.seed = int(seed)
         self.image_tower = build_efficientnet(image_size)
+        self._onnx_text: Any = None  # set by use_onnx_text: onnxruntime runs the frozen text tower
+        self._onnx_text_dir: Any = False
         if lazy_text:
             # MiniLM (and transformers) load on the first text_features call: scoring a
             # run's own labels from its stored class embeddings needs no text tower
@@ -203,6 +205,13 @@ class LiteBackbone(Backbone):
         texts = self._check_texts(texts)
         if not texts:
             return torch.zeros(0, TEXT_FEATURE_DIM, device=self.device)
+        if self._onnx_text_dir is not False and self.text_tower_mode == "frozen" and self.device.type == "cpu":
+            if self._onnx_text is None:
+                from mumic.backbones.onnx import OnnxMiniLM
+
+                self._onnx_text = OnnxMiniLM(minilm_dir(), MINILM_SHA256, TEXT_MAX_LENGTH, build=lambda: build_minilm()[0],
+                                             cache_dir=self._onnx_text_dir)
+            return self._onnx_text(texts).to(self.device)
         if self.tokenizer is None:
             self._load_text_tower()
         enc = self.tokenizer(
@@ -212,6 +221,16 @@ class LiteBackbone(Backbone):
         hidden = self.text_tower(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+    def use_onnx_text(self, enabled: bool = True, cache_dir: Any = None) -> bool:
+        """Run the frozen text tower in onnxruntime on the CPU from the next text on (the
+        graph is exported once and cached; see OnnxMiniLM), or in PyTorch again. Returns
+        whether onnxruntime will run it."""
+        if not enabled or self.text_tower_mode != "frozen":
+            self._onnx_text_dir, self._onnx_text = False, None
+            return False
+        self._onnx_text_dir = cache_dir
+        return True
 
     def _load_text_tower(self) -> None:
         if self.text_tower_mode != "frozen":
