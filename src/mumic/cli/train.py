@@ -10,11 +10,15 @@ import typing
 from pathlib import Path
 
 
-def _add_config_options(p: argparse.ArgumentParser) -> None:
-    from mumic.config import FIELDS, TrainConfig
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per config key, listed in --help by settings group."""
+    from mumic.config import FIELDS, GROUPS, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
+    group_of = {name: g for g, names in GROUPS.items() for name in names}
+    sections = {g: parser.add_argument_group(f"{g} settings") for g in GROUPS}
     for name, f in FIELDS.items():
+        p = sections[group_of[name]]
         flag = "--" + name.replace("_", "-")
         hint = hints[name]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
