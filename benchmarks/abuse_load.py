@@ -33,6 +33,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
 from _common import ServeProcess, train_small_run
 
 HOST = "127.0.0.1"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
 from _common import ServeProcess, train_small_run
 
 

@@ -162,8 +162,8 @@ def test_decode_batch_matches_cpu_path_and_survives_a_bad_file(tmp_path, monkeyp
 
 def test_pixel_batches_gpu_path_embeddings_match_cpu_path(tmp_path, monkeypatch):
     """End to end through the lite tower: cosine of the embeddings of both paths."""
-    from mumic.backbones import load_backbone
     import mumic.data.gpu_decode as gd
+    from mumic.backbones import load_backbone
 
     paths = []
     for i in range(6):

@@ -127,7 +127,7 @@ class Index:
         return str(self.meta["run"])
 
     @classmethod
-    def load(cls, path: str | Path, *, use_ann: bool = True) -> "Index":
+    def load(cls, path: str | Path, *, use_ann: bool = True) -> Index:
         """Read an index folder written by build_index; the graph only when use_ann."""
         import numpy as np
         import pandas as pd

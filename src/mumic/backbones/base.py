@@ -255,7 +255,7 @@ class Backbone(nn.Module):
             )
         return frozen
 
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         """Like nn.Module.train, but frozen tower parts always stay in eval mode."""
         super().train(mode)
         if mode:

@@ -8,7 +8,8 @@ Torch- and FastAPI-free: the CLI reads `Limits` while building its --help.
 import asyncio
 import dataclasses
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mumic.errors import ConfigError
 

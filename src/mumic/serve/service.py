@@ -4,8 +4,9 @@ label bank, the optional search index, and the handling of each kind of request.
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
