@@ -39,7 +39,8 @@ def photo(seed: int, w: int = 640, h: int = 480) -> Image.Image:
     d = ImageDraw.Draw(img)
     for _ in range(6):
         x0, y0 = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
-        d.ellipse([x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        d.ellipse([x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))],
+                  fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
     return img
 
 

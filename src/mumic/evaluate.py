@@ -48,7 +48,8 @@ def manifest_embeddings(
     model.eval()
     device = device or model.device
     if features is not None:
-        return torch.cat([model.image_embeddings(features=features[s : s + 4096].to(device)).float().cpu() for s in range(0, len(features), 4096)])
+        return torch.cat([model.image_embeddings(features=features[s : s + 4096].to(device)).float().cpu()
+                          for s in range(0, len(features), 4096)])
     skip = failures is not None
     batches = pixel_batches(list(paths), model.backbone.image_size, batch_size, device=device, num_workers=num_workers,
                             skip_bad=skip, decode=decode)

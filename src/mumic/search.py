@@ -135,7 +135,8 @@ class Index:
         folder = Path(path)
         meta_path = folder / "index.json"
         if not meta_path.is_file():
-            raise IndexFolderError(f"{folder} is not an index folder (index.json is missing); build one with `mumic index RUN MANIFEST --out {folder}`")
+            raise IndexFolderError(f"{folder} is not an index folder (index.json is missing); "
+                                   f"build one with `mumic index RUN MANIFEST --out {folder}`")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
@@ -229,10 +230,7 @@ def exact_search(embeddings: Any, queries: Any, k: int) -> tuple[Any, Any]:
 
     s = queries @ embeddings.T
     k = min(k, s.shape[1])
-    if k < s.shape[1]:
-        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    else:
-        part = np.broadcast_to(np.arange(s.shape[1]), s.shape).copy()
+    part = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else np.broadcast_to(np.arange(s.shape[1]), s.shape).copy()
     top = np.take_along_axis(s, part, 1)
     order = np.lexsort((part, -top), axis=1)  # best first, ties by id
     ids = np.take_along_axis(part, order, 1).astype(np.int64)
