@@ -143,10 +143,10 @@ def embed_manifest(model: Predictor, manifest: Manifest, out_path: str | Path, *
 
     def write_part(start: int, end: int, part: Path) -> None:
         failures = _failures(on_bad_image)
-        emb = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers, failures=failures,
+        raw = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers, failures=failures,
                                  decode=decode)
         keep = _keep_rows(failures, start, end, part)
-        emb = F.normalize(emb[keep], dim=-1).numpy().astype(np.float32)
+        emb = F.normalize(raw[keep], dim=-1).numpy().astype(np.float32)
         frame = manifest.frame.iloc[start:end].reset_index(drop=True).iloc[keep].reset_index(drop=True).copy()
         frame["image"] = [str(manifest.images[start + r]) for r in keep]
         table = pa.Table.from_pandas(frame, preserve_index=False)

@@ -20,7 +20,7 @@ from mumic.errors import RunError
 
 log = logging.getLogger(__name__)
 
-RUNS = {
+RUNS: dict[str, dict[str, Any]] = {
     "mumic": {"loss": "tempered_sigmoid"},
     "baseline": {"loss": "linear_bce"},
     "mumic_cross_style": {"loss": "tempered_sigmoid", "cross": True},

@@ -119,7 +119,9 @@ def model_probs(
     if use_cache:
         from mumic.features import cached_features
 
-        feats = cached_features(model.backbone, manifest.images, cache_dir=cache_dir, batch_size=batch_size,
+        # cached_features takes a Path; an empty cache_dir means the default, as None does
+        cache = Path(cache_dir) if cache_dir else None
+        feats = cached_features(model.backbone, manifest.images, cache_dir=cache, batch_size=batch_size,
                                 num_workers=num_workers, device=model.device, progress=progress, failures=failures,
                                 decode=decode, engine=engine)
     u = manifest_embeddings(model, manifest.images, features=feats, batch_size=batch_size, num_workers=num_workers,

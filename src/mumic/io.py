@@ -85,7 +85,8 @@ def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256", *, dige
     """Hex digest of a file's bytes, read in chunks, with any ``hashlib`` algorithm
     (``digest_size`` for the variable-length ones, e.g. blake2b). OSError is left to the
     caller, which knows what the file is."""
-    h = hashlib.new(algorithm) if digest_size is None else hashlib.new(algorithm, digest_size=digest_size)
+    # typeshed's hashlib.new takes no constructor keywords; CPython hands them to blake2b/blake2s
+    h = hashlib.new(algorithm) if digest_size is None else hashlib.new(algorithm, digest_size=digest_size)  # type: ignore[call-arg]
     _feed(h, path, chunk)
     return h.hexdigest()
 
@@ -121,7 +122,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[name].detach().cpu().contiguous()
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode("utf-8"))
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 

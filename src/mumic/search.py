@@ -334,8 +334,8 @@ def build_index(
         raise MumicError(f"{manifest_path} has no rows; nothing to index")
     manifest.check_images_exist()
     model = Predictor.from_run(run_dir, device=device)
-    emb = manifest_embeddings(model, manifest.images, batch_size=batch_size, num_workers=num_workers, progress=progress)
-    emb = F.normalize(emb.float(), dim=-1).numpy()
+    raw = manifest_embeddings(model, manifest.images, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    emb = F.normalize(raw.float(), dim=-1).numpy()
     frame = manifest.frame.reset_index(drop=True).copy()
     frame["image"] = [str(p) for p in manifest.images]
     path = write_index(out, emb, frame, run_dir=run_dir, manifest=manifest_path, backend=backend, overwrite=overwrite)
@@ -355,6 +355,7 @@ def query_embedding(model: Any, *, text: str | None = None, image: str | Path | 
         return emb
     from mumic.data.images import load_image
 
+    assert image is not None  # exactly one of text / image, checked above
     img = load_image(Path(image), size_hint=model.backbone.image_size)
     return model.embed_images([img])
 

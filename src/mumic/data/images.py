@@ -237,7 +237,7 @@ def _as_chw(img: Image.Image) -> np.ndarray:
 def _crop_resize(img: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
     if img.mode != "RGB":
         img = to_rgb(img)
-    return img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=REDUCING_GAP)
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=REDUCING_GAP)
 
 
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:

@@ -238,9 +238,9 @@ def render_results(abl: Ablation, rows: list[dict[str, Any]], out: Path, *, plot
     marked: set[int] = set()
     for g in dict.fromkeys(r["group"] for r in rows):
         for cross in (0, 1):
-            c = _val_choice(rows, [i for i, r in enumerate(rows) if r["group"] == g and r["cross_style"] == cross])
-            if c is not None:
-                marked.add(c)
+            best = _val_choice(rows, [i for i, r in enumerate(rows) if r["group"] == g and r["cross_style"] == cross])
+            if best is not None:
+                marked.add(best)
     cols = [*METRICS, ("train_time_s", "train time (s)")]
     head = ["axis", "configuration", "loss", "noisy", "seeds", "final τ", "val GAP@10", *[t for _, t in cols]]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
