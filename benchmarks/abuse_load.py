@@ -33,6 +33,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
 from _common import ServeProcess, train_small_run
 
 HOST = "127.0.0.1"
@@ -294,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'kind':<18} {'sent':>6}  answers (status: count; 0 = closed without answer, None = none in time)")
     for name in sorted(answers):
         c = answers[name]
-        print(f"{name:<18} {sum(c.values()):>6}  " + ", ".join(f"{s}: {n}" for s, n in sorted(c.items(), key=lambda x: (x[0] is None, x[0] or 0))))
+        by_status = sorted(c.items(), key=lambda x: (x[0] is None, x[0] or 0))
+        print(f"{name:<18} {sum(c.values()):>6}  " + ", ".join(f"{s}: {n}" for s, n in by_status))
     print(f"server errors (5xx other than 503): {server_errors}   503 busy: {busy}   unanswered: {unanswered}   "
           f"answers outside the expected set: {sum(sum(c.values()) for c in wrong.values())}"
           + (f" {dict((k, dict(v)) for k, v in wrong.items())}" if wrong else ""))

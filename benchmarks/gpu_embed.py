@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 
 from _common import (
-    add_threads_option,
-    apply_threads,
     VIT_B16,
     VIT_B32,
     VIT_B_PROJECTION,
+    add_threads_option,
+    apply_threads,
     folder_bytes,
     machine_line,
     make_photos,

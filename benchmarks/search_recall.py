@@ -54,7 +54,7 @@ def main() -> None:
     build_s = time.perf_counter() - t
     index.hnsw.efSearch = HNSW_EF_SEARCH
     print(f"{len(emb)} image embeddings (dim {emb.shape[1]}) from {a.run}; HNSW build {build_s:.2f} s, efSearch {HNSW_EF_SEARCH}")
-    print(f"{'queries':>14} {'n':>5} {'recall@%d' % a.k:>10} {'exact p50/p99 ms':>18} {'HNSW p50/p99 ms':>17}")
+    print(f"{'queries':>14} {'n':>5} {f'recall@{a.k}':>10} {'exact p50/p99 ms':>18} {'HNSW p50/p99 ms':>17}")
     ratios = []
     for name, qs in (("text->image", text_q), ("image->image", img_q)):
         lat_e, ex = timed(lambda q: exact_search(emb, q, a.k)[1][0], qs)

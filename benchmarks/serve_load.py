@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
 from _common import ServeProcess, train_small_run
 
 
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         images = [Path(x).read_bytes() for x in paths]
         results = {}
         for mode, batching in (("batched", True), ("unbatched", False)):
-            server = ServeProcess(run, work / f"{mode}.log", "--max-connections", 1024, "--engine", a.engine, *([] if batching else ["--no-batching"]))
+            server = ServeProcess(run, work / f"{mode}.log", "--max-connections", 1024, "--engine", a.engine,
+                                  *([] if batching else ["--no-batching"]))
             try:
                 asyncio.run(load(server.port, images, clients, warmup, 10 * clients))
                 before = batching_stats(server.url)
@@ -129,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
                 results[mode] = res
             finally:
                 server.stop()
-    print(f"run: {run if a.run else 'lite @ 64 px, trained here'}; engine {a.engine}; {clients} clients, {duration:g} s per mode, one image per request, 127.0.0.1")
+    print(f"run: {run if a.run else 'lite @ 64 px, trained here'}; engine {a.engine}; "
+          f"{clients} clients, {duration:g} s per mode, one image per request, 127.0.0.1")
     print(f"{'mode':<10} {'requests':>8} {'errors':>6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'images/batch':>12}")
     for mode, r in results.items():
-        print(f"{mode:<10} {r['requests']:>8} {r['errors']:>6} {r['rps']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['mean_batch']:>12.1f}")
+        print(f"{mode:<10} {r['requests']:>8} {r['errors']:>6} {r['rps']:>8.1f} "
+              f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['mean_batch']:>12.1f}")
     ratio = results["batched"]["rps"] / results["unbatched"]["rps"] if results["unbatched"]["rps"] else float("inf")
     print(f"total time {time.perf_counter() - t_start:.0f} s")
     print(f"ratio={ratio:.2f}")

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import yaml
 
+from mumic.data.manifest import read_manifest
+from mumic.data.synthetic import make_shapes
+from mumic.errors import ConfigError
 from mumic.study import (
     CSV_COLUMNS,
     add_label_noise,
     load_ablation,
     run_ablation,
 )
-from mumic.data.manifest import read_manifest
-from mumic.data.synthetic import make_shapes
-from mumic.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -293,10 +293,14 @@ def test_many_concurrent_clients_mixing_good_and_abusive_requests(server):
     good = multipart(png())
     kinds = {
         "predict": (lambda: call(server.port, post("/predict", good), limit=20), {200, 503}),
-        "embed_text": (lambda: call(server.port, post("/embed/text", b'{"texts": ["a red square"]}', "application/json"), limit=20), {200, 503}),
+        "embed_text": (lambda: call(server.port, post("/embed/text", b'{"texts": ["a red square"]}', "application/json"), limit=20),
+                       {200, 503}),
         "declared_oversize": (lambda: call(server.port, post_head("/predict", MULTIPART, 50 * MAX_REQUEST), limit=10), {413}),
-        "chunked_oversize": (lambda: call(server.port, post_head("/predict", MULTIPART, None), chunked(2 * MAX_REQUEST), limit=10), {413, 503}),
-        "slow_body": (lambda: call(server.port, post_head("/predict", MULTIPART, 5000), [b"x"] * 5000, gap=0.2, limit=BODY_TIMEOUT + 4), {408, 503}),
+        "chunked_oversize": (lambda: call(server.port, post_head("/predict", MULTIPART, None), chunked(2 * MAX_REQUEST), limit=10),
+                             {413, 503}),
+        "slow_body": (lambda: call(server.port, post_head("/predict", MULTIPART, 5000), [b"x"] * 5000, gap=0.2,
+                                   limit=BODY_TIMEOUT + 4),
+                      {408, 503}),
         "silent": (lambda: call(server.port, b"", limit=HEADER_TIMEOUT + 4), {408}),
         "garbage_image": (lambda: call(server.port, post("/predict", multipart(os.urandom(5000))), limit=20), {422, 503}),
         "bomb_image": (lambda: call(server.port, post("/predict", multipart(bomb_png())), limit=20), {413, 503}),

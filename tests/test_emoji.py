@@ -84,7 +84,7 @@ def png_bytes(rgb: tuple[int, int, int], side: int = 64) -> bytes:
 
 def svg_bytes(rgb: tuple[int, int, int]) -> bytes:
     """An OpenMoji-like 72x72 SVG: a square of ``rgb``, transparent elsewhere."""
-    fill = "#%02x%02x%02x" % rgb
+    fill = "#{:02x}{:02x}{:02x}".format(*rgb)
     return (
         '<svg id="emoji" viewBox="0 0 72 72" xmlns="http://www.w3.org/2000/svg">\n'
         f'  <g id="color"><rect x="18" y="18" width="36" height="36" fill="{fill}"/></g>\n'
@@ -265,7 +265,7 @@ def test_build_from_fixture_tarballs(tmp_path: Path, tarballs: Path) -> None:
     assert stats["per_label"]["cat"]["emoji"] == 2 and stats["per_label"]["animal"]["emoji"] == 7
 
     attribution = (out / "ATTRIBUTION.md").read_text(encoding="utf-8")
-    for key, source in E.SOURCES.items():
+    for source in E.SOURCES.values():
         assert source.package in attribution and source.version in attribution
     for needed in ("CC BY-SA 4.0", "CC BY 4.0", "Apache License 2.0", "MIT", "Unicode", "Twitter, Inc",
                    "Google", "Artist 08"):

@@ -39,7 +39,8 @@ def photo(seed: int, w: int = 640, h: int = 480) -> Image.Image:
     d = ImageDraw.Draw(img)
     for _ in range(6):
         x0, y0 = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
-        d.ellipse([x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        d.ellipse([x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))],
+                  fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
     return img
 
 
@@ -162,8 +163,8 @@ def test_decode_batch_matches_cpu_path_and_survives_a_bad_file(tmp_path, monkeyp
 
 def test_pixel_batches_gpu_path_embeddings_match_cpu_path(tmp_path, monkeypatch):
     """End to end through the lite tower: cosine of the embeddings of both paths."""
-    from mumic.backbones import load_backbone
     import mumic.data.gpu_decode as gd
+    from mumic.backbones import load_backbone
 
     paths = []
     for i in range(6):

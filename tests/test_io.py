@@ -42,7 +42,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 
         with atomic_path(path) as tmp:
             tmp.write_text("half")
-            1 / 0
+            raise ZeroDivisionError("fails inside the block")
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
 
 

@@ -44,7 +44,8 @@ def serve_run(serve_shapes, tmp_path_factory, tiny_clip_dir):
 def serve_index(serve_run, serve_shapes, tmp_path_factory):
     from mumic.search import build_index
 
-    return build_index(serve_run, serve_shapes / "manifest.csv", tmp_path_factory.mktemp("serve_index") / "index", progress=False, device="cpu")
+    return build_index(serve_run, serve_shapes / "manifest.csv", tmp_path_factory.mktemp("serve_index") / "index",
+                       progress=False, device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +116,8 @@ def test_health_labels_and_openapi(server, serve_run):
 
 
 def test_predict_matches_the_library(server, model, test_images):
-    r = httpx.post(server.url + "/predict", files=files_of(test_images), data={"labels": ["purple star", "red", ""], "return_embedding": "true"})
+    r = httpx.post(server.url + "/predict", files=files_of(test_images),
+                   data={"labels": ["purple star", "red", ""], "return_embedding": "true"})
     assert r.status_code == 200, r.text
     body = r.json()
     run_names = [l.name for l in model.labels]
@@ -162,7 +164,8 @@ def test_search_by_text_and_image(server, test_images):
     assert {"image", "labels", "split", "id"} <= set(hits[0])
     # an indexed image finds itself first, with the graph and exactly
     for exact in ("false", "true"):
-        r = httpx.post(server.url + "/search", files=[("image", ("q.png", Path(test_images[0]).read_bytes(), "image/png"))], data={"k": "3", "exact": exact})
+        query = [("image", ("q.png", Path(test_images[0]).read_bytes(), "image/png"))]
+        r = httpx.post(server.url + "/search", files=query, data={"k": "3", "exact": exact})
         assert r.status_code == 200, r.text
         top = r.json()["results"][0]
         assert top["image"] == str(test_images[0]) and top["score"] == pytest.approx(1.0, abs=1e-4)

@@ -143,10 +143,10 @@ def embed_manifest(model: Predictor, manifest: Manifest, out_path: str | Path, *
 
     def write_part(start: int, end: int, part: Path) -> None:
         failures = _failures(on_bad_image)
-        emb = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers, failures=failures,
+        raw = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers, failures=failures,
                                  decode=decode)
         keep = _keep_rows(failures, start, end, part)
-        emb = F.normalize(emb[keep], dim=-1).numpy().astype(np.float32)
+        emb = F.normalize(raw[keep], dim=-1).numpy().astype(np.float32)
         frame = manifest.frame.iloc[start:end].reset_index(drop=True).iloc[keep].reset_index(drop=True).copy()
         frame["image"] = [str(manifest.images[start + r]) for r in keep]
         table = pa.Table.from_pandas(frame, preserve_index=False)
@@ -156,8 +156,9 @@ def embed_manifest(model: Predictor, manifest: Manifest, out_path: str | Path, *
         tmp.replace(part)
 
     out = Path(out_path)
-    parts = _sharded(out, len(manifest), _fingerprint(model, manifest, kind="embed", on_bad_image=on_bad_image,
-                                                          **({"decode": decode} if decode != "cpu" else {})), shard_rows, ".parquet", write_part, progress, "embed")
+    fingerprint = _fingerprint(model, manifest, kind="embed", on_bad_image=on_bad_image,
+                               **({"decode": decode} if decode != "cpu" else {}))
+    parts = _sharded(out, len(manifest), fingerprint, shard_rows, ".parquet", write_part, progress, "embed")
     return _merge(parts, out, parquet=True)
 
 
@@ -216,7 +217,8 @@ def _merge(parts: list[Path], out: Path, parquet: bool, metadata: dict[str, str]
             for part in parts:
                 table = pq.read_table(part)
                 if writer is None:
-                    schema = table.schema.with_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in (metadata or {}).items()}})
+                    extra = {k.encode(): v.encode() for k, v in (metadata or {}).items()}
+                    schema = table.schema.with_metadata({**(table.schema.metadata or {}), **extra})
                     writer = pq.ParquetWriter(tmp, schema)
                 writer.write_table(table.cast(writer.schema))
                 rows += table.num_rows

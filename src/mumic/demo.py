@@ -20,7 +20,7 @@ from mumic.errors import RunError
 
 log = logging.getLogger(__name__)
 
-RUNS = {
+RUNS: dict[str, dict[str, Any]] = {
     "mumic": {"loss": "tempered_sigmoid"},
     "baseline": {"loss": "linear_bce"},
     "mumic_cross_style": {"loss": "tempered_sigmoid", "cross": True},
@@ -32,7 +32,8 @@ DEMO_SETTINGS: dict[str, Any] = {
 }
 
 
-def _train_all(out: Path, manifest: Path, labels_file: Path, *, overwrite: bool, progress: bool, settings: dict[str, Any]) -> dict[str, Path]:
+def _train_all(out: Path, manifest: Path, labels_file: Path, *, overwrite: bool, progress: bool,
+               settings: dict[str, Any]) -> dict[str, Path]:
     from mumic.config import load_config
     from mumic.data.cross_style import TEST_STYLE, TRAIN_STYLES, cross_style_manifest
     from mumic.train import fit
@@ -187,7 +188,8 @@ def write_demo_report(out: Path, runs: dict[str, Path], manifest: Path, *, setti
         f"Backbone `lite` (EfficientNet-Lite0 + MiniLM-L6, frozen towers, heads trained) at "
         f"{settings['image_size']} px. Test split, seen labels unless marked; "
         f"majority = the {settings['majority_n']} labels with the most training positives. "
-        f"Wall time of this `mumic demo` call: {wall_s:.0f} s (cached image features, and finished runs unless --overwrite, are reused).", "",
+        f"Wall time of this `mumic demo` call: {wall_s:.0f} s "
+        "(cached image features, and finished runs unless --overwrite, are reused).", "",
         *head, "",
         "Data (EmojiTags): " + "; ".join(f"{k}: {v.get('emoji')} emoji, {v.get('images')} images" if isinstance(v, dict) else f"{k}: {v}"
                                         for k, v in (stats.get("per_split") or {}).items())

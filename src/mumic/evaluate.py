@@ -48,7 +48,8 @@ def manifest_embeddings(
     model.eval()
     device = device or model.device
     if features is not None:
-        return torch.cat([model.image_embeddings(features=features[s : s + 4096].to(device)).float().cpu() for s in range(0, len(features), 4096)])
+        return torch.cat([model.image_embeddings(features=features[s : s + 4096].to(device)).float().cpu()
+                          for s in range(0, len(features), 4096)])
     skip = failures is not None
     batches = pixel_batches(list(paths), model.backbone.image_size, batch_size, device=device, num_workers=num_workers,
                             skip_bad=skip, decode=decode)
@@ -118,7 +119,9 @@ def model_probs(
     if use_cache:
         from mumic.features import cached_features
 
-        feats = cached_features(model.backbone, manifest.images, cache_dir=cache_dir, batch_size=batch_size,
+        # cached_features takes a Path; an empty cache_dir means the default, as None does
+        cache = Path(cache_dir) if cache_dir else None
+        feats = cached_features(model.backbone, manifest.images, cache_dir=cache, batch_size=batch_size,
                                 num_workers=num_workers, device=model.device, progress=progress, failures=failures,
                                 decode=decode, engine=engine)
     u = manifest_embeddings(model, manifest.images, features=feats, batch_size=batch_size, num_workers=num_workers,

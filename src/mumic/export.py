@@ -108,6 +108,7 @@ def _graphs(backbone: Any) -> tuple[Any, Any]:
         def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
             tower = self.backbone.text_tower
             if kind == "lite":  # mean of MiniLM's last hidden states over real tokens
+                assert attention_mask is not None  # the lite tokenisation always gives one
                 hidden = tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
                 mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
                 return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)

@@ -103,7 +103,8 @@ def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256", *, dige
     """Hex digest of a file's bytes, read in chunks, with any ``hashlib`` algorithm
     (``digest_size`` for the variable-length ones, e.g. blake2b). OSError is left to the
     caller, which knows what the file is."""
-    h = hashlib.new(algorithm) if digest_size is None else hashlib.new(algorithm, digest_size=digest_size)
+    # typeshed's hashlib.new takes no constructor keywords; CPython hands them to blake2b/blake2s
+    h = hashlib.new(algorithm) if digest_size is None else hashlib.new(algorithm, digest_size=digest_size)  # type: ignore[call-arg]
     _feed(h, path, chunk)
     return h.hexdigest()
 
@@ -139,7 +140,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[name].detach().cpu().contiguous()
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode("utf-8"))
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -168,7 +169,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has keys() but no __iter__)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(

@@ -127,7 +127,7 @@ class Index:
         return str(self.meta["run"])
 
     @classmethod
-    def load(cls, path: str | Path, *, use_ann: bool = True) -> "Index":
+    def load(cls, path: str | Path, *, use_ann: bool = True) -> Index:
         """Read an index folder written by build_index; the graph only when use_ann."""
         import numpy as np
         import pandas as pd
@@ -135,7 +135,8 @@ class Index:
         folder = Path(path)
         meta_path = folder / "index.json"
         if not meta_path.is_file():
-            raise IndexFolderError(f"{folder} is not an index folder (index.json is missing); build one with `mumic index RUN MANIFEST --out {folder}`")
+            raise IndexFolderError(f"{folder} is not an index folder (index.json is missing); "
+                                   f"build one with `mumic index RUN MANIFEST --out {folder}`")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
@@ -229,10 +230,7 @@ def exact_search(embeddings: Any, queries: Any, k: int) -> tuple[Any, Any]:
 
     s = queries @ embeddings.T
     k = min(k, s.shape[1])
-    if k < s.shape[1]:
-        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    else:
-        part = np.broadcast_to(np.arange(s.shape[1]), s.shape).copy()
+    part = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else np.broadcast_to(np.arange(s.shape[1]), s.shape).copy()
     top = np.take_along_axis(s, part, 1)
     order = np.lexsort((part, -top), axis=1)  # best first, ties by id
     ids = np.take_along_axis(part, order, 1).astype(np.int64)
@@ -336,8 +334,8 @@ def build_index(
         raise MumicError(f"{manifest_path} has no rows; nothing to index")
     manifest.check_images_exist()
     model = Predictor.from_run(run_dir, device=device)
-    emb = manifest_embeddings(model, manifest.images, batch_size=batch_size, num_workers=num_workers, progress=progress)
-    emb = F.normalize(emb.float(), dim=-1).numpy()
+    raw = manifest_embeddings(model, manifest.images, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    emb = F.normalize(raw.float(), dim=-1).numpy()
     frame = manifest.frame.reset_index(drop=True).copy()
     frame["image"] = [str(p) for p in manifest.images]
     path = write_index(out, emb, frame, run_dir=run_dir, manifest=manifest_path, backend=backend, overwrite=overwrite)
@@ -357,6 +355,7 @@ def query_embedding(model: Any, *, text: str | None = None, image: str | Path | 
         return emb
     from mumic.data.images import load_image
 
+    assert image is not None  # exactly one of text / image, checked above
     img = load_image(Path(image), size_hint=model.backbone.image_size)
     return model.embed_images([img])
 

@@ -96,6 +96,11 @@ class Backbone(nn.Module):
     text_tower: nn.Module
     image_projection: nn.Module
     text_projection: nn.Module
+    # the text tower's transformers tokenizer ('lite' with lazy_text: None until the tower loads)
+    tokenizer: Any
+    # buffers (register_buffer in __init__)
+    _mean: Tensor
+    _std: Tensor
 
     def __init__(
         self,
@@ -255,7 +260,7 @@ class Backbone(nn.Module):
             )
         return frozen
 
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         """Like nn.Module.train, but frozen tower parts always stay in eval mode."""
         super().train(mode)
         if mode:

@@ -151,7 +151,7 @@ def _hub_unreachable(timeout: float = 5.0) -> str | None:
     return None
 
 
-def _load_parts(name: str, source: str, *, local_only: bool, quiet: bool) -> tuple[Any, nn.Module, Any]:
+def _load_parts(name: str, source: str, *, local_only: bool, quiet: bool) -> tuple[Any, Any, Any]:
     """(config, CLIPModel | SiglipModel, tokenizer) for `source`, or a BackboneError."""
     from transformers import AutoConfig, AutoTokenizer, CLIPModel, SiglipModel
 
@@ -199,6 +199,9 @@ class HFBackbone(Backbone):
     A hub name already in the local cache loads from the cache without any network request;
     otherwise one quick request checks that the hub is reachable before downloading.
     """
+
+    # transformers' CLIP / SigLIP vision transformer: its parts are read by name
+    image_tower: Any
 
     def __init__(self, name: str, *, image_size: int | None = None, image_head: str | None = None, seed: int = 0) -> None:
         if not name:

@@ -144,6 +144,9 @@ class LiteBackbone(Backbone):
     1x1 conv head with its BatchNorm (`_conv_head`, `_bn1`), about 1.0 M of 3.4 M weights.
     """
 
+    # efficientnet_lite_pytorch's EfficientNet (untyped): its parts are read by name
+    image_tower: Any
+
     def __init__(self, *, image_size: int | None = None, image_head: str | None = None, seed: int = 0,
                  lazy_text: bool = False) -> None:
         image_size = DEFAULT_IMAGE_SIZE if image_size is None else image_size

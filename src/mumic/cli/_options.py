@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+
 def add_manifest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-outside-paths", action="store_true",
                    help="accept manifest image paths outside the manifest's folder (only for manifests you trust)")

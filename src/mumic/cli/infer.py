@@ -33,7 +33,8 @@ def register(sub: typing.Any) -> None:
     p = sub.add_parser("predict", help="label probabilities and decisions for images or manifests (JSON lines)")
     p.add_argument("run", help="run directory")
     p.add_argument("inputs", nargs="+", help="image files and/or manifests (.csv .tsv .jsonl .parquet)")
-    p.add_argument("--labels", nargs="+", metavar="LABEL", help="score these labels (names not in the run are zero-shot, from the prompt templates)")
+    p.add_argument("--labels", nargs="+", metavar="LABEL",
+                   help="score these labels (names not in the run are zero-shot, from the prompt templates)")
     p.add_argument("--top-k", type=int, help="keep the K highest scores per image")
     p.add_argument("--out", help="output file: JSON lines, or Parquet if it ends in .parquet (default: JSON lines on standard output)")
     add_batch_options(p)

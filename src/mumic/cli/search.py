@@ -21,7 +21,8 @@ def register(sub: typing.Any) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("manifest", help="manifest (only the image column is needed; other columns are kept)")
     p.add_argument("--out", required=True, help="index folder to write")
-    p.add_argument("--backend", choices=BACKENDS, default="faiss", help="faiss: HNSW graph plus exact vectors; exact: vectors only (default: faiss)")
+    p.add_argument("--backend", choices=BACKENDS, default="faiss",
+                   help="faiss: HNSW graph plus exact vectors; exact: vectors only (default: faiss)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)

@@ -28,7 +28,8 @@ def register(sub: typing.Any) -> argparse.ArgumentParser:
                         "(default: onnxruntime on the CPU, torch on GPUs)")
     p.add_argument("--no-batching", action="store_true", help="run each request alone (baseline for benchmarks)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help=f"images per model batch (default: {d.max_batch_size})")
-    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help=f"how long a batch waits for more requests (default: {d.max_wait_ms:g})")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help=f"how long a batch waits for more requests (default: {d.max_wait_ms:g})")
     p.add_argument("--max-images", type=int, default=d.max_images, help=f"images per request (default: {d.max_images})")
     p.add_argument("--max-labels", type=int, default=d.max_labels, help=f"extra labels per request (default: {d.max_labels})")
     p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes, help=f"bytes per image (default: {d.max_image_bytes})")
@@ -36,7 +37,8 @@ def register(sub: typing.Any) -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help=f"pixels per image (default: {d.max_pixels})")
     p.add_argument("--max-connections", type=int, default=256, help="concurrent connections before answering 503 (default: 256)")
     p.add_argument("--max-buffered-bytes", type=int, default=d.max_buffered_bytes,
-                   help=f"request-body bytes held in memory at once, all requests together; beyond it 503 (default: {d.max_buffered_bytes})")
+                   help="request-body bytes held in memory at once, all requests together; "
+                        f"beyond it 503 (default: {d.max_buffered_bytes})")
     p.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
                    help=f"seconds a connection has to send a complete request head (default: {d.header_timeout_s:g})")
     p.add_argument("--body-timeout", type=float, default=d.body_timeout_s,

@@ -23,7 +23,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         hint = hints[name]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         base = hint if typing.get_origin(hint) is list else (args[0] if args else hint)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         help_ = f"{f.metadata['help']} (default: {default})"
         if base is bool:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)

@@ -70,10 +70,7 @@ class ImageDataset(Dataset):
             if not self.skip_bad:
                 raise
             return index, torch.zeros((3, self.size, self.size), dtype=torch.uint8), str(e) or "unreadable image"
-        if self.train:
-            arr = random_resized_crop(img, self.size, self.rng(index))
-        else:
-            arr = resize_center_crop(img, self.size)
+        arr = random_resized_crop(img, self.size, self.rng(index)) if self.train else resize_center_crop(img, self.size)
         if self.skip_bad:
             return index, torch.from_numpy(arr), ""
         return index, torch.from_numpy(arr)

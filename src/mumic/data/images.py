@@ -68,7 +68,14 @@ def _check_file(path: Path) -> None:
         raise ImageError(f"{path}: is a directory, not an image")
     if not stat.S_ISREG(st.st_mode):
         mode = st.st_mode
-        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "special"
+        if stat.S_ISFIFO(mode):
+            kind = "a FIFO"
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            kind = "a device"
+        elif stat.S_ISSOCK(mode):
+            kind = "a socket"
+        else:
+            kind = "special"
         raise ImageError(f"{path}: not a regular file ({kind}); point to the image file itself")
     if st.st_size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
@@ -230,7 +237,7 @@ def _as_chw(img: Image.Image) -> np.ndarray:
 def _crop_resize(img: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
     if img.mode != "RGB":
         img = to_rgb(img)
-    return img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=REDUCING_GAP)
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=REDUCING_GAP)
 
 
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:

@@ -309,7 +309,7 @@ def _check_repeats(
     repeated_images: list[tuple[int, int]] = []
     for i in range(len(images)):
         try:
-            key = (
+            key: tuple[Any, ...] = (
                 str(images[i]),
                 tuple(sorted(labels[i])),
                 tuple(sorted(negatives[i])) if negatives is not None else (),

@@ -15,6 +15,7 @@ import logging
 import numbers
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -42,7 +43,7 @@ _VERSION = 1
 def _label_specs() -> list[dict]:
     specs: list[dict] = []
     for colour in COLOURS:
-        spec = {
+        spec: dict[str, Any] = {
             "name": colour,
             "prompts": [f"a drawing of a {colour} shape.", f"a simple picture with something {colour} in it."],
             "description": f"at least one {colour} shape",

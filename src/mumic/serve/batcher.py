@@ -6,7 +6,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mumic.errors import ServiceError
 
@@ -137,6 +138,7 @@ class MicroBatcher:
     def _run_call(self, job: _Job) -> None:
         if not job.future.set_running_or_notify_cancel():
             return
+        assert job.fn is not None  # _loop hands only call jobs here
         try:
             job.future.set_result(job.fn())
         except BaseException as e:  # handed to the waiting request

@@ -15,6 +15,10 @@ class LabelBank:
     compute() runs on the model thread; lookups, inserts and scoring happen on the event loop.
     """
 
+    # the run's own labels: [C, D] class embeddings and [C] biases; None with a linear head
+    run_v: Any
+    run_b: Any
+
     def __init__(self, model: Any, capacity: int) -> None:
         self.model = model
         self.capacity = capacity

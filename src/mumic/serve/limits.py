@@ -8,7 +8,8 @@ Torch- and FastAPI-free: the CLI reads `Limits` while building its --help.
 import asyncio
 import dataclasses
 import json
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from mumic.errors import ConfigError
 
@@ -142,7 +143,7 @@ class RequestGuard:
             dropped += len(message.get("body", b""))
 
     async def _refuse(self, receive: Callable, send: Callable, status: int, detail: str, *, drain: bool,
-                      headers: list[tuple[bytes, bytes]] = ()) -> None:
+                      headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         if drain:
             await self._drain(receive)
         await _send_json(send, status, detail, headers)
@@ -236,7 +237,7 @@ def _busy(budget: BodyBudget) -> str:
             "bodies in memory); retry shortly")
 
 
-async def _send_json(send: Callable, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def _send_json(send: Callable, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), (b"connection", b"close"),
@@ -284,7 +285,7 @@ def protocol_class(header_timeout_s: float) -> type:
             self.transport.write(_HEAD_TIMEOUT_RESPONSE)
             self.transport.close()
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm_head_timer()
 

@@ -4,8 +4,9 @@ label bank, the optional search index, and the handling of each kind of request.
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -172,8 +173,10 @@ class Service:
         if has_text == (image is not None):
             raise ServiceError(422, "give exactly one query: a non-empty 'text' or one 'image'")
         if has_text:
+            assert text is not None
             q = np.asarray(await self.on_model_thread(lambda: self._text_embeddings([text])), dtype=np.float32)
         else:
+            assert image is not None
             px, _ = await self.read_images([image])
             q = F.normalize(await self.embed_pixels(px), dim=-1).numpy()
         scores, ids = await run_in_threadpool(self.index.search, q, k, exact=exact)

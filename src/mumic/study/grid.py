@@ -311,5 +311,6 @@ def run_ablation(config: str | os.PathLike[str], *, out: str | os.PathLike[str] 
                 (reused if action == "reused" else trained).append(key)
             write_results(abl, out_dir, failed=failed)
     report = write_results(abl, out_dir, failed=failed)
-    log.info("ablation %s: %d runs trained, %d reused, %d failed in %.0f s", abl.name, len(trained), len(reused), len(failed), time.time() - t0)
+    log.info("ablation %s: %d runs trained, %d reused, %d failed in %.0f s",
+             abl.name, len(trained), len(reused), len(failed), time.time() - t0)
     return {"out": out_dir, "report": report, "trained": trained, "reused": reused, "failed": failed}

@@ -52,10 +52,10 @@ def add_label_noise(labels: list[list[str]], negatives: list[list[str]] | None, 
     want_drop = min(int(round(drop_positives * positives)), len(droppable))
     gone: dict[int, set[int]] = {}
     for k in rng.choice(len(droppable), size=want_drop, replace=False) if want_drop else []:
-        i, j = droppable[int(k)]
-        gone.setdefault(i, set()).add(j)
-    for i, js in gone.items():
-        out[i] = [l for j, l in enumerate(labels[i]) if j not in js]
+        row, j = droppable[int(k)]
+        gone.setdefault(row, set()).add(j)
+    for row, js in gone.items():
+        out[row] = [l for j, l in enumerate(labels[row]) if j not in js]
     dropped = want_drop
     added = 0
     want = int(round(add_false_positives * positives))
@@ -81,10 +81,10 @@ def add_label_noise(labels: list[list[str]], negatives: list[list[str]] | None, 
             pool = [l for l in vocabulary if l not in seen]
             k = int(round(verified_negatives * len(pool)))
             if k:
-                pick = sorted(vrng.choice(len(pool), size=k, replace=False))
-                neg_out[i] += [pool[j] for j in pick]
+                chosen = sorted(vrng.choice(len(pool), size=k, replace=False))
+                neg_out[i] += [pool[j] for j in chosen]
                 verified += k
-    stats = {"train_rows": int(len(idx)), "positives": int(positives), "dropped": dropped, "added": added,
+    stats: dict[str, Any] = {"train_rows": int(len(idx)), "positives": int(positives), "dropped": dropped, "added": added,
              "verified_negatives_listed": verified, "verified_negatives": verified_negatives,
              "drop_rate": dropped / positives if positives else 0.0,
              "false_positive_rate": added / positives if positives else 0.0, "seed": int(seed),

@@ -233,13 +233,14 @@ def render_results(abl: Ablation, rows: list[dict[str, Any]], out: Path, *, plot
         r = rows[choice]
         lines += [f"Best on validation: **{r['name']}** (val GAP@10 {_fmt(r['val_gap10'], r['val_gap10_std'], r['seeds'])}); "
                   f"its test GAP@10 {_fmt(r['gap10'], r['gap10_std'], r['seeds'])}, macro mAP "
-                  f"{_fmt(r['map_macro'], r['map_macro_std'], r['seeds'])}, ZSL mAP {_fmt(r['zsl_map'], r['zsl_map_std'], r['seeds'])}.", ""]
+                  f"{_fmt(r['map_macro'], r['map_macro_std'], r['seeds'])}, "
+                  f"ZSL mAP {_fmt(r['zsl_map'], r['zsl_map_std'], r['seeds'])}.", ""]
     marked: set[int] = set()
     for g in dict.fromkeys(r["group"] for r in rows):
         for cross in (0, 1):
-            c = _val_choice(rows, [i for i, r in enumerate(rows) if r["group"] == g and r["cross_style"] == cross])
-            if c is not None:
-                marked.add(c)
+            best = _val_choice(rows, [i for i, r in enumerate(rows) if r["group"] == g and r["cross_style"] == cross])
+            if best is not None:
+                marked.add(best)
     cols = [*METRICS, ("train_time_s", "train time (s)")]
     head = ["axis", "configuration", "loss", "noisy", "seeds", "final τ", "val GAP@10", *[t for _, t in cols]]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -77,8 +77,10 @@ def describe(cell: Cell) -> str:
     """What a cell changes from the shared settings, in one line."""
     parts = [f"{k}={v}" if not isinstance(v, list) else f"{k}={json.dumps(v)}" for k, v in cell.overrides.items()]
     if cell.noisy:
-        parts.append(f"noisy: -{cell.noisy['drop_positives']:.0%} positives, +{cell.noisy['add_false_positives']:.0%} false positives"
-                     + (f", {cell.noisy['verified_negatives']:.0%} of true negatives listed" if cell.noisy.get("verified_negatives") else ""))
+        verified = cell.noisy.get("verified_negatives")
+        parts.append(f"noisy: -{cell.noisy['drop_positives']:.0%} positives, "
+                     f"+{cell.noisy['add_false_positives']:.0%} false positives"
+                     + (f", {cell.noisy['verified_negatives']:.0%} of true negatives listed" if verified else ""))
     if cell.cross_style:
         parts.append("cross-style (Google+Twitter → OpenMoji)")
     return ", ".join(parts) or "(base)"
@@ -190,7 +192,8 @@ def load_ablation(path: str | os.PathLike[str]) -> Ablation:
                 raise ConfigError(f"{cat(k)}: cells[{i}]: unknown key '{k}' (allowed: {', '.join(CELL_KEYS)})")
         name = c.get("name")
         if not isinstance(name, str) or not NAME_RE.match(name):
-            raise ConfigError(f"{where}: cells[{i}]: 'name' must be a short name of letters, digits, _ . + - (it names run folders), got {name!r}")
+            raise ConfigError(f"{where}: cells[{i}]: 'name' must be a short name of letters, digits, _ . + - "
+                              f"(it names run folders), got {name!r}")
         if name in seen:
             raise ConfigError(f"{where}: cells[{i}]: name '{name}' is already used ({seen[name]}); cell names must be unique")
         seen[name] = where

@@ -37,7 +37,14 @@ keywords, labels, splits), ``render`` (artwork to PNG), ``build`` (:func:`build_
 
 from mumic.data.emoji.build import TEMPLATES, build_emoji
 from mumic.data.emoji.cldr import (
-    MIN_COUNT, SPLITS, UNSEEN_FRACTION, Emoji, choose_unseen, label_vocabulary, load_base_emoji, stratified_split,
+    MIN_COUNT,
+    SPLITS,
+    UNSEEN_FRACTION,
+    Emoji,
+    choose_unseen,
+    label_vocabulary,
+    load_base_emoji,
+    stratified_split,
 )
 from mumic.data.emoji.sources import SOURCES, STYLES, Source, fetch_sources, integrity_of
 from mumic.data.labels import SEPARATOR

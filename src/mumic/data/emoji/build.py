@@ -16,7 +16,14 @@ import numpy as np
 import yaml
 
 from mumic.data.emoji.cldr import (
-    MIN_COUNT, SPLITS, UNSEEN_FRACTION, Emoji, _norm, choose_unseen, label_vocabulary, load_base_emoji,
+    MIN_COUNT,
+    SPLITS,
+    UNSEEN_FRACTION,
+    Emoji,
+    _norm,
+    choose_unseen,
+    label_vocabulary,
+    load_base_emoji,
     stratified_split,
 )
 from mumic.data.emoji.render import _datasource_index, _openmoji_authors, _openmoji_index, _prepare_image_dir, _write_images

@@ -103,7 +103,7 @@ def choose_unseen(labels: Sequence[str], fraction: float = UNSEEN_FRACTION, seed
     names = sorted(labels)
     k = int(math.floor(fraction * len(names) + 0.5))
     rng = np.random.default_rng([seed, 2])
-    pick = rng.choice(len(names), size=k, replace=False) if k else []
+    pick: Iterable[int] = rng.choice(len(names), size=k, replace=False) if k else []
     return sorted(names[i] for i in pick)
 
 

@@ -162,7 +162,8 @@ class _Archive:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self._tar = tarfile.open(path, "r:gz")
+            # held open for the archive's lifetime; closed by __exit__
+            self._tar = tarfile.open(path, "r:gz")  # noqa: SIM115
             members = self._tar.getmembers()
         except (tarfile.TarError, OSError, EOFError) as e:
             raise EmojiSourceError(f"{path}: not a readable .tgz archive: {e}") from None
