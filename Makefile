@@ -24,8 +24,7 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
 
-# `test` will depend on `lint` (test: setup lint) once src/ passes it.
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -116,7 +116,7 @@ def test_each_registered_loss_matches_a_brute_force_reference(name):
 
 
 def test_registry_says_what_each_loss_needs():
-    assert LOSS_NAMES == tuple(LOSSES) and all(LOSSES[n].name == n for n in LOSS_NAMES)
+    assert tuple(LOSSES) == LOSS_NAMES and all(LOSSES[n].name == n for n in LOSS_NAMES)
     assert [n for n in LOSS_NAMES if LOSSES[n].head == "linear"] == ["linear_bce"]
     assert [n for n in LOSS_NAMES if not LOSSES[n].learns_tau] == ["tempered_sigmoid_fixed"]
     assert loss_spec("tempered_sigmoid_fixed").tau == 1.0 and loss_spec("tempered_sigmoid").tau is None

@@ -154,7 +154,8 @@ IMAGE_CASES = [
          lambda im: im.size == (4, 3) and im.getpixel((1, 1)) == (255, 128, 0)),
     Case("16-bit RGBA PNG, fully transparent", _write("rgba16.png", _png16(4, 6, np.zeros((3, 4, 4), np.uint16))), "RGB",
          lambda im: im.getpixel((0, 0)) == (255, 255, 255)),
-    Case("16-bit grey + alpha PNG, opaque black", _write("la16.png", _png16(2, 4, np.stack([np.zeros((3, 4)), np.full((3, 4), 65535)], -1))), "RGB",
+    Case("16-bit grey + alpha PNG, opaque black",
+         _write("la16.png", _png16(2, 4, np.stack([np.zeros((3, 4)), np.full((3, 4), 65535)], -1))), "RGB",
          lambda im: im.getpixel((0, 0)) == (0, 0, 0)),
     Case("EXIF orientation 3 (180°), checked by pixel", _write("o3.jpg", _oriented(3)), "RGB",
          lambda im: im.size == (40, 20) and _red_at(im, 37, 17) and not _red_at(im, 2, 2)),
@@ -302,7 +303,8 @@ def test_exact_duplicate_rows_are_an_error_naming_both_lines(tmp_path: Path, cap
     assert len(kept) == 3 and "repeat an earlier row exactly" in caplog.text
     # not exact duplicates: another label, another split, another value in an extra column
     caplog.clear()
-    other = write(tmp_path / "o.csv", "image,labels,split,note\na.png,cat,train,x\na.png,dog,train,x\na.png,cat,test,x\na.png,cat,train,y\n")
+    other = write(tmp_path / "o.csv",
+                  "image,labels,split,note\na.png,cat,train,x\na.png,dog,train,x\na.png,cat,test,x\na.png,cat,train,y\n")
     with caplog.at_level("WARNING"):
         assert len(read_manifest(other)) == 4
     assert "3 row(s) name an image that an earlier row also names" in caplog.text
@@ -358,7 +360,8 @@ _JSON = st.recursive(
     max_leaves=8,
 )
 _ODD = st.sampled_from(["a\ud800.png", "\udc00", ["cat", "d\ud83dg"], "\ud83d\ude00", 12, None, True, {"a": 1}, ["x", ["y"]]])
-_BASE_COLUMNS = st.sampled_from([["image", "labels"], ["image"], ["image", "labels", "split"], ["labels", "image", "negatives", "split"], []])
+_BASE_COLUMNS = st.sampled_from(
+    [["image", "labels"], ["image"], ["image", "labels", "split"], ["labels", "image", "negatives", "split"], []])
 _EXTRA_COLUMNS = st.lists(st.sampled_from(["note", "image", "labels", "", " image", "split"]) | _CELL, max_size=2)
 
 

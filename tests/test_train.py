@@ -157,9 +157,9 @@ def test_comparison_losses_learn(shapes, tmp_path, tiny_clip_dir, loss):
 
 
 def test_prior_bias_init_matches_label_prior(shapes, tmp_path, tiny_clip_dir):
-    from mumic.train import Data, _init_bias, _targets
     from mumic.backbones import load_backbone
     from mumic.data.manifest import read_labels_file
+    from mumic.train import Data, _init_bias, _targets
 
     specs, templates = read_labels_file(shapes / "labels.yaml")
     bb = load_backbone(f"hf:{tiny_clip_dir}")

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from mumic.data.manifest import Manifest
 from mumic.errors import ConfigError
-from mumic.evaluate import manifest_embeddings, scored_labels
+from mumic.evaluate import manifest_embeddings
 from mumic.io import atomic_write_json, atomic_write_text
 from mumic.predictor import Predictor
 
@@ -92,7 +92,7 @@ def predict_manifest(
     Writes JSON lines, or Parquet when out_path ends in .parquet (scores as a list aligned
     with the label names stored in the file's metadata). Streams in bounded memory and
     resumes an interrupted call from its last completed shard."""
-    specs = model.resolve_labels(labels) if labels else scored_labels(model)
+    specs = model.resolve_labels(labels) if labels else model.scored_labels
     names = [s.name for s in specs]
     out = Path(out_path)
     parquet = out.suffix.lower() == ".parquet"

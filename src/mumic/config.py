@@ -39,7 +39,8 @@ class TrainConfig:
     val_manifest: str | None = _f(None, "validation manifest; default: rows of --manifest whose split is val")
     test_manifest: str | None = _f(None, "test manifest evaluated at the end; default: split test if present")
     labels_file: str | None = _f(None, "labels file (YAML/JSON): label names, prompts, seen/unseen, templates")
-    allow_outside_paths: bool = _f(False, "accept manifest image paths outside the manifest's folder (../x.png, /elsewhere/x.png); only for manifests you trust")
+    allow_outside_paths: bool = _f(False, "accept manifest image paths outside the manifest's folder (../x.png, /elsewhere/x.png); "
+                                          "only for manifests you trust")
     allow_duplicate_rows: bool = _f(False, "keep manifest rows that repeat an earlier row exactly (default: an error naming both lines)")
     templates: list[str] = _f(DEFAULT_TEMPLATES, "prompt templates with {} for the label; a label's prompts are averaged")
     unlisted: str = _f("negative", "labels not listed for an image are negatives or unknown (masked)", ("negative", "unknown"))
@@ -75,7 +76,8 @@ class TrainConfig:
                      "or auto (onnxruntime on the CPU, torch on GPUs)", ("auto", "torch", "onnxruntime"))
     cache_dir: str | None = _f(None, "frozen-feature cache (default: $MUMIC_CACHE or ~/.cache/mumic)")
     majority_n: int = _f(32, "number of most frequent training labels in the majority-label mAP")
-    on_bad_image: str = _f("fail", "an unreadable image stops training (fail) or is left out and listed in RUN/skipped.csv (skip)", ("fail", "skip"))
+    on_bad_image: str = _f("fail", "an unreadable image stops training (fail) or is left out and listed in RUN/skipped.csv (skip)",
+                           ("fail", "skip"))
 
     def resolved_tau(self, backbone_logit_scale: float | None) -> float:
         if self.tau is not None:

@@ -64,11 +64,6 @@ def manifest_embeddings(
     return torch.cat(out) if out else torch.zeros((0, model.backbone.embed_dim))
 
 
-def scored_labels(model: MuMIC) -> list[LabelSpec]:
-    # a linear head scores only its trained labels
-    return list(model.seen) if model.classifier is not None else list(model.labels)
-
-
 def evaluate_probs(
     model: MuMIC,
     manifest: Manifest,
@@ -126,7 +121,7 @@ def model_probs(
                                 decode=decode, engine=engine)
     u = manifest_embeddings(model, manifest.images, features=feats, batch_size=batch_size, num_workers=num_workers,
                             progress=progress, failures=None if feats is not None else failures, decode=decode)
-    specs = list(labels) if labels is not None else scored_labels(model)
+    specs = list(labels) if labels is not None else model.scored_labels
     return model.proba_from_embeddings(u, specs), specs
 
 

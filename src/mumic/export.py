@@ -198,7 +198,7 @@ def export_onnx(
     check_output_folder(out, overwrite, marker="README.json", what="an export")
     model = Predictor.from_run(run_dir, device="cpu", lazy_text=False)
     model.eval()
-    if model.classifier is not None:
+    if not model.zero_shot:
         raise ExportError(
             f"{run_dir} is a linear-head (linear_bce) run: its classifier is not text embeddings, so it has no "
             "label embeddings to export; export a tempered_sigmoid / softmax_ce / asl run"

@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from mumic.backbones.base import TEXT_TOWER, Backbone
 from mumic.backbones.onnx import OnnxImageTower, resolve_engine
 from mumic.config import default_cache_dir
 from mumic.data.dataset import file_digest, pixel_batches
@@ -27,15 +29,17 @@ from mumic.io import save_tensors
 log = logging.getLogger(__name__)
 
 
-def backbone_key(backbone: torch.nn.Module) -> str:
-    """A key for the image tower's exact function: config plus a hash of its weights."""
+def backbone_key(backbone: Backbone) -> str:
+    """A key for the image tower's exact function: config plus a hash of its frozen weights
+    (the text tower's are not part of it: they do not change image features, and a
+    predictor may not have loaded them)."""
     h = hashlib.blake2b(digest_size=12)
     cfg = {k: v for k, v in backbone.config().items() if k not in ("seed", "image_head")}
     h.update(json.dumps(cfg, sort_keys=True).encode())
     h.update(str(backbone.image_size).encode())
     prefixes = backbone.tuned_prefixes()
     for name, t in sorted(backbone.state_dict().items()):
-        if any(name.startswith(p) for p in prefixes):
+        if any(name.startswith(p) for p in prefixes) or name.startswith(TEXT_TOWER + "."):
             continue  # heads and tuned parts are trained; the key covers frozen weights only
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -70,9 +74,9 @@ class FeatureCache:
                 feats = f.get_tensor("features")
             if out is None:
                 out = torch.empty((len(digests), feats.shape[1]), dtype=feats.dtype)
-            pos = torch.tensor([p for p, _ in pairs])
+            at = torch.tensor([p for p, _ in pairs])
             rows = torch.tensor([r for _, r in pairs])
-            out[pos] = feats[rows]
+            out[at] = feats[rows]
         assert out is not None
         return out
 
@@ -89,7 +93,7 @@ Failure = tuple[int, str]  # (row in the paths given, reason)
 
 @torch.inference_mode()
 def extract_features(
-    backbone: torch.nn.Module,
+    backbone: Backbone,
     paths: list[Path],
     *,
     batch_size: int = 64,
@@ -108,7 +112,7 @@ def extract_features(
     and (row, reason) is appended to the list. ``engine`` "onnxruntime" (or "auto" on
     the CPU) runs the tower in onnxruntime (its graph cached under ``onnx_cache_dir``)."""
     device = torch.device(device)
-    tower = backbone.image_features
+    tower: Callable[[torch.Tensor], torch.Tensor] = backbone.image_features
     if resolve_engine(engine, device) == "onnxruntime":
         tower = OnnxImageTower(backbone, cache_dir=onnx_cache_dir)
     skip = failures is not None
@@ -131,9 +135,9 @@ def extract_features(
 
 
 def cached_features(
-    backbone: torch.nn.Module,
+    backbone: Backbone,
     paths: list[Path],
-    cache_dir: Path | None = None,
+    cache_dir: str | Path | None = None,
     failures: list[Failure] | None = None,
     **kw,
 ) -> torch.Tensor:

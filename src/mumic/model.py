@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mumic import heads
+from mumic.backbones.base import Backbone
 from mumic.data.labels import LabelSpec
 from mumic.errors import ConfigError, MumicError, RunError
 from mumic.losses import loss_spec
@@ -52,9 +53,11 @@ class MuMIC(nn.Module):
     (the columns of training targets, of a per-label b and of the linear baseline head).
     """
 
+    thresholds: dict[str, Any] | None = None  # calibrated per-label thresholds, once fitted
+
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         labels: Sequence[LabelSpec],
         templates: Sequence[str],
         *,

@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 class Predictor(MuMIC):
     """A trained run, ready to embed and score images (see the module docstring)."""
 
-    thresholds: dict[str, Any]
     run_dir: Path | None
     config: Any
+    _stored_v: dict[str, tuple[tuple[str, ...], torch.Tensor]] | None = None  # the run's own class embeddings
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", *, lazy_text: bool = True) -> Predictor:
@@ -97,10 +97,10 @@ class Predictor(MuMIC):
         hits = [stored.get(s.name) for s in labels]
         ok = [h is not None and h[0] == tuple(s.texts(self.templates)) for h, s in zip(hits, labels)]
         if all(ok):
-            return torch.stack([h[1] for h in hits]) if hits else super().class_embeddings(labels)  # type: ignore[index]
+            return torch.stack([h[1] for h in hits]) if hits else super().class_embeddings(labels)
         todo = [s for s, k in zip(labels, ok) if not k]
         fresh = iter(super().class_embeddings(todo))
-        return torch.stack([h[1] if k else next(fresh) for h, k in zip(hits, ok)])  # type: ignore[index]
+        return torch.stack([h[1] if k else next(fresh) for h, k in zip(hits, ok)])
 
     # -- inputs ----------------------------------------------------------------------------
     def _pixel_batches(self, images: Sequence[Any], batch_size: int, num_workers: int = 0,

@@ -316,8 +316,10 @@ def build_index(
     progress: bool = True,
     allow_outside: bool = False,
     allow_duplicates: bool = False,
+    engine: str = "auto",
 ) -> Path:
-    """`mumic index`: embed a manifest's images with a run and write an index folder."""
+    """`mumic index`: embed a manifest's images with a run and write an index folder
+    (`engine` runs the image tower, as in Predictor.set_engine)."""
     import torch.nn.functional as F
 
     from mumic.data.manifest import read_manifest
@@ -333,7 +335,7 @@ def build_index(
     if len(manifest) == 0:
         raise MumicError(f"{manifest_path} has no rows; nothing to index")
     manifest.check_images_exist()
-    model = Predictor.from_run(run_dir, device=device)
+    model = Predictor.from_run(run_dir, device=device).set_engine(engine)
     raw = manifest_embeddings(model, manifest.images, batch_size=batch_size, num_workers=num_workers, progress=progress)
     emb = F.normalize(raw.float(), dim=-1).numpy()
     frame = manifest.frame.reset_index(drop=True).copy()
@@ -369,8 +371,10 @@ def search_index(
     exact: bool = False,
     run_dir: str | Path | None = None,
     device: str = "auto",
+    engine: str = "auto",
 ) -> list[dict[str, Any]]:
-    """`mumic search`: the k nearest indexed images of a text or image query, best first."""
+    """`mumic search`: the k nearest indexed images of a text or image query, best first.
+    `engine` runs the towers, as in Predictor.set_engine (on CPUs, onnxruntime)."""
     from mumic.predictor import Predictor
 
     if k < 1:
@@ -380,7 +384,7 @@ def search_index(
     if not run.is_dir():
         raise RunError(f"the index's run {run} does not exist; pass --run with the run that built {index_dir}")
     index.check_run(run)
-    model = Predictor.from_run(run, device=device)
+    model = Predictor.from_run(run, device=device).set_engine(engine)
     q = query_embedding(model, text=text, image=image)
     scores, ids = index.search(q, k, exact=exact)
     return index.results(scores[0], ids[0])

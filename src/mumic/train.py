@@ -135,7 +135,8 @@ def score_data(model: MuMIC, data: Data, cfg: TrainConfig, device: torch.device,
     r, w = (dist.rank(), dist.world()) if gather else (0, 1)
     rows = list(range(r, len(data.paths), w))  # under torchrun each rank scores every w-th image
     feats = data.features[rows] if data.features is not None else None
-    u = manifest_embeddings(model, [data.paths[i] for i in rows], features=feats, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device)
+    u = manifest_embeddings(model, [data.paths[i] for i in rows], features=feats, batch_size=cfg.batch_size,
+                            num_workers=cfg.num_workers, device=device)
     specs = model.seen if labels is None else labels
     out = [torch.sigmoid(model.logits(u[s : s + 4096].to(device), specs).float()).cpu() for s in range(0, len(u), 4096)]
     mine = torch.cat(out).numpy() if out else np.zeros((0, len(specs)), np.float32)

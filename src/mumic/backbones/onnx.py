@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
 
 
-def onnx_export(module: Any, args: tuple, path: Path, input_names: list[str], output_names: list[str], dynamic: dict[str, dict[int, str]], opset: int) -> None:
+def onnx_export(module: Any, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+                dynamic: dict[str, dict[int, str]], opset: int) -> None:
     import torch
 
     with warnings.catch_warnings():
@@ -115,8 +116,8 @@ class OnnxImageTower:
             backbone.eval()
             try:
                 with torch.no_grad(), atomic_path(path) as tmp:
-                    onnx_export(Tower().eval(), (example,), tmp, ["pixels"], ["features"], {"pixels": {0: "batch"}, "features": {0: "batch"}},
-                                DEFAULT_OPSET)
+                    dynamic = {"pixels": {0: "batch"}, "features": {0: "batch"}}
+                    onnx_export(Tower().eval(), (example,), tmp, ["pixels"], ["features"], dynamic, DEFAULT_OPSET)
             finally:
                 backbone.train(was_training)
             log.info("exported the image tower for onnxruntime to %s", path)

@@ -13,8 +13,8 @@ def add_manifest_options(p: argparse.ArgumentParser) -> None:
 
 def add_engine_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
-                   help="what runs the image tower: onnxruntime (CPU only; the graph is exported once and cached), torch, "
-                        "or auto (default: onnxruntime on the CPU, torch on GPUs)")
+                   help="what runs the image tower (and lite's frozen text tower): onnxruntime (CPU only; each graph is "
+                        "exported once and cached), torch, or auto (default: onnxruntime on the CPU, torch on GPUs)")
 
 
 def add_decode_option(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ import json
 import sys
 import typing
 
-from mumic.cli._options import add_manifest_options
+from mumic.cli._options import add_engine_option, add_manifest_options
 
 
 def register(sub: typing.Any) -> None:
@@ -29,6 +29,7 @@ def register(sub: typing.Any) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_manifest_options(p)
+    add_engine_option(p)
     p.set_defaults(func=index)
 
     p = sub.add_parser(
@@ -43,6 +44,7 @@ def register(sub: typing.Any) -> None:
     p.add_argument("--exact", action="store_true", help="exact search over all vectors instead of the HNSW graph")
     p.add_argument("--run", help="run directory (default: the run recorded in the index)")
     p.add_argument("--device", default="auto")
+    add_engine_option(p)
     p.set_defaults(func=search)
 
 
@@ -52,7 +54,7 @@ def index(args: argparse.Namespace) -> int:
     path = build_index(
         args.run, args.manifest, args.out, backend=args.backend, overwrite=args.overwrite,
         batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, progress=not args.no_progress,
-        allow_outside=args.allow_outside_paths, allow_duplicates=args.allow_duplicate_rows,
+        allow_outside=args.allow_outside_paths, allow_duplicates=args.allow_duplicate_rows, engine=args.engine,
     )
     meta = json.loads((path / "index.json").read_text())
     sys.stderr.write(f"indexed {meta['count']} images (dim {meta['dim']}, {meta['backend']}) into {path}\n")
@@ -62,7 +64,8 @@ def index(args: argparse.Namespace) -> int:
 def search(args: argparse.Namespace) -> int:
     from mumic.search import search_index
 
-    hits = search_index(args.index, text=args.text, image=args.image, k=args.k, exact=args.exact, run_dir=args.run, device=args.device)
+    hits = search_index(args.index, text=args.text, image=args.image, k=args.k, exact=args.exact, run_dir=args.run, device=args.device,
+                        engine=args.engine)
     for hit in hits:
         sys.stdout.write(json.dumps(hit, default=str) + "\n")
     return 0

@@ -7,6 +7,8 @@ import ipaddress
 import logging
 import typing
 
+from mumic.cli._options import add_engine_option
+
 log = logging.getLogger("mumic.serve")
 
 
@@ -23,9 +25,7 @@ def register(sub: typing.Any) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--index", help="index folder from `mumic index` (enables POST /search)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
-                   help="what runs the image tower: onnxruntime (CPU only; exported once and cached), torch, or auto "
-                        "(default: onnxruntime on the CPU, torch on GPUs)")
+    add_engine_option(p)
     p.add_argument("--no-batching", action="store_true", help="run each request alone (baseline for benchmarks)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help=f"images per model batch (default: {d.max_batch_size})")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,

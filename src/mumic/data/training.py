@@ -26,6 +26,7 @@ def split_manifests(cfg: TrainConfig) -> tuple[Manifest, Manifest, Manifest | No
                 f"{cfg.manifest}: no validation data — add a 'split' column with train/val rows, or give --val-manifest"
             )
         val = full.split(name)
+    test: Manifest | None
     if cfg.test_manifest:
         test = read_manifest(cfg.test_manifest, allow_outside=cfg.allow_outside_paths, allow_duplicates=cfg.allow_duplicate_rows)
     else:

@@ -22,7 +22,7 @@ class LabelBank:
     def __init__(self, model: Any, capacity: int) -> None:
         self.model = model
         self.capacity = capacity
-        self.linear = model.classifier is not None
+        self.linear = not model.zero_shot
         # a linear head scores only its trained labels
         self.run_specs = list(model.seen) if self.linear else list(model.labels)
         self.run_names = [s.name for s in self.run_specs]
