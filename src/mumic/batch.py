@@ -13,10 +13,11 @@ import numpy as np
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mumic import distributed as dist
 from mumic.data.manifest import Manifest
 from mumic.errors import ConfigError
 from mumic.evaluate import manifest_embeddings
-from mumic.io import atomic_write_json, atomic_write_text
+from mumic.io import atomic_write_json, atomic_write_text, read_json
 from mumic.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,6 @@ def _sharded(out: Path, n: int, fingerprint: dict[str, Any], shard_rows: int, su
     Under torchrun, rank r writes the shards K with K % world == r."""
     import shutil
 
-    from mumic import distributed as dist
-    from mumic.io import read_json
 
     parts_dir = out.with_name(out.name + ".parts")
     meta = parts_dir / "meta.json"
@@ -190,7 +189,6 @@ def _merge(parts: list[Path], out: Path, parquet: bool, metadata: dict[str, str]
     Under torchrun only rank 0 merges (the others return 0)."""
     import shutil
 
-    from mumic import distributed as dist
 
     if not dist.is_main():
         return 0

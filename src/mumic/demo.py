@@ -16,7 +16,16 @@ from typing import Any
 
 import numpy as np
 
+from mumic.config import load_config
+from mumic.data.cross_style import TEST_STYLE, TRAIN_STYLES, cross_style_manifest
+from mumic.data.emoji import build_emoji
+from mumic.data.manifest import read_manifest
 from mumic.errors import RunError
+from mumic.evaluate import model_probs
+from mumic.io import atomic_path, atomic_write_text, read_json
+from mumic.metrics import average_precision_per_label
+from mumic.predictor import Predictor
+from mumic.train import fit
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +43,6 @@ DEMO_SETTINGS: dict[str, Any] = {
 
 def _train_all(out: Path, manifest: Path, labels_file: Path, *, overwrite: bool, progress: bool,
                settings: dict[str, Any]) -> dict[str, Path]:
-    from mumic.config import load_config
-    from mumic.data.cross_style import TEST_STYLE, TRAIN_STYLES, cross_style_manifest
-    from mumic.train import fit
 
     # train/val on Google + Twitter artwork, test on OpenMoji artwork (same emoji splits)
     cross = cross_style_manifest(manifest, out / "cross_style_manifest.csv", TRAIN_STYLES, TEST_STYLE)
@@ -59,7 +65,6 @@ def _train_all(out: Path, manifest: Path, labels_file: Path, *, overwrite: bool,
 def run_demo(out: Path, data: Path, *, overwrite: bool = False, progress: bool = True, from_dir: Path | None = None,
              settings: dict[str, Any] | None = None) -> Path:
     """Build EmojiTags into `data` if needed, train the four runs under `out`, write the report."""
-    from mumic.data.emoji import build_emoji
 
     t0 = time.time()
     out = Path(out)
@@ -88,9 +93,6 @@ def _fmt(v: Any) -> str:
 
 
 def _test_probs(run: Path, manifest_path: Path, split: str = "test"):
-    from mumic.data.manifest import read_manifest
-    from mumic.evaluate import model_probs
-    from mumic.predictor import Predictor
 
     model = Predictor.from_run(run, device="cpu")
     m = read_manifest(manifest_path).split(split)
@@ -103,7 +105,6 @@ def _test_probs(run: Path, manifest_path: Path, split: str = "test"):
 def _save(fig: Any, path: Path, *, dpi: int) -> None:
     import matplotlib.pyplot as plt
 
-    from mumic.io import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
@@ -118,8 +119,6 @@ def write_demo_report(out: Path, runs: dict[str, Path], manifest: Path, *, setti
     import matplotlib.pyplot as plt
     from sklearn.metrics import precision_recall_curve
 
-    from mumic.io import atomic_write_text, read_json
-    from mumic.metrics import average_precision_per_label
 
     metrics = {k: read_json(r / "metrics.json") for k, r in runs.items()}
     stats_path = manifest.parent / "stats.json"

@@ -13,10 +13,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mumic.data.dataset import pixel_batches
 from mumic.data.labels import LabelSpec
 from mumic.data.manifest import Manifest, read_manifest
 from mumic.errors import ManifestError
+from mumic.features import cached_features
 from mumic.io import atomic_write_json, atomic_write_text
+from mumic.metrics import evaluate_scores
 from mumic.model import MuMIC
 from mumic.predictor import Predictor
 
@@ -43,7 +46,6 @@ def manifest_embeddings(
 
     With a `failures` list, unreadable images give NaN rows and a (row, reason) entry
     instead of an error."""
-    from mumic.data.dataset import pixel_batches
 
     model.eval()
     device = device or model.device
@@ -75,7 +77,6 @@ def evaluate_probs(
     majority_n: int = 32,
 ) -> dict[str, float]:
     """Metrics of probabilities [N, C] over `labels` (default: the seen labels if seen_only)."""
-    from mumic.metrics import evaluate_scores
 
     labels = list(model.seen if seen_only or labels is None else labels)
     names = [l.name for l in labels]
@@ -112,7 +113,6 @@ def model_probs(
     image-tower feature cache (only valid while the image tower is frozen)."""
     feats = None
     if use_cache:
-        from mumic.features import cached_features
 
         # cached_features takes a Path; an empty cache_dir means the default, as None does
         cache = Path(cache_dir) if cache_dir else None

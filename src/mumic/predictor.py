@@ -19,7 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from mumic.backbones import load_backbone
+from mumic.backbones.onnx import OnnxImageTower, resolve_engine
+from mumic.data.dataset import pixel_batches
+from mumic.data.images import load_image, resize_center_crop
 from mumic.data.labels import LabelSpec
+from mumic.io import load_tensors
 from mumic.model import MuMIC, resolve_device
 from mumic.run import RunFiles, read_class_embeddings, read_run
 
@@ -38,7 +42,6 @@ class Predictor(MuMIC):
         """Load a trained run directory (config.yaml, labels.json, model.safetensors).
         With `lazy_text` a frozen text tower is loaded only when a label or a text query
         needs it (the run's own labels are scored from their stored class embeddings)."""
-        from mumic.io import load_tensors
 
         files: RunFiles = read_run(run_dir)
         cfg = files.config
@@ -71,7 +74,6 @@ class Predictor(MuMIC):
         only; the graph is exported once and cached), or "auto" (onnxruntime on the CPU,
         torch on GPUs). With onnxruntime, a frozen `lite` text tower runs there too.
         Training always runs in PyTorch. Returns the predictor."""
-        from mumic.backbones.onnx import OnnxImageTower, resolve_engine
 
         chosen = resolve_engine(engine, self.device)
         self._onnx_tower = OnnxImageTower(self.backbone, cache_dir=cache_dir) if chosen == "onnxruntime" else None
@@ -105,8 +107,6 @@ class Predictor(MuMIC):
     # -- inputs ----------------------------------------------------------------------------
     def _pixel_batches(self, images: Sequence[Any], batch_size: int, num_workers: int = 0,
                        decode: str = "cpu") -> Iterator[torch.Tensor]:
-        from mumic.data.dataset import pixel_batches
-        from mumic.data.images import load_image, resize_center_crop
 
         size = self.backbone.image_size
         if all(isinstance(x, (str, Path)) for x in images):

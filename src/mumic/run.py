@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mumic.config import load_config
 from mumic.data.labels import LabelSpec
 from mumic.errors import RunError
-from mumic.io import files_digest, read_json
+from mumic.io import files_digest, load_tensors, read_json, save_tensors, tensors_digest
 
 if TYPE_CHECKING:
     import torch
@@ -144,7 +145,6 @@ def load_thresholds(run: Path, names: Sequence[str] = ()) -> dict[str, Any]:
 
 def read_run(run_dir: str | Path) -> RunFiles:
     """Validate a finished run directory and return its settings (see the module docstring)."""
-    from mumic.config import load_config
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -194,7 +194,6 @@ def write_class_embeddings(run: Path, model: Any) -> None:
     """Store v of every run label beside the weights, bound to them by their digest."""
     import torch
 
-    from mumic.io import save_tensors, tensors_digest
 
     was_training = model.training
     model.eval()
@@ -212,7 +211,6 @@ def read_class_embeddings(run: Path, model: Any, weights: dict[str, torch.Tensor
     for other weights or other prompts (then the text tower computes v as before)."""
     from safetensors import safe_open
 
-    from mumic.io import load_tensors, tensors_digest
 
     path = Path(run) / CLASS_EMBEDDINGS
     if not path.is_file():

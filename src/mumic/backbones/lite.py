@@ -28,6 +28,7 @@ from mumic.backbones.base import (
     quiet_local_loading,
     verify_sha256,
 )
+from mumic.backbones.onnx import OnnxMiniLM
 from mumic.errors import BackboneError
 
 logger = logging.getLogger(__name__)
@@ -210,7 +211,6 @@ class LiteBackbone(Backbone):
             return torch.zeros(0, TEXT_FEATURE_DIM, device=self.device)
         if self._onnx_text_dir is not False and self.text_tower_mode == "frozen" and self.device.type == "cpu":
             if self._onnx_text is None:
-                from mumic.backbones.onnx import OnnxMiniLM
 
                 self._onnx_text = OnnxMiniLM(minilm_dir(), MINILM_SHA256, TEXT_MAX_LENGTH, build=lambda: build_minilm()[0],
                                              cache_dir=self._onnx_text_dir)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mumic.data.manifest import read_manifest
 from mumic.errors import ManifestError
+from mumic.io import atomic_write_text
 
 TRAIN_STYLES = ("google", "twitter")
 TEST_STYLE = "openmoji"
@@ -25,8 +27,6 @@ def cross_style_manifest(manifest: str | os.PathLike[str], out: str | os.PathLik
     A manifest without ``split`` and ``style`` columns, or without test rows of
     ``test_style``, is a ManifestError.
     """
-    from mumic.data.manifest import read_manifest
-    from mumic.io import atomic_write_text
 
     manifest, out = Path(manifest), Path(out)
     m = read_manifest(manifest, allow_outside=allow_outside)

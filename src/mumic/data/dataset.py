@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mumic import io
+from mumic.data.gpu_decode import JpegBytesDataset, check_decode, collate_raw, decode_batch
 from mumic.data.images import MAX_PIXELS, load_image, random_resized_crop, resize_center_crop
 from mumic.errors import ImageError
 
@@ -135,7 +136,6 @@ def pixel_batches(
     resize, uint8 across processes, pinned memory, non-blocking copies); ``"gpu"`` lets
     the workers read bytes only and decodes JPEGs with nvjpeg on ``device`` (CUDA and
     torchvision needed; see :mod:`mumic.data.gpu_decode`)."""
-    from mumic.data.gpu_decode import JpegBytesDataset, check_decode, collate_raw, decode_batch
 
     device = torch.device(device)
     check_decode(decode, device)

@@ -23,11 +23,17 @@ from typing import Any
 
 import yaml
 
+from mumic.config import TrainConfig, load_config
 from mumic.data.cross_style import TEST_STYLE as CROSS_TEST_STYLE
 from mumic.data.cross_style import TRAIN_STYLES as CROSS_TRAIN_STYLES
+from mumic.data.cross_style import cross_style_manifest
+from mumic.data.manifest import SEPARATOR, read_labels_file, read_manifest
 from mumic.errors import ConfigError, ManifestError, MumicError
+from mumic.io import atomic_write_text, read_yaml
+from mumic.study.noise import noisy_frame, noisy_tag
 from mumic.study.report import write_results
 from mumic.study.schema import Ablation, Cell, load_ablation, run_dir
+from mumic.train import fit, resume
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +51,6 @@ def _short_hash(text: str) -> str:
 
 
 def _write_if_changed(path: Path, text: str) -> None:
-    from mumic.io import atomic_write_text
 
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
@@ -70,7 +75,6 @@ def _link_folder(data_dir: Path, folder: Path) -> str:
 def _manifest_frame(manifest_path: Path, data_dir: Path, allow_outside: bool, folder: Path | None = None) -> tuple[Any, Any]:
     """A manifest as a CSV-ready frame (images under `folder`, the manifest's own by
     default, named through a link in data_dir; labels `|`-joined) and the parsed Manifest."""
-    from mumic.data.manifest import SEPARATOR, read_manifest
 
     m = read_manifest(manifest_path, allow_outside=allow_outside)
     folder = folder if folder is not None else manifest_path.parent.absolute()
@@ -99,7 +103,6 @@ def _to_csv(df: Any) -> str:
 
 
 def _vocabulary(values: dict[str, Any], m: Any) -> list[str]:
-    from mumic.data.manifest import read_labels_file
 
     if values.get("labels_file"):
         specs, _ = read_labels_file(values["labels_file"])
@@ -109,8 +112,6 @@ def _vocabulary(values: dict[str, Any], m: Any) -> list[str]:
 
 def derive_manifest(values: dict[str, Any], cell: Cell, seed: int, data_dir: Path) -> Path | None:
     """The derived training manifest of a cell and seed under data_dir (None: use the base one)."""
-    from mumic.data.cross_style import cross_style_manifest
-    from mumic.study.noise import noisy_frame, noisy_tag
 
     if not cell.noisy and not cell.cross_style:
         return None
@@ -139,7 +140,6 @@ def derive_manifest(values: dict[str, Any], cell: Cell, seed: int, data_dir: Pat
 def derive_labels_file(values: dict[str, Any], data_dir: Path) -> Path | None:
     """A copy of the labels file whose templates are the config's, where the config sets
     templates and the labels file has its own (which would otherwise win)."""
-    from mumic.data.manifest import read_labels_file
 
     if "templates" not in values or not values.get("labels_file"):
         return None
@@ -164,7 +164,6 @@ def derive_labels_file(values: dict[str, Any], data_dir: Path) -> Path | None:
 
 def cell_config(abl: Ablation, cell: Cell, seed: int, out: Path, extra: dict[str, Any] | None = None) -> Any:
     """The TrainConfig of one cell and seed (derived data written under OUT/data/)."""
-    from mumic.config import load_config
 
     values = {**abl.base, **cell.overrides, **(extra or {})}
     data_dir = out / "data"
@@ -183,7 +182,6 @@ def cell_config(abl: Ablation, cell: Cell, seed: int, out: Path, extra: dict[str
 
 def is_frozen(abl: Ablation, cell: Cell) -> bool:
     """Whether both towers are frozen in the cell (features cached: cheap)."""
-    from mumic.config import TrainConfig
 
     cfg = TrainConfig(**{**abl.base, **cell.overrides})
     return cfg.image_tower == "frozen" and cfg.text_tower == "frozen"
@@ -213,7 +211,6 @@ def cell_state(run: Path) -> str:
 
 
 def _same_config(run: Path, cfg: Any) -> tuple[bool, str]:
-    from mumic.io import read_yaml
 
     try:
         saved, _ = read_yaml(run / "config.yaml", error=ConfigError)
@@ -238,7 +235,6 @@ def run_cell(cfg: Any, *, progress: bool = True) -> tuple[Path, str]:
     """Train one cell and seed (its TrainConfig, from cell_config) unless its run already
     finished with the same configuration. Returns the run and what was done: reused,
     resumed or trained."""
-    from mumic.train import fit, resume
 
     run = Path(cfg.out)
     state = cell_state(run)
@@ -256,7 +252,6 @@ def run_cell(cfg: Any, *, progress: bool = True) -> tuple[Path, str]:
 
 def _check_test_split(configs: Any) -> None:
     """Every configuration must have test data: the grid reports test figures."""
-    from mumic.data.manifest import read_manifest
 
     checked: set[str] = set()
     for cfg in configs:

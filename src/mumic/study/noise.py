@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from mumic.data.manifest import SEPARATOR
+
 
 def train_rows(n: int, splits: list[str] | None) -> np.ndarray:
     """Rows that training reads: split 'train', or every row where there is none (as training does)."""
@@ -104,7 +106,6 @@ def noisy_tag(noisy: dict[str, float], seed: int) -> str:
 def noisy_frame(df: Any, m: Any, vocabulary: list[str], noisy: dict[str, float], seed: int) -> tuple[Any, dict[str, Any]]:
     """The manifest frame `df` (rows of the parsed manifest `m`) with noisy training labels
     (and the verified negatives listed), and the noise statistics."""
-    from mumic.data.manifest import SEPARATOR
 
     labels, stats = add_label_noise(list(m.labels), m.negatives, vocabulary, train_rows(len(m), m.splits),
                                     noisy["drop_positives"], noisy["add_false_positives"], seed,

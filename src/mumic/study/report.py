@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from mumic.config import TrainConfig
 from mumic.errors import ConfigError
+from mumic.io import atomic_path, atomic_write_text, read_text
 from mumic.study.schema import PATH_KEYS, Ablation, Cell, describe, run_dir
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,6 @@ def _cell_fields(abl: Ablation, cell: Cell) -> dict[str, Any]:
     """The columns of a row that come from the ablation file. "learning": the configuration
     apart from its data and how unlisted labels count, so noisy cells are compared with the
     clean cell of the same setup."""
-    from mumic.config import TrainConfig
 
     cfg = TrainConfig(**{**abl.base, **cell.overrides})
     d = dataclasses.asdict(cfg)
@@ -112,7 +113,6 @@ def results_csv(rows: list[dict[str, Any]]) -> str:
 
 def read_results_csv(path: Path, abl: Ablation) -> list[dict[str, Any]]:
     """The rows of a results.csv that `abl`'s grid wrote, as :func:`collect` gives them."""
-    from mumic.io import read_text
 
     cells = {c.name: c for c in abl.cells}
     rows = []
@@ -280,7 +280,6 @@ def render_results(abl: Ablation, rows: list[dict[str, Any]], out: Path, *, plot
 
 def write_results(abl: Ablation, out: Path, *, failed: dict[str, str] | None = None) -> Path:
     """results.csv, results.md and plots under `out` from the finished runs."""
-    from mumic.io import atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -298,7 +297,6 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mumic.io import atomic_path
 
     groups = list(dict.fromkeys(r["group"] for r in rows))
     colours = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}

@@ -31,7 +31,9 @@ from typing import Any
 
 import yaml
 
+from mumic.config import FIELDS, TrainConfig, _check_type, _unknown_key
 from mumic.errors import ConfigError
+from mumic.io import read_text, read_yaml
 
 TOP_KEYS = ("base", "seeds", "cells", "description")
 CELL_KEYS = ("name", "group", "overrides", "noisy", "cross_style")
@@ -103,13 +105,11 @@ def _node_lines(node: Any, prefix: tuple = ()) -> dict[tuple, int]:
 
 def _key_lines(p: Path) -> dict[tuple, int]:
     """The line of every key of a file that read_yaml has already accepted."""
-    from mumic.io import read_text
 
     return _node_lines(yaml.compose(read_text(p, error=ConfigError), Loader=yaml.SafeLoader))
 
 
 def _check_overrides(values: Any, where: str, what: str, lines: dict[tuple, int], prefix: tuple, path: Path) -> dict[str, Any]:
-    from mumic.config import FIELDS, _check_type, _unknown_key
 
     if values is None:
         return {}
@@ -154,8 +154,6 @@ def _noisy(noisy: Any, label: str, at: Any) -> dict[str, float] | None:
 
 def load_ablation(path: str | os.PathLike[str]) -> Ablation:
     """Read and validate an ablation file. Errors name the file, line and key."""
-    from mumic.config import TrainConfig
-    from mumic.io import read_yaml
 
     p = Path(path)
     if not p.is_file():
