@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 from mumic import distributed as dist
 from mumic import heads
 from mumic.backbones import load_backbone
-from mumic.config import TrainConfig, absolute_backbone, load_config, save_config
+from mumic.config import TrainConfig, load_config, save_config
 from mumic.data.dataset import ImageDataset, find_bad_images
 from mumic.data.labels import LabelSpec
 from mumic.data.manifest import Manifest
-from mumic.data.training import resolve_labels, split_manifests
+from mumic.data.training import resolve_labels, saved_config, split_manifests
 from mumic.errors import ConfigError, ManifestError, RunError
 from mumic.evaluate import evaluate_model, evaluate_probs, manifest_embeddings, write_report
 from mumic.features import cached_features
@@ -199,9 +199,7 @@ def fit(
         raise ConfigError("no run directory: give --out or 'out:' in the config")
     run = Path(cfg.out)
     inputs = _load_inputs(cfg)  # bad data fails here, before anything is written
-    # the saved config records what the run uses: the labels file's templates if it has
-    # some, and a local backbone folder as an absolute path
-    cfg = dataclasses.replace(cfg, templates=inputs.templates, backbone=absolute_backbone(cfg.backbone))
+    cfg = saved_config(cfg, inputs.templates)  # what the run uses, as config.yaml records it
     dist.init()
     if dist.is_main():
         prepare_run_dir(run, overwrite=overwrite, resume=False)

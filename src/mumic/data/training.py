@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from mumic.config import TrainConfig
+import dataclasses
+
+from mumic.config import TrainConfig, absolute_backbone
 from mumic.data.labels import LabelSpec, read_labels_file
 from mumic.data.manifest import Manifest, read_manifest
 from mumic.errors import ConfigError, ManifestError
@@ -32,6 +34,17 @@ def split_manifests(cfg: TrainConfig) -> tuple[Manifest, Manifest, Manifest | No
     else:
         test = full.split("test") if "test" in splits else None
     return train, val, test
+
+
+def saved_config(cfg: TrainConfig, templates: list[str] | None = None) -> TrainConfig:
+    """`cfg` as a run of it records it in config.yaml: with the templates the run uses (the
+    labels file's, if it gives any) and a local `hf:` folder as an absolute path."""
+    if templates is None:
+        templates = list(cfg.templates)
+        if cfg.labels_file:
+            file_templates = read_labels_file(cfg.labels_file)[1]
+            templates = list(file_templates) if file_templates else templates
+    return dataclasses.replace(cfg, templates=list(templates), backbone=absolute_backbone(cfg.backbone))
 
 
 def resolve_labels(cfg: TrainConfig, manifests: list[Manifest]) -> tuple[list[LabelSpec], list[str]]:

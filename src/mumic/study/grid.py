@@ -28,6 +28,7 @@ from mumic.data.cross_style import TEST_STYLE as CROSS_TEST_STYLE
 from mumic.data.cross_style import TRAIN_STYLES as CROSS_TRAIN_STYLES
 from mumic.data.cross_style import cross_style_manifest
 from mumic.data.manifest import SEPARATOR, read_labels_file, read_manifest
+from mumic.data.training import saved_config
 from mumic.errors import ConfigError, ManifestError, MumicError
 from mumic.io import atomic_write_text, read_yaml
 from mumic.study.noise import noisy_frame, noisy_tag
@@ -211,12 +212,23 @@ def cell_state(run: Path) -> str:
 
 
 def _same_config(run: Path, cfg: Any) -> tuple[bool, str]:
-
+    """Whether the finished run at `run` was trained with `cfg` (as its config.yaml records
+    it: see data.training.saved_config), apart from settings that do not change results.
+    A run saved before config.yaml recorded the labels file's templates matches `cfg` as given."""
     try:
         saved, _ = read_yaml(run / "config.yaml", error=ConfigError)
     except ConfigError:
         return False, "config.yaml is unreadable"
     saved = saved if isinstance(saved, dict) else {}
+    why = ""
+    for candidate in (saved_config(cfg), cfg):
+        why = _difference(saved, candidate)
+        if not why:
+            return True, ""
+    return False, why
+
+
+def _difference(saved: dict[str, Any], cfg: Any) -> str:
     for k, v in cfg.to_dict().items():
         if k in NEUTRAL_KEYS:
             continue
@@ -224,8 +236,8 @@ def _same_config(run: Path, cfg: Any) -> tuple[bool, str]:
         if k in FILE_KEYS and old and v:
             old, v = Path(old).resolve(), Path(v).resolve()
         if old != v:
-            return False, f"{k}: {saved.get(k)!r} -> {v!r}"
-    return True, ""
+            return f"{k}: {saved.get(k)!r} -> {v!r}"
+    return ""
 
 
 # ----------------------------------------------------------------------------- running
