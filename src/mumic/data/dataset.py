@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mumic import io
-from mumic.data.gpu_decode import JpegBytesDataset, check_decode, collate_raw, decode_batch
+from mumic.data import gpu_decode
+from mumic.data.gpu_decode import JpegBytesDataset, collate_raw, decode_batch
 from mumic.data.images import MAX_PIXELS, load_image, random_resized_crop, resize_center_crop
 from mumic.errors import ImageError
 
@@ -138,7 +139,7 @@ def pixel_batches(
     torchvision needed; see :mod:`mumic.data.gpu_decode`)."""
 
     device = torch.device(device)
-    check_decode(decode, device)
+    gpu_decode.check_decode(decode, device)  # looked up at call time (tests stand in a CPU check)
     if decode == "gpu":
         raw = JpegBytesDataset(paths, size, skip_bad=skip_bad)
         for items in make_loader(raw, batch_size, num_workers=num_workers, collate_fn=collate_raw):
