@@ -17,7 +17,7 @@ from mumic import distributed as dist
 from mumic.data.manifest import Manifest
 from mumic.errors import ConfigError
 from mumic.evaluate import manifest_embeddings
-from mumic.io import atomic_write_json, atomic_write_text, read_json
+from mumic.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 from mumic.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -120,9 +120,8 @@ def predict_manifest(
             # explicit types: a shard where nothing is decided must not infer list<null>
             for col, typ in (("predicted", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))):
                 table = table.set_column(table.schema.get_field_index(col), col, table.column(col).cast(typ))
-            tmp = part.with_name(f".{part.name}.tmp")
-            pq.write_table(table, tmp)
-            tmp.replace(part)
+            with atomic_path(part) as tmp:
+                pq.write_table(table, tmp)
         else:
             atomic_write_text(part, "".join(json.dumps(r, default=str) + "\n" for r in recs))
 
@@ -150,9 +149,8 @@ def embed_manifest(model: Predictor, manifest: Manifest, out_path: str | Path, *
         frame["image"] = [str(manifest.images[start + r]) for r in keep]
         table = pa.Table.from_pandas(frame, preserve_index=False)
         table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]))
-        tmp = part.with_name(f".{part.name}.tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(part)
+        with atomic_path(part) as tmp:
+            pq.write_table(table, tmp)
 
     out = Path(out_path)
     fingerprint = _fingerprint(model, manifest, kind="embed", on_bad_image=on_bad_image,
@@ -205,36 +203,34 @@ def _merge(parts: list[Path], out: Path, parquet: bool, metadata: dict[str, str]
         skipped_path.unlink(missing_ok=True)
     rows = 0
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if parquet:
-        import pyarrow.parquet as pq
+    with atomic_path(out) as tmp:  # a failed merge (a full disk) leaves no temporary file behind
+        if parquet:
+            import pyarrow.parquet as pq
 
-        writer = None
-        try:
-            for part in parts:
-                table = pq.read_table(part)
-                if writer is None:
-                    extra = {k.encode(): v.encode() for k, v in (metadata or {}).items()}
-                    schema = table.schema.with_metadata({**(table.schema.metadata or {}), **extra})
-                    writer = pq.ParquetWriter(tmp, schema)
-                writer.write_table(table.cast(writer.schema))
-                rows += table.num_rows
-        finally:
-            if writer is not None:
-                writer.close()
-        if writer is None:  # no rows
-            import pyarrow as pa
+            writer = None
+            try:
+                for part in parts:
+                    table = pq.read_table(part)
+                    if writer is None:
+                        extra = {k.encode(): v.encode() for k, v in (metadata or {}).items()}
+                        schema = table.schema.with_metadata({**(table.schema.metadata or {}), **extra})
+                        writer = pq.ParquetWriter(tmp, schema)
+                    writer.write_table(table.cast(writer.schema))
+                    rows += table.num_rows
+            finally:
+                if writer is not None:
+                    writer.close()
+            if writer is None:  # no rows
+                import pyarrow as pa
 
-            pq.write_table(pa.table({}), tmp)
-    else:
-        with open(tmp, "wb") as dst:
-            for part in parts:
-                with open(part, "rb") as src:
-                    shutil.copyfileobj(src, dst)
-                with open(part, "rb") as src:
-                    rows += sum(1 for _ in src)
-    tmp.replace(out)
+                pq.write_table(pa.table({}), tmp)
+        else:
+            with open(tmp, "wb") as dst:
+                for part in parts:
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, dst)
+                    with open(part, "rb") as src:
+                        rows += sum(1 for _ in src)
     if parts:
         shutil.rmtree(parts[0].parent)
     return rows
