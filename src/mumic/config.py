@@ -127,7 +127,7 @@ def absolute_backbone(spec: str) -> str:
     return "hf:" + os.path.abspath(local) if os.path.isdir(local) else spec
 
 
-def _check_type(name: str, value: Any, where: str) -> Any:
+def check_type(name: str, value: Any, where: str) -> Any:
     """Coerce a YAML/CLI value to the field's type or raise a ConfigError naming the key."""
     f = FIELDS[name]
     hint = typing.get_type_hints(TrainConfig)[name]
@@ -186,7 +186,8 @@ def _check_type(name: str, value: Any, where: str) -> Any:
     return value
 
 
-def _unknown_key(key: str, where: str) -> ConfigError:
+def unknown_key(key: str, where: str) -> ConfigError:
+    """The error for a key that is not a setting, with the closest setting as a hint."""
     close = difflib.get_close_matches(key, FIELDS, n=1)
     hint = f"did you mean '{close[0]}'?" if close else "remove it; `mumic train --help` lists the keys"
     return ConfigError(f"{where}: unknown key '{key}' ({hint})")
@@ -216,14 +217,14 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         for k, v in data.items():
             where = f"{p} line {key_lines[str(k)]}" if str(k) in key_lines else str(p)
             if not isinstance(k, str) or k not in FIELDS:
-                raise _unknown_key(str(k), where)
-            values[k] = _check_type(k, v, where)
+                raise unknown_key(str(k), where)
+            values[k] = check_type(k, v, where)
     for k, v in (overrides or {}).items():
         if v is None:
             continue
         if k not in FIELDS:
-            raise _unknown_key(k, "command line")
-        values[k] = _check_type(k, v, "command line")
+            raise unknown_key(k, "command line")
+        values[k] = check_type(k, v, "command line")
     return TrainConfig(**values)
 
 

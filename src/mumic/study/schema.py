@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from mumic.config import FIELDS, TrainConfig, _check_type, _unknown_key
+from mumic.config import FIELDS, TrainConfig, check_type, unknown_key
 from mumic.errors import ConfigError
 from mumic.io import read_text, read_yaml
 
@@ -119,10 +119,10 @@ def _check_overrides(values: Any, where: str, what: str, lines: dict[tuple, int]
     for k, v in values.items():
         at = f"{path} line {lines[prefix + (k,)]}" if prefix + (k,) in lines else where
         if not isinstance(k, str) or k not in FIELDS:
-            raise _unknown_key(str(k), f"{at}: {what}")
+            raise unknown_key(str(k), f"{at}: {what}")
         if k in RESERVED:
             raise ConfigError(f"{at}: {what}: key '{k}' is set by the grid (OUT/runs/<cell>-s<seed>, seeds:); remove it")
-        out[k] = _check_type(k, v, f"{at}: {what}")
+        out[k] = check_type(k, v, f"{at}: {what}")
     return out
 
 
