@@ -92,7 +92,8 @@ def test_bad_inputs_give_one_line_and_exit_2(tmp_path):
     _one_line_error(mumic("train", bad, check=False), "bad.yaml", "epochz", "epochs")
     m = tmp_path / "m.csv"
     m.write_text("image,labels\na.png,cat\nb.png,\n")
-    _one_line_error(mumic("train", "--manifest", m, "--out", tmp_path / "r", check=False), "m.csv", "line 3", "empty label list")
+    _one_line_error(mumic("train", "--manifest", m, "--out", tmp_path / "r", "--no-allow-untagged", check=False), "m.csv", "line 3",
+                    "empty label list")
     m.write_text("picture,labels\na.png,cat\n")
     _one_line_error(mumic("train", "--manifest", m, "--out", tmp_path / "r", check=False), "image")
     _one_line_error(mumic("predict", tmp_path / "no-run", "x.png", check=False), "no-run")

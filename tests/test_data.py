@@ -90,7 +90,8 @@ def test_manifest_jsonl_accepts_pipe_string_and_quoted_csv_multiline(tmp_path: P
     # A quoted field spanning two lines: the next row is on line 4, not 3.
     path = write_text(tmp_path / "q.csv", 'image,labels,note\na.png,cat,"two\nlines"\nb.png,,x\n')
     with pytest.raises(ManifestError, match=r"q\.csv line 4: empty label list"):
-        read_manifest(path)
+        read_manifest(path, allow_untagged=False)
+    assert read_manifest(path).labels == [["cat"], []]  # by default an untagged image: a negative for every label
 
 
 def test_manifest_without_labels_when_not_required(tmp_path: Path) -> None:
@@ -128,8 +129,10 @@ def test_manifest_errors(tmp_path: Path) -> None:
     expect_error(write_text(tmp_path / "type2.jsonl", '{"image": "a", "labels": ["x", 3]}\n'), 1, "only strings")
     expect_error(write_text(tmp_path / "blank.csv", "image,labels\na.png,cat||dog\n"), 2, "empty label")
     expect_error(write_text(tmp_path / "ws.jsonl", '{"image": "a", "labels": ["x", "  "]}\n'), 1, "empty label")
-    expect_error(write_text(tmp_path / "nolabels.csv", "image,labels\na.png,cat\nb.png,\n"), 3, "line 3: empty label list")
-    expect_error(write_text(tmp_path / "nolabels.jsonl", '{"image": "a", "labels": []}\n'), 1, "empty label list")
+    expect_error(write_text(tmp_path / "nolabels.csv", "image,labels\na.png,cat\nb.png,\n"), 3, "line 3: empty label list",
+                 allow_untagged=False)
+    expect_error(write_text(tmp_path / "nolabels.jsonl", '{"image": "a", "labels": []}\n'), 1, "empty label list",
+                 allow_untagged=False)
     expect_error(write_text(tmp_path / "header.csv", "image,labels\n"), None, "empty manifest (no rows)")
     expect_error(write_text(tmp_path / "empty.jsonl", "\n"), None, "missing 'image' column")
     expect_error(write_text(tmp_path / "zero.csv", ""), None, "empty manifest")
@@ -140,7 +143,7 @@ def test_manifest_errors(tmp_path: Path) -> None:
     write_text(tmp_path / "bad.parquet", "not parquet")
     expect_error(tmp_path / "bad.parquet", None, "not a readable Parquet file")
     pq = write_parquet(tmp_path / "rows.parquet", [{"image": "a", "labels": ["x"]}, {"image": "b", "labels": []}])
-    msg = expect_error(pq, None, "row 2: empty label list")
+    msg = expect_error(pq, None, "row 2: empty label list", allow_untagged=False)
 
 
 def test_select_split_and_check_images(tmp_path: Path) -> None:

@@ -270,7 +270,7 @@ def manifest_error(path: Path, fragment: str, line: int | None = None, **kw) -> 
 def test_paths_outside_the_manifest_folder_need_the_flag(tmp_path: Path, image: str) -> None:
     m = write(tmp_path / "data" / "m.csv", f"image,labels\nok.png,cat\n{image},dog\n")
     msg = manifest_error(m, "outside the manifest's folder", line=3)
-    assert repr(image) in msg and "allow_outside=True" in msg and "--allow-outside-paths" in msg
+    assert repr(image) in msg and "allow_outside_paths: true" in msg and "--allow-outside-paths" in msg
     got = read_manifest(m, allow_outside=True)
     assert got.images[1] == Path(os.path.normpath(os.path.join(tmp_path / "data", os.path.expanduser(image))))
 
@@ -297,7 +297,7 @@ def test_exact_duplicate_rows_are_an_error_naming_both_lines(tmp_path: Path, cap
     # the same row, spelled differently: ./a.png and a.png, labels in another order
     m = write(tmp_path / "m.csv", "image,labels,note\na.png,cat|dog,x\nb.png,cat,x\n./a.png,dog|cat,x\n")
     msg = manifest_error(m, "duplicate of line 2", line=4)
-    assert "allow_duplicates=True" in msg and "--allow-duplicate-rows" in msg
+    assert "allow_duplicate_rows: true" in msg and "--allow-duplicate-rows" in msg
     with caplog.at_level("WARNING"):
         kept = read_manifest(m, allow_duplicates=True)
     assert len(kept) == 3 and "repeat an earlier row exactly" in caplog.text
@@ -335,7 +335,7 @@ def test_jsonl_lines_are_split_at_newlines_only(tmp_path: Path) -> None:
     # U+2028 and U+0085 are valid inside JSON strings; str.splitlines() would cut there
     rows = [{"image": "a.png", "labels": ["cat"], "note": "one\u2028two\x85three"}, {"image": "b.png", "labels": []}]
     m = write(tmp_path / "m.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    manifest_error(m, "empty label list", line=2)
+    manifest_error(m, "empty label list", line=2, allow_untagged=False)
     assert read_manifest(m, require_labels=False).frame["note"][0] == "one\u2028two\x85three"
 
 

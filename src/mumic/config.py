@@ -42,6 +42,8 @@ class TrainConfig:
     allow_outside_paths: bool = _f(False, "accept manifest image paths outside the manifest's folder (../x.png, /elsewhere/x.png); "
                                           "only for manifests you trust")
     allow_duplicate_rows: bool = _f(False, "keep manifest rows that repeat an earlier row exactly (default: an error naming both lines)")
+    allow_untagged: bool = _f(True, "take an image with an empty label list as a negative for every label (--no-allow-untagged: "
+                                    "refuse such rows)")
     templates: list[str] = _f(DEFAULT_TEMPLATES, "prompt templates with {} for the label; a label's prompts are averaged")
     unlisted: str = _f("negative", "labels not listed for an image are negatives or unknown (masked)", ("negative", "unknown"))
     out: str | None = _f(None, "run directory to write")
@@ -103,7 +105,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 # what each setting is about; every field is in exactly one group
 GROUPS: dict[str, tuple[str, ...]] = {
-    "data": ("manifest", "val_manifest", "test_manifest", "labels_file", "allow_outside_paths", "allow_duplicate_rows",
+    "data": ("manifest", "val_manifest", "test_manifest", "labels_file", "allow_outside_paths", "allow_duplicate_rows", "allow_untagged",
              "templates", "unlisted", "on_bad_image"),
     "model": ("backbone", "image_size", "image_head", "image_tower", "text_tower", "loss", "tau", "learn_tau", "bias",
               "bias_init"),

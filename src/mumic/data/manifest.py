@@ -326,7 +326,7 @@ def _check_repeats(
                 raise ManifestError(
                     f"{_where(path, lines[i])}: duplicate of {unit} {lines[j]} (same image {_show(images[i].name)}, "
                     f"labels and other columns); remove one of the two rows, or keep both with "
-                    f"allow_duplicates=True (command line: --allow-duplicate-rows)"
+                    f"--allow-duplicate-rows (allow_duplicate_rows: true in a config)"
                 )
             duplicates.append((j, i))
             continue
@@ -354,6 +354,7 @@ def read_manifest(
     require_labels: bool = True,
     allow_outside: bool = False,
     allow_duplicates: bool = False,
+    allow_untagged: bool = True,
 ) -> Manifest:
     """Read a CSV/TSV/JSONL/Parquet manifest (chosen by extension) and validate every row.
 
@@ -361,6 +362,9 @@ def read_manifest(
     ``allow_outside``: accept image paths outside the manifest's folder (``../x.png``, or
     an absolute path elsewhere); only for manifests you trust. ``allow_duplicates``:
     keep rows that repeat an earlier row exactly (a warning is logged) instead of failing.
+    ``require_labels``: the ``labels`` column must be there. ``allow_untagged``: a row with
+    an empty label list is an untagged image, a negative for every label (a catalogue's
+    untagged photos); without it such a row is an error.
     """
     path = Path(path)
     if path.suffix.lower() not in _FORMATS:
@@ -412,13 +416,14 @@ def read_manifest(
             raise ManifestError(
                 f"{where}: image path {raw.strip()!r} is outside the manifest's folder {folder} "
                 f"(it points to {image}); move the image into that folder, or, for a manifest you trust, "
-                f"pass allow_outside=True (command line: --allow-outside-paths)"
+                f"pass --allow-outside-paths (allow_outside_paths: true in a config)"
             )
         images.append(Path(image))
 
         row = _parse_label_cell(label_col[i], where, "labels", list_allowed) if label_col is not None else []
-        if require_labels and not row:
-            raise ManifestError(f"{where}: empty label list")
+        if require_labels and not row and not allow_untagged:
+            raise ManifestError(f"{where}: empty label list (untagged images are refused here: "
+                                "--allow-untagged, or allow_untagged: true in a config, takes them as negatives)")
         labels.append(row)
 
         if neg_col is not None and negatives is not None:
