@@ -2,7 +2,6 @@
 trained run, good requests, every limit, garbage bodies, and schemathesis on its OpenAPI."""
 
 import asyncio
-import io
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +17,10 @@ from mumic.config import load_config
 from mumic.data.manifest import read_manifest
 from mumic.data.synthetic import make_shapes
 from mumic.train import fit
-from serving import Server, free_port
+from serving import Server, assert_error, case_with_decisions_past_top_k, files_of, free_port, png_bytes
 
 # small limits, so every limit is cheap to reach
+URLENCODED = "application/x-www-form-urlencoded"
 LIMITS = {"max_images": 4, "max_labels": 8, "max_image_bytes": 200_000, "max_request_bytes": 1_000_000, "max_pixels": 1_000_000}
 
 
@@ -70,26 +70,6 @@ def model(serve_run):
 @pytest.fixture(scope="session")
 def test_images(serve_shapes):
     return read_manifest(serve_shapes / "manifest.csv").split("test").images[:3]
-
-
-def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def files_of(paths):
-    return [("images", (Path(p).name, Path(p).read_bytes(), "image/png")) for p in paths]
-
-
-def assert_error(r: httpx.Response, status: int, *needles: str) -> dict:
-    assert r.status_code == status, (r.status_code, r.text)
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert "detail" in body
-    for n in needles:
-        assert n in str(body["detail"]), (n, body)
-    return body
 
 
 # ----------------------------------------------------------------------------- good requests
@@ -170,24 +150,13 @@ def test_labels_mean_what_they_mean_in_the_cli_and_the_library(server, model, te
     assert r.json()["labels"] == [l.name for l in model.labels] + ["sea view"]
 
 
-def _case_with_decisions_past_top_k(model, test_images):
-    """(image, apply_thresholds, k): a case where more labels are decided than the k best."""
-    p = model.predict_proba(test_images)
-    for calibrated in (True, False):
-        decided = model.decide(p) if calibrated else p >= 0.5
-        for i in range(len(test_images)):
-            if decided[i].sum() >= 2:
-                return i, calibrated, int(decided[i].sum()) - 1
-    raise AssertionError("no test image has two decided labels: the case below would not test anything")
-
-
 def test_top_k_trims_scores_and_decisions_alike_in_the_service_and_the_cli(server, model, test_images, tmp_path):
     import json
 
     from mumic.batch import predict_manifest
     from mumic.data.manifest import inputs_manifest
 
-    i, calibrated, k = _case_with_decisions_past_top_k(model, test_images)
+    i, calibrated, k = case_with_decisions_past_top_k(model, test_images)
     r = httpx.post(server.url + "/predict", files=files_of(test_images[i:i + 1]),
                    data={"top_k": str(k), "apply_thresholds": str(calibrated).lower()})
     assert r.status_code == 200, r.text
@@ -213,8 +182,7 @@ def test_search_without_an_index_says_how_to_get_one(serve_run):
     with TestClient(create_app(serve_run, device="cpu")) as client:
         for kw in ({"json": {"text": "red"}}, {"data": {"text": "red"}}):
             assert_error(client.post("/search", **kw), 409, "this service has no index", "mumic serve RUN --index INDEX")
-        assert "/search" in client.get("/openapi.json").json()["paths"]
-        assert client.get("/health").json()["index_items"] is None
+        assert "/search" in client.get("/openapi.json").json()["paths"] and client.get("/health").json()["index_items"] is None
 
 
 def test_docs_pages_load_nothing_from_outside(server):
@@ -365,8 +333,7 @@ def test_undecodable_and_garbage_bodies(server, test_images):
     assert_error(httpx.post(url + "/embed/text", json={"texts": ["a"], "extra": 1}), 422)
     assert_error(httpx.post(url + "/embed/text", json=["a"]), 422)
     assert_error(httpx.post(url + "/embed/text", data={"texts": "a", "extra": "1"}), 422, "extra")
-    assert_error(httpx.post(url + "/embed/text", data={}, headers={"content-type": "application/x-www-form-urlencoded"}), 422,
-                 "texts")
+    assert_error(httpx.post(url + "/embed/text", content=b"", headers={"content-type": URLENCODED}), 422, "texts")
     assert_error(httpx.post(url + "/embed/text", files={"texts": ("a.txt", b"hello")}), 422, "valid string")  # a file is no text
     assert_error(httpx.post(url + "/search", content=b"{", headers={"content-type": "application/json"}), 422, "JSON")
     assert_error(httpx.post(url + "/search", json={"k": 3}), 422, "exactly one query")
