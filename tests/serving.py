@@ -1,7 +1,8 @@
-"""A `mumic serve` process on a free loopback port, for the tests that talk to it over HTTP."""
+"""A `mumic serve` process on a free loopback port, and the helpers of the tests that talk to it over HTTP."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -11,6 +12,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import httpx
+from PIL import Image
 
 HOST = "127.0.0.1"
 
@@ -78,3 +82,34 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def files_of(paths):
+    return [("images", (Path(p).name, Path(p).read_bytes(), "image/png")) for p in paths]
+
+
+def assert_error(r: httpx.Response, status: int, *needles: str) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert "detail" in body
+    for n in needles:
+        assert n in str(body["detail"]), (n, body)
+    return body
+
+
+def case_with_decisions_past_top_k(model, test_images):
+    """(image, apply_thresholds, k): a case where more labels are decided than the k best."""
+    p = model.predict_proba(test_images)
+    for calibrated in (True, False):
+        decided = model.decide(p) if calibrated else p >= 0.5
+        for i in range(len(test_images)):
+            if decided[i].sum() >= 2:
+                return i, calibrated, int(decided[i].sum()) - 1
+    raise AssertionError("no test image has two decided labels: a top_k case on them would test nothing")

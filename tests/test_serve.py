@@ -2,7 +2,6 @@
 trained run, good requests, every limit, garbage bodies, and schemathesis on its OpenAPI."""
 
 import asyncio
-import io
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +17,10 @@ from mumic.config import load_config
 from mumic.data.manifest import read_manifest
 from mumic.data.synthetic import make_shapes
 from mumic.train import fit
-from serving import Server, free_port
+from serving import Server, assert_error, case_with_decisions_past_top_k, files_of, free_port, png_bytes
 
 # small limits, so every limit is cheap to reach
+URLENCODED = "application/x-www-form-urlencoded"
 LIMITS = {"max_images": 4, "max_labels": 8, "max_image_bytes": 200_000, "max_request_bytes": 1_000_000, "max_pixels": 1_000_000}
 
 
@@ -72,26 +72,6 @@ def test_images(serve_shapes):
     return read_manifest(serve_shapes / "manifest.csv").split("test").images[:3]
 
 
-def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def files_of(paths):
-    return [("images", (Path(p).name, Path(p).read_bytes(), "image/png")) for p in paths]
-
-
-def assert_error(r: httpx.Response, status: int, *needles: str) -> dict:
-    assert r.status_code == status, (r.status_code, r.text)
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert "detail" in body
-    for n in needles:
-        assert n in str(body["detail"]), (n, body)
-    return body
-
-
 # ----------------------------------------------------------------------------- good requests
 
 
@@ -111,17 +91,22 @@ def test_health_labels_and_openapi(server, serve_run):
     spec = httpx.get(server.url + "/openapi.json").json()
     assert {"/predict", "/embed/image", "/embed/text", "/labels", "/health", "/search"} <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
-    docs = httpx.get(server.url + "/docs")
-    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    for path in ("/embed/text", "/search"):  # JSON or form fields, both documented
+        content = spec["paths"][path]["post"]["requestBody"]["content"]
+        assert set(content) == {"application/json", "multipart/form-data", "application/x-www-form-urlencoded"}
+    assert "image" in spec["paths"]["/search"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    form = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    props = form["properties"] if "properties" in form else spec["components"]["schemas"][form["$ref"].split("/")[-1]]["properties"]
+    assert "exactly these labels" in props["labels"]["description"] and "extra_labels" in props
 
 
 def test_predict_matches_the_library(server, model, test_images):
     r = httpx.post(server.url + "/predict", files=files_of(test_images),
-                   data={"labels": ["purple star", "red", ""], "return_embedding": "true"})
+                   data={"extra_labels": ["purple star", "red", ""], "return_embedding": "true"})
     assert r.status_code == 200, r.text
     body = r.json()
     run_names = [l.name for l in model.labels]
-    assert body["labels"] == run_names + ["purple star"]  # a run label asked again is not duplicated
+    assert body["labels"] == run_names + ["purple star"]  # extra labels add to the run's; a run label is not repeated
     assert body["thresholds"] == "calibrated"
     want = model.predict_proba(test_images, labels=body["labels"])
     emb = model.embed_images(test_images)
@@ -143,6 +128,77 @@ def test_predict_matches_the_library(server, model, test_images):
     assert set(res["predicted"]) == {l.name for l, v in zip(model.labels, p) if v >= 0.5}
 
 
+def test_labels_mean_what_they_mean_in_the_cli_and_the_library(server, model, test_images):
+    """`labels` scores exactly those labels (as `mumic predict --labels` and
+    predict_proba(labels=...)); `extra_labels` adds to the run's; so the README's
+    `-F labels="sea view" -F top_k=5` shows "sea view"."""
+    asked = ["purple star", "red"]
+    r = httpx.post(server.url + "/predict", files=files_of(test_images), data={"labels": asked + [""]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["labels"] == asked
+    want = model.predict_proba(test_images, labels=asked)
+    for i, res in enumerate(body["results"]):
+        assert list(res["scores"]) == sorted(asked, key=lambda n: -res["scores"][n])
+        np.testing.assert_allclose([res["scores"][n] for n in asked], want[i], atol=2e-5)
+    r = httpx.post(server.url + "/predict", files=files_of(test_images[:1]), data={"labels": ["sea view"], "top_k": "5"})
+    assert r.status_code == 200, r.text
+    assert list(r.json()["results"][0]["scores"]) == ["sea view"]
+    r = httpx.post(server.url + "/predict", files=files_of(test_images[:1]), data={"labels": ["red"], "extra_labels": ["sea view"]})
+    assert r.json()["labels"] == ["red", "sea view"]
+    r = httpx.post(server.url + "/predict", files=files_of(test_images[:1]), data={"extra_labels": ["sea view"]})
+    assert r.json()["labels"] == [l.name for l in model.labels] + ["sea view"]
+
+
+def test_top_k_trims_scores_and_decisions_alike_in_the_service_and_the_cli(server, model, test_images, tmp_path):
+    import json
+
+    from mumic.batch import predict_manifest
+    from mumic.data.manifest import inputs_manifest
+
+    i, calibrated, k = case_with_decisions_past_top_k(model, test_images)
+    r = httpx.post(server.url + "/predict", files=files_of(test_images[i:i + 1]),
+                   data={"top_k": str(k), "apply_thresholds": str(calibrated).lower()})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    assert len(res["scores"]) == k
+    assert len(res["predicted"]) <= k and set(res["predicted"]) <= set(res["scores"])
+    if calibrated:  # the CLI decides at the calibrated thresholds: the same lists
+        out = tmp_path / "p.jsonl"
+        predict_manifest(model, inputs_manifest([str(test_images[i])]), out, top_k=k, progress=False)
+        row = json.loads(out.read_text())
+        assert list(row["scores"]) == list(res["scores"]) and row["predicted"] == res["predicted"]
+        predict_manifest(model, inputs_manifest([str(test_images[i])]), tmp_path / "p.parquet", top_k=k, progress=False)
+        import pyarrow.parquet as pq
+
+        assert pq.read_table(tmp_path / "p.parquet").column("predicted").to_pylist() == [res["predicted"]]
+
+
+def test_search_without_an_index_says_how_to_get_one(serve_run):
+    from fastapi.testclient import TestClient
+
+    from mumic.serve import create_app
+
+    with TestClient(create_app(serve_run, device="cpu")) as client:
+        for kw in ({"json": {"text": "red"}}, {"data": {"text": "red"}}):
+            assert_error(client.post("/search", **kw), 409, "this service has no index", "mumic serve RUN --index INDEX")
+        assert "/search" in client.get("/openapi.json").json()["paths"] and client.get("/health").json()["index_items"] is None
+
+
+def test_docs_pages_load_nothing_from_outside(server):
+    """/docs and /redoc work offline: every script and style they load is served here."""
+    import re
+
+    for page in ("/docs", "/redoc"):
+        r = httpx.get(server.url + page)
+        assert r.status_code == 200 and ("swagger" in r.text.lower() or "redoc" in r.text.lower())
+        assets = re.findall(r'(?:src|href)=["\']([^"\']+)["\']', r.text)
+        assert assets and not [a for a in assets if "//" in a], assets  # no CDN (nor any other host)
+        for a in assets:
+            got = httpx.get(server.url + a)
+            assert got.status_code == 200 and len(got.content) > 1000, a
+
+
 def test_embed_image_and_text(server, model, test_images):
     r = httpx.post(server.url + "/embed/image", files=files_of(test_images[:2]))
     assert r.status_code == 200, r.text
@@ -153,6 +209,11 @@ def test_embed_image_and_text(server, model, test_images):
     body = r.json()
     assert body["dim"] == 16
     np.testing.assert_allclose(np.array(body["embeddings"]), model.embed_texts(texts), atol=2e-5)
+    # the same texts as form fields, urlencoded and multipart, give the same answer
+    for kw in ({"data": {"texts": texts}}, {"files": [("texts", (None, t)) for t in texts]}):
+        r = httpx.post(server.url + "/embed/text", **kw)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array(r.json()["embeddings"]), np.array(body["embeddings"]), atol=1e-6)
 
 
 def test_search_by_text_and_image(server, test_images):
@@ -162,6 +223,9 @@ def test_search_by_text_and_image(server, test_images):
     assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
     assert all(hits[i]["score"] >= hits[i + 1]["score"] for i in range(4))
     assert {"image", "labels", "split", "id"} <= set(hits[0])
+    r = httpx.post(server.url + "/search", json={"text": "a drawing of a red shape.", "k": 5})  # JSON, as /embed/text takes
+    assert r.status_code == 200, r.text
+    assert r.json()["results"] == hits
     # an indexed image finds itself first, with the graph and exactly
     for exact in ("false", "true"):
         query = [("image", ("q.png", Path(test_images[0]).read_bytes(), "image/png"))]
@@ -219,7 +283,13 @@ def test_size_and_count_limits(server, test_images):
     assert_error(httpx.post(url + "/predict", files=[("images", ("bomb.png", bomb, "image/png"))]), 413, "too many pixels")
     # labels: count and length
     many = {"labels": [f"label {i}" for i in range(9)]}
-    assert_error(httpx.post(url + "/predict", files=files_of(test_images[:1]), data=many), 422, "9 extra labels")
+    assert_error(httpx.post(url + "/predict", files=files_of(test_images[:1]), data=many), 422, "9 labels asked for")
+    split = {"labels": [f"label {i}" for i in range(5)], "extra_labels": [f"label {i}" for i in range(3, 9)]}
+    assert_error(httpx.post(url + "/predict", files=files_of(test_images[:1]), data=split), 422, "9 labels asked for")
+    assert_error(httpx.post(url + "/embed/text", data={"texts": ["a"] * 65}), 422)
+    assert_error(httpx.post(url + "/embed/text", data={"texts": ["a" * 1001]}), 422, "1000 characters")
+    assert_error(httpx.post(url + "/search", json={"text": "red", "k": 101}), 422)
+    assert_error(httpx.post(url + "/search", json={"text": "r" * 1001}), 422, "1000 characters")
     assert_error(httpx.post(url + "/predict", files=files_of(test_images[:1]), data={"labels": ["x" * 201]}), 422, "limit is 200")
     assert_error(httpx.post(url + "/predict", files=files_of(test_images[:1]), data={"top_k": "0"}), 422)
     assert_error(httpx.post(url + "/embed/text", json={"texts": ["a"] * 65}), 422)
@@ -232,9 +302,9 @@ def test_wrong_content_types(server, test_images):
     assert_error(httpx.post(url + "/predict", json={"images": ["/etc/passwd"]}), 415, "multipart/form-data", "application/json")
     assert_error(httpx.post(url + "/predict", content=b"abc"), 415, "no content type")
     assert_error(httpx.post(url + "/embed/image", data={"images": "x"}), 415, "multipart/form-data")
-    assert_error(httpx.post(url + "/embed/text", files={"texts": ("a.txt", b"hello")}), 415, "application/json")
-    assert_error(httpx.post(url + "/embed/text", content=b"texts=a", headers={"content-type": "text/plain"}), 415)
-    assert_error(httpx.post(url + "/search", json={"text": "red"}), 415)
+    for path in ("/embed/text", "/search"):  # JSON or form fields, nothing else
+        r = httpx.post(url + path, content=b"texts=a", headers={"content-type": "text/plain"})
+        assert_error(r, 415, "application/json or multipart/form-data or application/x-www-form-urlencoded", "'text/plain'")
 
 
 def test_undecodable_and_garbage_bodies(server, test_images):
@@ -262,6 +332,12 @@ def test_undecodable_and_garbage_bodies(server, test_images):
     assert_error(httpx.post(url + "/embed/text", json={"texts": []}), 422)
     assert_error(httpx.post(url + "/embed/text", json={"texts": ["a"], "extra": 1}), 422)
     assert_error(httpx.post(url + "/embed/text", json=["a"]), 422)
+    assert_error(httpx.post(url + "/embed/text", data={"texts": "a", "extra": "1"}), 422, "extra")
+    assert_error(httpx.post(url + "/embed/text", content=b"", headers={"content-type": URLENCODED}), 422, "texts")
+    assert_error(httpx.post(url + "/embed/text", files={"texts": ("a.txt", b"hello")}), 422, "valid string")  # a file is no text
+    assert_error(httpx.post(url + "/search", content=b"{", headers={"content-type": "application/json"}), 422, "JSON")
+    assert_error(httpx.post(url + "/search", json={"k": 3}), 422, "exactly one query")
+    assert_error(httpx.post(url + "/search", data={"text": "red", "image": "q.png"}), 422, "uploaded file")
     # search needs exactly one query
     assert_error(httpx.post(url + "/search", data={"k": "3"}), 422, "exactly one query")
     r = httpx.post(url + "/search", data={"text": "red"}, files=[("image", ("q.png", good, "image/png"))])

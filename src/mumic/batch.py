@@ -86,7 +86,8 @@ def predict_manifest(
     on_bad_image: str = "fail",
     decode: str = "cpu",
 ) -> int:
-    """Per image: probabilities, calibrated decisions and the manifest's other columns.
+    """Per image: probabilities, calibrated decisions and the manifest's other columns;
+    `top_k` keeps the k highest scores and the decided labels among them.
 
     Writes JSON lines, or Parquet when out_path ends in .parquet (scores as a list aligned
     with the label names stored in the file's metadata). Streams in bounded memory and
@@ -107,11 +108,12 @@ def predict_manifest(
         recs = [_records(manifest, start, end)[r] for r in keep]
         for r, rec in enumerate(recs):
             order = np.argsort(-p[r], kind="stable")
-            rec["predicted"] = [names[j] for j in order if decided[r, j]]
-            if parquet:
+            kept = order[:top_k] if top_k else order  # top_k trims the decisions as it trims the scores, as /predict does
+            rec["predicted"] = [names[j] for j in kept if decided[r, j]]
+            if parquet:  # Parquet keeps every score, aligned with the label names in the file's metadata
                 rec["scores"] = p[r].astype(np.float32).tolist()
             else:
-                rec["scores"] = {names[j]: round(float(p[r, j]), 6) for j in (order[:top_k] if top_k else order)}
+                rec["scores"] = {names[j]: round(float(p[r, j]), 6) for j in kept}
         if parquet:
             import pyarrow as pa
             import pyarrow.parquet as pq

@@ -1,26 +1,28 @@
 """HTTP service over a trained run: label probabilities, embeddings, labels, search.
 
-`create_app(run_dir)` builds a FastAPI app (OpenAPI at /docs and /openapi.json);
+`create_app(run_dir)` builds a FastAPI app (OpenAPI at /openapi.json, read at /docs and
+/redoc, pages served from the service itself: they work offline);
 `mumic serve RUN` runs it on uvicorn. Endpoints:
 
     POST /predict        uploaded images -> label probabilities and calibrated decisions
     POST /embed/image    uploaded images -> normalised image embeddings
-    POST /embed/text     {"texts": [...]} -> normalised text embeddings (image space)
-    POST /search         a text or image query -> nearest indexed images (with --index)
+    POST /embed/text     texts (JSON or form) -> normalised text embeddings (image space)
+    POST /search         a text or image query -> nearest indexed images (409 without --index)
     GET  /labels         the run's labels, seen / unseen, thresholds
     GET  /health         liveness and batching counters
 
 One model thread owns the model. Image requests are queued and run together
 (micro-batching: up to `max_batch_size` images, waiting at most `max_wait_ms` for
-company), so concurrent clients share forward passes. The run's class embeddings are
-computed once at start; extra (zero-shot) labels are embedded on first use and kept in a
-bounded LRU cache.
+company), so concurrent clients share forward passes. `labels` means what it means in
+`mumic predict --labels` and Predictor.predict_proba: score exactly these labels;
+`extra_labels` adds labels to the run's. The run's class embeddings are computed once at
+start; zero-shot labels are embedded on first use and kept in a bounded LRU cache.
 
 The service reads only the bytes clients upload: it never opens a file or URL a client
 names. Limits answer with JSON {"detail": ...}: 408 for a body that does not arrive in
-time, 413 for a body, image or pixel count over its limit or too many images, 415 for a
-wrong content type, 422 for an undecodable image or invalid fields, 503 when the queue or
-the memory for request bodies is full.
+time, 409 for /search without an index, 413 for a body, image or pixel count over its
+limit or too many images, 415 for a wrong content type, 422 for an undecodable image or
+invalid fields, 503 when the queue or the memory for request bodies is full.
 
 Slow or abusive clients are bounded in time and memory: a connection must deliver each
 request head within `header_timeout_s` (uvicorn itself never times out a request head),
@@ -29,7 +31,7 @@ an idle keep-alive connection is closed after `keep_alive_s`, a body must arrive
 
 Modules: `limits` (Limits and the guards against slow or abusive clients), `batcher`
 (the model thread), `labels` (class embeddings and scoring), `schemas` (request and
-response bodies), `service` (the loaded run and the handling of requests), `app` (the
+response bodies), `bodies` (bodies read as JSON or form fields), `service` (the loaded run and the handling of requests), `app` (the
 FastAPI routes). Importing this package stays cheap (no torch, FastAPI or Pillow): the
 CLI reads `Limits` while building its --help; `create_app` loads the rest when called.
 """

@@ -1,7 +1,7 @@
 """The FastAPI app: routes, error answers and the request guard over a Service."""
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at
-# run time, and their defaults and body model depend on the service limits.
+# run time, and their defaults and body models depend on the service limits.
 
 import contextlib
 from pathlib import Path
@@ -10,12 +10,14 @@ from typing import Any
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 import mumic
 from mumic.errors import MumicError, ServiceError, UploadError
 from mumic.serve import schemas
+from mumic.serve.bodies import parsed_body, request_body
 from mumic.serve.limits import JSON_TYPE, MULTIPART, URLENCODED, BodyBudget, Limits, RequestGuard
-from mumic.serve.schemas import ERROR_RESPONSES
+from mumic.serve.schemas import ERROR_RESPONSES, SEARCH_RESPONSES
 from mumic.serve.service import Service
 
 
@@ -26,16 +28,19 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
 
     `limits` are the fields of Limits (sizes, counts, batching). The model, the run's class
     embeddings and the index are loaded here, so a bad run or index fails before serving.
+    The documentation pages (/docs, /redoc) load their scripts from the service itself,
+    so they work offline.
     """
     lim = Limits.from_kwargs(**limits)
     svc = Service(run_dir, index, device=device, engine=engine, limits=lim)
-    app = FastAPI(
+    # FastAPI with /docs and /redoc served from the package's own copy of Swagger UI and ReDoc
+    app: FastAPI = FastAPIOffline(
         title="mumic",
         version=mumic.__version__,
         summary="Multi-label image classification with image-text embeddings (MuMIC)",
         description=(
             f"Run `{Path(run_dir).name}`: {len(svc.bank.run_names)} labels, {svc.size} px images, {svc.dim}-d embeddings. "
-            f"Limits: {lim.max_images} images and {lim.max_labels} extra labels per request, "
+            f"Limits: {lim.max_images} images and {lim.max_labels} labels per request, "
             f"{lim.max_image_bytes:,} bytes per image, {lim.max_pixels:,} pixels per image, "
             f"{lim.max_request_bytes:,} bytes per request."
         ),
@@ -49,10 +54,9 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
     _add_image_routes(app, svc)
     _add_text_route(app, svc)
     _add_info_routes(app, svc)
-    content_types: dict[str, tuple[str, ...]] = {"/predict": (MULTIPART,), "/embed/image": (MULTIPART,), "/embed/text": (JSON_TYPE,)}
-    if svc.index is not None:
-        _add_search_route(app, svc)
-        content_types["/search"] = (MULTIPART, URLENCODED)
+    _add_search_route(app, svc)
+    fields = (JSON_TYPE, MULTIPART, URLENCODED)
+    content_types = {"/predict": (MULTIPART,), "/embed/image": (MULTIPART,), "/embed/text": fields, "/search": fields}
     # outermost user middleware; the app stays a FastAPI instance (routes, state, OpenAPI)
     app.add_middleware(RequestGuard, max_bytes=lim.max_request_bytes, content_types=content_types, budget=body_budget,
                        body_timeout_s=lim.body_timeout_s)
@@ -111,12 +115,19 @@ def _add_image_routes(app: Any, svc: Service) -> None:
               summary="Label probabilities of uploaded images")
     async def predict(
         images: list[UploadFile] = File(description=f"image files (JPEG, PNG, GIF, BMP, WebP, TIFF), at most {lim.max_images}"),
-        labels: list[str] | None = Form(None, description="extra labels to score zero-shot, repeated field; empty entries are ignored"),
-        top_k: int | None = Form(None, ge=1, description="keep the k highest scores per image"),
+        labels: list[str] | None = Form(None, description=(
+            "score exactly these labels, in this order (repeated field; by default the run's labels): names in the run "
+            "use its trained class embeddings and thresholds, other names are zero-shot, from the prompt templates; "
+            "as `mumic predict --labels` and Predictor.predict_proba(labels=...); empty entries are ignored")),
+        extra_labels: list[str] | None = Form(None, description=(
+            "labels to score after `labels` (or after the run's labels when `labels` is not given), repeated field: "
+            "the way to add zero-shot labels to the run's; empty entries are ignored")),
+        top_k: int | None = Form(None, ge=1, description="keep the k highest scores per image; `predicted` lists only the decided "
+                                                          "labels among them"),
         apply_thresholds: bool = Form(True, description="decide with the run's calibrated thresholds (false: at 0.5)"),
         return_embedding: bool = Form(False, description="also return each image's normalised embedding"),
     ) -> Any:
-        return await svc.predict(images, labels, top_k, apply_thresholds, return_embedding)
+        return await svc.predict(images, labels, extra_labels, top_k, apply_thresholds, return_embedding)
 
     @app.post("/embed/image", response_model=schemas.EmbeddingsResponse, responses=ERROR_RESPONSES,
               summary="Normalised embeddings of uploaded images")
@@ -130,10 +141,11 @@ def _add_text_route(app: Any, svc: Service) -> None:
     TextsRequest = schemas.texts_request(svc.limits)
 
     @app.post("/embed/text", response_model=schemas.EmbeddingsResponse, responses=ERROR_RESPONSES,
-              summary="Normalised embeddings of texts, in the image space")
-    # a body model built at run time from the limits: FastAPI reads it, mypy cannot
-    async def embed_text(body: TextsRequest) -> Any:  # type: ignore[valid-type]
-        return await svc.embed_texts(body.texts)  # type: ignore[attr-defined]
+              summary="Normalised embeddings of texts, in the image space",
+              openapi_extra=request_body(TextsRequest, description='JSON {"texts": [...]}, or a form with a repeated `texts` field'))
+    async def embed_text(request: Request) -> Any:
+        async with parsed_body(request, TextsRequest) as (body, _):
+            return await svc.embed_texts(body.texts)
 
 
 def _add_info_routes(app: Any, svc: Service) -> None:
@@ -147,14 +159,13 @@ def _add_info_routes(app: Any, svc: Service) -> None:
 
 
 def _add_search_route(app: Any, svc: Service) -> None:
-    lim = svc.limits
+    SearchRequest = schemas.search_request(svc.limits)
+    body_doc = request_body(SearchRequest, files={"image": "query image (give text or image), multipart only"},
+                            description='JSON {"text": ..., "k": ..., "exact": ...}, or form fields; an image query is a multipart upload')
 
-    @app.post("/search", response_model=schemas.SearchResponse, responses=ERROR_RESPONSES,
-              summary="Nearest indexed images of a text or an image")
-    async def search(
-        text: str | None = Form(None, max_length=lim.max_text_chars, description="query text (give text or image)"),
-        image: UploadFile | None = File(None, description="query image (give text or image)"),
-        k: int = Form(10, ge=1, le=lim.max_k, description="number of results"),
-        exact: bool = Form(False, description="exact search over all vectors instead of the HNSW graph"),
-    ) -> Any:
-        return await svc.search(text, image, k, exact)
+    @app.post("/search", response_model=schemas.SearchResponse, responses=SEARCH_RESPONSES,
+              summary="Nearest indexed images of a text or an image (a service started with --index)", openapi_extra=body_doc)
+    async def search(request: Request) -> Any:
+        svc.check_index()
+        async with parsed_body(request, SearchRequest, files=("image",)) as (body, uploads):
+            return await svc.search(body.text, uploads.get("image"), body.k, body.exact)

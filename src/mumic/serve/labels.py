@@ -1,5 +1,5 @@
 """The labels a request is scored on: the run's class embeddings (computed once) and
-extra zero-shot labels (embedded on first use, kept in a bounded LRU cache), and their
+zero-shot labels (embedded on first use, kept in a bounded LRU cache), and their
 scoring through mumic.heads."""
 
 import collections
@@ -47,14 +47,20 @@ class LabelBank:
         return self.model.resolve_labels([n for n in names if n not in run])
 
     def requested(self, names: list[str]) -> list[Any]:
-        """extra_specs(names), refused (422) when the run cannot score extra labels."""
+        """Specs of exactly `names`, in their order: the run's own labels as trained, other
+        names zero-shot (from the prompt templates); refused (422) when the run cannot
+        score zero-shot labels."""
         extra = self.extra_specs(names)
         if self.linear and extra:
-            raise ServiceError(422, "this run has a linear head: it scores only its trained labels, not extra labels")
-        return extra
+            raise ServiceError(422, "this run has a linear head: it scores only its trained labels (GET /labels), not zero-shot ones")
+        run = dict(zip(self.run_names, self.run_specs))
+        built = iter(extra)
+        return [run[n] if n in run else next(built) for n in names]
 
     def missing(self, specs: list[Any]) -> list[Any]:
-        return [s for s in specs if s.name not in self._lru]
+        """The zero-shot specs among `specs` whose embeddings are not cached."""
+        run = set(self.run_names)
+        return [s for s in specs if s.name not in run and s.name not in self._lru]
 
     def put(self, specs: list[Any], v: Any, b: Any) -> None:
         for i, s in enumerate(specs):
@@ -63,31 +69,28 @@ class LabelBank:
         while len(self._lru) > self.capacity:
             self._lru.popitem(last=False)
 
-    def get(self, specs: list[Any]) -> tuple[Any, Any]:
-        import torch
-
-        vs, bs = [], []
+    def known_rows(self, specs: list[Any]) -> dict[str, tuple[Any, Any]]:
+        """name -> (class embedding, bias) of the specs whose rows are at hand: the run's
+        labels and the cached zero-shot ones (marked as recently used). Taken before any
+        wait, so that other requests filling the cache meanwhile cannot evict them."""
+        rows = {}
+        index = {n: i for i, n in enumerate(self.run_names)}
         for s in specs:
-            v, b = self._lru[s.name]
-            self._lru.move_to_end(s.name)
-            vs.append(v)
-            bs.append(b)
-        return torch.stack(vs), torch.stack(bs)
+            if s.name in index and not self.linear:
+                rows[s.name] = (self.run_v[index[s.name]], self.run_b[index[s.name]])
+            elif s.name in self._lru:
+                self._lru.move_to_end(s.name)
+                rows[s.name] = self._lru[s.name]
+        return rows
 
-    def params(self, extra: list[Any]) -> tuple[list[Any], Any, Any]:
-        """Specs, [C, D] class embeddings and [C] biases: the run's labels, then `extra`
-        (already put in the cache; None, None for a linear head)."""
-        specs = list(self.run_specs)
+    def params(self, specs: list[Any], rows: dict[str, tuple[Any, Any]]) -> tuple[list[Any], Any, Any]:
+        """specs, [C, D] class embeddings and [C] biases of `specs` from `rows` (name ->
+        (v, b)); None, None for a linear head, which scores from its classifier."""
         if self.linear:
             return specs, None, None
-        v, b = self.run_v, self.run_b
-        if extra:
-            import torch
+        import torch
 
-            ev, eb = self.get(extra)
-            specs += extra
-            v, b = torch.cat([v, ev]), torch.cat([b, eb])
-        return specs, v, b
+        return specs, torch.stack([rows[s.name][0] for s in specs]), torch.stack([rows[s.name][1] for s in specs])
 
     def probabilities(self, u_raw: Any, specs: list[Any], v: Any, b: Any) -> Any:
         """[N, C] label probabilities (numpy) of unnormalised image embeddings u_raw [N, D]

@@ -1,7 +1,7 @@
 """Request and response bodies of the service, as its OpenAPI document shows them."""
 
 # No `from __future__ import annotations` here: pydantic and FastAPI read these
-# annotations at run time, and TextsRequest's depend on the service limits.
+# annotations at run time, and the request bodies' depend on the service limits.
 
 from typing import Annotated, Any
 
@@ -18,12 +18,13 @@ class ImagePrediction(BaseModel):
     index: int = Field(description="position of the image in the request")
     filename: str | None = Field(None, description="the upload's file name, as sent")
     scores: dict[str, float] = Field(description="label -> probability, highest first (top_k of them if asked)")
-    predicted: list[str] = Field(description="labels at or above their threshold, highest probability first")
+    predicted: list[str] = Field(description="labels at or above their threshold, highest probability first "
+                                             "(among the top_k scores if asked)")
     embedding: list[float] | None = Field(None, description="L2-normalised image embedding (return_embedding)")
 
 
 class PredictResponse(BaseModel):
-    labels: list[str] = Field(description="all labels scored: the run's, then the extra ones")
+    labels: list[str] = Field(description="all labels scored, in order: `labels` (by default the run's), then `extra_labels`")
     thresholds: str = Field(description="'calibrated' (the run's per-label thresholds) or 'fixed-0.5'")
     results: list[ImagePrediction]
 
@@ -44,11 +45,11 @@ class LabelInfo(BaseModel):
 
 class LabelsResponse(BaseModel):
     labels: list[LabelInfo]
-    default_threshold: float = Field(description="threshold of labels without a calibrated one (extra labels)")
+    default_threshold: float = Field(description="threshold of labels without a calibrated one (zero-shot labels)")
     tau: float
     embed_dim: int
     backbone: str
-    zero_shot: bool = Field(description="whether extra labels can be scored (false for a linear-head run)")
+    zero_shot: bool = Field(description="whether labels not in the run can be scored (false for a linear-head run)")
 
 
 class HealthResponse(BaseModel):
@@ -78,15 +79,27 @@ class SearchResponse(BaseModel):
 
 
 def texts_request(lim: Limits) -> type[BaseModel]:
-    """The body of POST /embed/text, bounded by the service limits."""
+    """The body of POST /embed/text (JSON, or form fields), bounded by the service limits."""
 
     class TextsRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         texts: list[Annotated[str, Field(max_length=lim.max_text_chars)]] = Field(
-            min_length=1, max_length=lim.max_texts, description=f"texts to embed into the image space (at most {lim.max_texts})"
+            min_length=1, max_length=lim.max_texts,
+            description=f"texts to embed into the image space (at most {lim.max_texts}); a repeated field in a form",
         )
 
     return TextsRequest
+
+
+def search_request(lim: Limits) -> type[BaseModel]:
+    """The fields of POST /search (JSON, or form fields beside an optional `image` upload)."""
+
+    class SearchRequest(BaseModel):
+        text: str = Field("", max_length=lim.max_text_chars, description="query text (give text or image)")
+        k: int = Field(10, ge=1, le=lim.max_k, description="number of results")
+        exact: bool = Field(False, description="exact search over all vectors instead of the HNSW graph")
+
+    return SearchRequest
 
 
 #: the error answers every POST route documents
@@ -96,3 +109,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody, "
     (415, "wrong content type"), (422, "invalid field or undecodable image"),
     (503, "queue or request-body memory full, or shutting down"),
 )}
+
+#: /search adds: a service started without an index
+SEARCH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES, 409: {"model": ErrorBody, "description": "this service has no index (start it with --index)"},
+}

@@ -109,37 +109,43 @@ class Service:
                 arrays.append(await run_in_threadpool(image_pixels, data, self.size, max_pixels=lim.max_pixels, name=label))
         return torch.from_numpy(np.stack(arrays)), names
 
-    def clean_labels(self, labels: list[str] | None) -> list[str]:
-        """Extra label names as asked: stripped, empty ones dropped, duplicates once, within the limits."""
+    def clean_labels(self, labels: list[str] | None, extra_labels: list[str] | None) -> list[str]:
+        """The label names a request scores: `labels` (by default the run's), then
+        `extra_labels`; stripped, empty entries dropped, each name once, within the limits."""
         lim = self.limits
-        names: list[str] = []
-        for raw in labels or []:
+        asked: list[str] = []
+        for raw in [*(labels or []), *(extra_labels or [])]:
             name = raw.strip()
             if not name:
                 continue  # empty form entries are ignored
             if len(name) > lim.max_label_chars:
                 raise ServiceError(422, f"label '{name[:40]}...' has {len(name)} characters; the limit is {lim.max_label_chars}")
-            if name not in names:
-                names.append(name)
-        if len(names) > lim.max_labels:
-            raise ServiceError(422, f"{len(names)} extra labels; the limit is {lim.max_labels}")
-        return names
+            if name not in asked:
+                asked.append(name)
+        if len(asked) > lim.max_labels:
+            raise ServiceError(422, f"{len(asked)} labels asked for in labels and extra_labels; the limit is {lim.max_labels}")
+        if not any(l.strip() for l in labels or []):  # no labels: the run's, then the extra ones
+            run = self.bank.run_names
+            asked = run + [n for n in asked if n not in run]
+        return asked
 
     async def label_params(self, names: list[str]) -> tuple[list[Any], Any, Any]:
-        """Specs, [C, D] class embeddings and [C] biases: the run's labels, then extras
-        (embedded on the model thread the first time they are asked for)."""
+        """Specs, [C, D] class embeddings and [C] biases of exactly `names` (zero-shot ones
+        are embedded on the model thread the first time they are asked for)."""
         bank = self.bank
-        extra = bank.requested(names)
-        todo = bank.missing(extra)
+        specs = bank.requested(names)
+        rows = bank.known_rows(specs)
+        todo = [s for s in specs if s.name not in rows]
         if todo:
             tv, tb = await self.on_model_thread(lambda: bank.compute(todo))
             bank.put(todo, tv, tb)
-        return bank.params(extra)
+            rows.update({s.name: (tv[i], tb[i]) for i, s in enumerate(todo)})
+        return bank.params(specs, rows)
 
     # ------------------------------------------------------------------ requests
-    async def predict(self, images: list[UploadFile], labels: list[str] | None, top_k: int | None,
-                      apply_thresholds: bool, return_embedding: bool) -> dict[str, Any]:
-        specs, v, b = await self.label_params(self.clean_labels(labels))
+    async def predict(self, images: list[UploadFile], labels: list[str] | None, extra_labels: list[str] | None,
+                      top_k: int | None, apply_thresholds: bool, return_embedding: bool) -> dict[str, Any]:
+        specs, v, b = await self.label_params(self.clean_labels(labels, extra_labels))
         px, filenames = await self.read_images(images)
         u_raw = await self.embed_pixels(px)
         probs = self.bank.probabilities(u_raw, specs, v, b)
@@ -149,12 +155,12 @@ class Service:
         results = []
         for r in range(len(probs)):
             order = np.argsort(-probs[r], kind="stable")
-            kept = order[:top_k] if top_k else order
+            kept = order[:top_k] if top_k else order  # top_k trims the scores and the decisions alike
             results.append({
                 "index": r,
                 "filename": filenames[r],
                 "scores": {label_names[j]: round(float(probs[r, j]), 6) for j in kept},
-                "predicted": [label_names[j] for j in order if decided[r, j]],
+                "predicted": [label_names[j] for j in kept if decided[r, j]],
                 "embedding": u[r].tolist() if u is not None else None,
             })
         return {"labels": label_names, "thresholds": "calibrated" if apply_thresholds else "fixed-0.5", "results": results}
@@ -168,7 +174,13 @@ class Service:
         emb = await self.on_model_thread(lambda: self._text_embeddings(list(texts)))
         return {"dim": self.dim, "embeddings": np.asarray(emb).tolist(), "filenames": None}
 
+    def check_index(self) -> None:
+        if self.index is None:
+            raise ServiceError(409, "this service has no index: start it with `mumic serve RUN --index INDEX` "
+                                    "(build one with `mumic index`)")
+
     async def search(self, text: str | None, image: UploadFile | None, k: int, exact: bool) -> dict[str, Any]:
+        self.check_index()
         has_text = text is not None and text.strip() != ""
         if has_text == (image is not None):
             raise ServiceError(422, "give exactly one query: a non-empty 'text' or one 'image'")
