@@ -31,7 +31,8 @@ def register(sub: typing.Any) -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help=f"how long a batch waits for more requests (default: {d.max_wait_ms:g})")
     p.add_argument("--max-images", type=int, default=d.max_images, help=f"images per request (default: {d.max_images})")
-    p.add_argument("--max-labels", type=int, default=d.max_labels, help=f"extra labels per request (default: {d.max_labels})")
+    p.add_argument("--max-labels", type=int, default=d.max_labels,
+                   help=f"labels per request, labels and extra_labels together (default: {d.max_labels})")
     p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes, help=f"bytes per image (default: {d.max_image_bytes})")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help=f"bytes per request (default: {d.max_request_bytes})")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help=f"pixels per image (default: {d.max_pixels})")
