@@ -1,7 +1,11 @@
 """ONNX export: both graphs run in onnxruntime and reproduce PyTorch's probabilities, for the
-tiny hf CLIP and for `lite` at 64 px."""
+tiny hf CLIP and for `lite` at 64 px; the export's predict.py, run without torch or mumic,
+gives `mumic predict`'s scores and decisions on image files."""
 
 import json
+import runpy
+import subprocess
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -12,7 +16,7 @@ from mumic.data.images import load_image, resize_center_crop
 from mumic.data.manifest import read_manifest
 from mumic.data.synthetic import make_shapes
 from mumic.errors import RunError
-from mumic.export import ExportError, export_onnx, onnx_probabilities
+from mumic.export import ExportError, export_onnx, onnx_probabilities, sample_images, script_source
 from mumic.predictor import Predictor
 from mumic.train import fit
 
@@ -103,8 +107,20 @@ def check_export_matches_pytorch(run, shapes, out) -> dict[str, float]:
     return diffs
 
 
-def test_tiny_clip_export_matches_pytorch(export_shapes, tmp_path, tiny_clip_dir):
-    run = _train(export_shapes, tmp_path, backbone=f"hf:{tiny_clip_dir}")
+@pytest.fixture(scope="module")
+def clip_run(export_shapes, tmp_path_factory, tiny_clip_dir):
+    return _train(export_shapes, tmp_path_factory.mktemp("clip_run"), backbone=f"hf:{tiny_clip_dir}")
+
+
+@pytest.fixture(scope="module")
+def clip_export(clip_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clip_export") / "onnx"
+    export_onnx(clip_run, out)
+    return out
+
+
+def test_tiny_clip_export_matches_pytorch(clip_run, export_shapes, tmp_path):
+    run = clip_run
     check_export_matches_pytorch(run, export_shapes, tmp_path / "onnx")
     # an existing export is kept unless asked, and another folder is never replaced
     with pytest.raises(RunError, match="--overwrite"):
@@ -137,4 +153,133 @@ def test_linear_head_run_is_refused(export_shapes, tmp_path, tiny_clip_dir):
     run = _train(export_shapes, tmp_path, backbone=f"hf:{tiny_clip_dir}", loss="linear_bce", max_steps=2)
     with pytest.raises(ExportError, match="linear-head"):
         export_onnx(run, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
+# --- predict.py -------------------------------------------------------------------------------
+
+# Runs predict.py as a user would, where neither torch, transformers nor mumic can be imported.
+WITHOUT_MUMIC = """
+import runpy, sys
+
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "mumic"):
+            raise ImportError("blocked: " + name)
+
+sys.meta_path.insert(0, Blocked())
+script = sys.argv.pop(1)
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit as e:
+    code = e.code
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "mumic"))
+assert not leaked, leaked
+sys.exit(code)
+"""
+
+
+def _user_images(folder, size=32):
+    """Files unlike the export's own check: a large JPEG with EXIF orientation 8, a grey PNG
+    with alpha, a palette GIF with a transparent colour, a CMYK JPEG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    coarse = Image.fromarray(rng.integers(0, 256, (30, 45, 3), dtype=np.uint8))
+    photo = Image.fromarray(np.clip(np.asarray(coarse.resize((1100, 730), Image.Resampling.BICUBIC), np.int16)
+                                    + rng.integers(-30, 31, (730, 1100, 3)), 0, 255).astype(np.uint8))
+    paths = [folder / n for n in ("big.jpg", "grey_alpha.png", "palette.gif", "cmyk.jpg")]
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    photo.save(paths[0], quality=92, exif=exif.tobytes())
+    la = photo.resize((3 * size, 2 * size)).convert("LA")
+    la.putalpha(Image.linear_gradient("L").resize(la.size).rotate(90))
+    la.save(paths[1])
+    photo.resize((2 * size, 5 * size)).quantize(16).save(paths[2], transparency=3)
+    photo.resize((5 * size, 4 * size)).convert("CMYK").save(paths[3], quality=90)
+    return paths
+
+
+def _lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_predict_script_without_torch_or_mumic_matches_mumic_predict(clip_run, clip_export, export_shapes, tmp_path, capsys):
+    from mumic.cli import main
+
+    readme = json.loads((clip_export / "README.json").read_text())
+    assert "predict.py" in readme["image_encoder"]["preprocessing"]["reference"]
+    assert readme["verification"]["predict_py_max_abs_diff"] < 1e-4
+    images = [*_user_images(tmp_path), *read_manifest(export_shapes / "manifest.csv").images[:3]]
+    done = subprocess.run([sys.executable, "-I", "-c", WITHOUT_MUMIC, str(clip_export / "predict.py"), *map(str, images)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    script = _lines(done.stdout)
+
+    assert main(["predict", str(clip_run), *map(str, images)]) == 0
+    mumic = _lines(capsys.readouterr().out)
+    assert len(script) == len(mumic) == len(images)
+    worst = 0.0
+    for ours, theirs in zip(script, mumic):
+        assert list(ours) == list(theirs) == ["image", "predicted", "scores"]
+        assert ours["image"] == theirs["image"]
+        assert ours["predicted"] == theirs["predicted"]
+        assert set(ours["scores"]) == set(theirs["scores"])
+        worst = max(worst, *(abs(ours["scores"][k] - theirs["scores"][k]) for k in theirs["scores"]))
+    assert worst < 1e-4
+    assert any(r["predicted"] for r in mumic) and any(len(r["predicted"]) < len(r["scores"]) for r in mumic)  # decisions differ by image
+
+    # an unreadable file stops it with a message naming the file
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    done = subprocess.run([sys.executable, "-I", "-c", WITHOUT_MUMIC, str(clip_export / "predict.py"), str(images[0]),
+                           str(tmp_path / "broken.jpg")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "broken.jpg" in done.stderr and done.stdout == ""
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_predict_script_preprocessing_is_mumics_byte_for_byte(clip_export, tmp_path, size):
+    text = (clip_export / "predict.py").read_text()
+    assert "import mumic" not in text and "from mumic" not in text  # its copy of the preprocessing, not an import
+    ns = runpy.run_path(str(clip_export / "predict.py"), run_name="check")
+    paths = [*sample_images(tmp_path, size), *_user_images(tmp_path, size)]
+    for path in paths:
+        ours = ns["load_pixels"](path, size)
+        assert ours.dtype == np.uint8 and ours.shape == (3, size, size)
+        np.testing.assert_array_equal(ours, resize_center_crop(load_image(path, size_hint=size), size), err_msg=path.name)
+
+
+def test_plain_resize_of_a_large_jpeg_changes_the_scores(clip_run, clip_export, tmp_path):
+    """What README.json used to describe (shorter side to S, bicubic, centre crop; no draft
+    decoding) gives other pixels and other probabilities than mumic on a large JPEG."""
+    from PIL import Image, ImageOps
+
+    ns = runpy.run_path(str(clip_export / "predict.py"), run_name="check")
+    export = ns["load_export"](clip_export)
+    size = export["size"]
+    big = _user_images(tmp_path)[0]
+    with Image.open(big) as img:
+        assert img.format == "JPEG" and min(img.size) >= 8 * size
+        img = ImageOps.exif_transpose(img).convert("RGB")
+    k = size / min(img.size)
+    img = img.resize((max(size, round(img.width * k)), max(size, round(img.height * k))), Image.Resampling.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    plain = np.asarray(img.crop((left, top, left + size, top + size))).transpose(2, 0, 1)
+    exact = ns["load_pixels"](big, size)
+    assert np.abs(plain.astype(int) - exact.astype(int)).max() >= 8  # not rounding: other pixels
+    p_plain, p_exact = ns["probabilities"](export, plain[None]), ns["probabilities"](export, exact[None])
+    np.testing.assert_allclose(p_exact, Predictor.from_run(clip_run, device="cpu").predict_proba([big]), atol=1e-4)
+    assert np.abs(p_plain - p_exact).max() > 1e-3
+
+
+def test_export_refuses_a_predict_script_that_drifts(clip_run, tmp_path, monkeypatch):
+    """Dropping one step of the preprocessing in predict.py (EXIF orientation) fails the
+    export, naming the file and the size of the difference."""
+    import mumic.export
+
+    source = script_source()
+    drifted = source.replace("oriented = ImageOps.exif_transpose(img)", "oriented = img")
+    assert drifted != source
+    monkeypatch.setattr(mumic.export, "script_source", lambda: drifted)
+    with pytest.raises(ExportError, match=r"predict\.py differs from mumic's probabilities by .* on rotated\.jpg"):
+        export_onnx(clip_run, tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()

@@ -13,6 +13,9 @@
       label_embeddings.npy   float32 [C, D]: the run's class embeddings v_c, normalised
       scoring.json           labels (name, seen, b, threshold), tau, and the formula
       tokenizer/             the tokenizer files (transformers save_pretrained format)
+      predict.py             `python DIR/predict.py IMAGE...`: mumic predict's scores and
+                             decisions with numpy, Pillow and onnxruntime only; its image
+                             preprocessing is mumic's own source (data/preprocess.py)
       README.json            inputs, outputs, preprocessing (size, mean, std), tokenizer
                              settings, and the measured ONNX vs PyTorch differences
 
@@ -20,7 +23,9 @@ Probabilities: p = sigmoid((image_embedding . v_c) / tau + b_c). A new (zero-sho
 embed each of its prompts with the text graph, average `text_embedding_raw` over the
 prompts, L2-normalise (P_txt is affine, so this equals MuMIC's class embedding), and use
 the default b of scoring.json. Both graphs have a dynamic batch axis (the text graph a
-dynamic sequence axis too).
+dynamic sequence axis too). With verify, predict.py runs on a few written image files (a
+large JPEG, one with EXIF rotation, a PNG with alpha, 16-bit grey) and must give the
+probabilities mumic gives them.
 """
 
 from __future__ import annotations
@@ -41,8 +46,8 @@ FORMAT = "mumic-onnx-1"
 FORMATS = ("onnx",)
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"
-
-
+SCRIPT_FILE = "predict.py"
+_PREPROCESS_IMPORT = "from mumic.data.preprocess import decode_rgb, resize_center_crop\n"
 
 
 def _backbone_kind(backbone: Any) -> str:
@@ -141,6 +146,68 @@ def onnx_probabilities(folder: str | Path, pixels: Any) -> Any:
     return p.numpy()
 
 
+def script_source() -> str:
+    """predict.py: mumic.data.onnx_predict with its one mumic import replaced by the source
+    of mumic.data.preprocess, so the script preprocesses with the very code mumic runs."""
+    import inspect
+
+    from mumic import __version__
+    from mumic.data import onnx_predict, preprocess
+
+    script = inspect.getsource(onnx_predict)
+    if script.count(_PREPROCESS_IMPORT) != 1:
+        raise ExportError(f"{onnx_predict.__file__}: expected the line {_PREPROCESS_IMPORT.strip()!r} once; cannot write {SCRIPT_FILE}")
+    inlined = (f"# ---- mumic.data.preprocess (mumic {__version__}), verbatim ----\n" + inspect.getsource(preprocess)
+               + "# ---- end of mumic.data.preprocess ----\n")
+    return script.replace(_PREPROCESS_IMPORT, inlined)
+
+
+def sample_images(folder: Path, size: int) -> list[Path]:
+    """Image files where a preprocessing other than mumic's shows: a large non-square JPEG
+    (draft decoding, reducing_gap), a JPEG with EXIF orientation 6, an RGBA PNG and a
+    16-bit grey PNG, all deterministic."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def picture(w: int, h: int) -> Image.Image:  # smooth colour fields plus pixel noise
+        coarse = Image.fromarray(rng.integers(0, 256, (max(2, h // 24), max(2, w // 24), 3), dtype=np.uint8))
+        smooth = np.asarray(coarse.resize((w, h), Image.Resampling.BICUBIC), dtype=np.int16)
+        return Image.fromarray(np.clip(smooth + rng.integers(-24, 25, (h, w, 3)), 0, 255).astype(np.uint8))
+
+    s = max(size, 32)
+    paths = [folder / n for n in ("wide.jpg", "rotated.jpg", "alpha.png", "grey16.png")]
+    picture(int(4.3 * s), int(2.7 * s)).save(paths[0], quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    picture(int(3.1 * s), int(2.2 * s)).save(paths[1], quality=90, exif=exif.tobytes())
+    rgba = picture(int(1.6 * s), s).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    rgba.save(paths[2])
+    grey = np.asarray(picture(s + 7, int(1.3 * s)).convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(grey).save(paths[3])
+    return paths
+
+
+def _verify_script(folder: Path, model: Any) -> tuple[float, str]:
+    """(max abs difference, where) between predict.py run in-process on sample_images and
+    the run's own probabilities of the same files."""
+    import runpy
+    import tempfile
+
+    import numpy as np
+
+    script = runpy.run_path(str(folder / SCRIPT_FILE), run_name="mumic_export_predict")
+    with tempfile.TemporaryDirectory(prefix="mumic-export-") as d:
+        paths = sample_images(Path(d), model.backbone.image_size)
+        export, p_script = script["score_images"](folder, paths)
+        p_mumic = model.predict_proba(paths)
+    diff = np.abs(p_script - p_mumic)
+    i, j = np.unravel_index(int(diff.argmax()), diff.shape)
+    return float(diff[i, j]), f"{paths[i].name}, label {export['names'][j]!r}"
+
+
 def _session(path: Path) -> Any:
     try:
         import onnxruntime as ort
@@ -187,11 +254,13 @@ def export_onnx(
     """Export a run to ONNX (see the module docstring); returns the README content.
 
     With verify, both graphs run in onnxruntime on random pixels and the run's prompts and
-    must agree with PyTorch within `tolerance` (probabilities and embeddings).
+    must agree with PyTorch within `tolerance` (probabilities and embeddings), and the
+    written predict.py must give mumic's probabilities of real image files within it.
     """
     import numpy as np
     import torch
 
+    from mumic.data.preprocess import REDUCING_GAP
     from mumic.predictor import Predictor
 
     out = Path(out)
@@ -261,6 +330,7 @@ def export_onnx(
         }
         (tmp / "scoring.json").write_text(json.dumps(scoring, indent=2) + "\n", encoding="utf-8")
         backbone.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        (tmp / SCRIPT_FILE).write_text(script_source(), encoding="utf-8")
 
         spec = public_spec(backbone.spec)
         readme: dict[str, Any] = {
@@ -273,8 +343,12 @@ def export_onnx(
                 "inputs": [{"name": "pixels", "dtype": "uint8", "shape": ["batch", 3, size, size], "layout": "NCHW, RGB, 0..255"}],
                 "outputs": [{"name": "image_embedding", "dtype": "float32", "shape": ["batch", dim], "normalized": True}],
                 "preprocessing": {
-                    "decode": "RGB; EXIF orientation applied; transparency composited onto white; first frame",
-                    "resize": f"shorter side to {size} px (bicubic), then a center crop of {size}x{size}",
+                    "reference": f"{SCRIPT_FILE} (load_pixels): mumic's own preprocessing, verbatim; use it, or "
+                                 "check another implementation against it: a plain resize gives other pixels",
+                    "decode": f"Pillow; JPEGs at the smallest draft scale with both sides >= {size}; EXIF orientation "
+                              "applied; first frame; RGB, transparency composited onto white, 16-bit grey scaled",
+                    "resize": f"one bicubic resample (Pillow, reducing_gap {REDUCING_GAP}) of the central "
+                              f"min(w, h) square to {size}x{size}",
                     "size": size,
                     "in_graph": "x = (pixels / 255 - mean) / std per channel",
                     "mean": list(backbone.mean),
@@ -304,6 +378,13 @@ def export_onnx(
             log.info("ONNX vs PyTorch: %s", ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
             if worst > tolerance:
                 raise ExportError(f"the ONNX graphs differ from PyTorch by {worst:.2e} (> {tolerance:g}); please report this")
+            script_diff, where = _verify_script(tmp, model)
+            readme["verification"]["predict_py"] = "the run's probabilities of 4 written image files (JPEG, EXIF, alpha, 16-bit)"
+            readme["verification"]["predict_py_max_abs_diff"] = script_diff
+            log.info("%s vs mumic on image files: %.2e", SCRIPT_FILE, script_diff)
+            if script_diff > tolerance:
+                raise ExportError(f"{SCRIPT_FILE} differs from mumic's probabilities by {script_diff:.2e} on {where} "
+                                  f"(> {tolerance:g}); please report this")
         (tmp / "README.json").write_text(json.dumps(readme, indent=2) + "\n", encoding="utf-8")
     return readme
 

@@ -1,6 +1,9 @@
 """Image decoding and the two geometric transforms (eval: resize + center crop; train:
 random resized crop + flip).
 
+The pixel arithmetic itself (RGB conversion, draft decoding, EXIF orientation, the eval
+resample) lives in :mod:`mumic.data.preprocess`, which an ONNX export copies verbatim.
+
 One decoder serves files and uploaded bytes: ``load_image`` turns a file Pillow can read
 into an RGB image, or raises :class:`~mumic.errors.ImageError` with the path and the
 reason; ``decode_image`` does the same for bytes a client sent (``ALLOWED_FORMATS`` only)
@@ -20,22 +23,20 @@ import stat
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from mumic.data.preprocess import REDUCING_GAP, as_chw, crop_resize, decode_rgb, resize_center_crop, to_rgb
 from mumic.errors import ImageError, UploadError
+
+__all__ = [
+    "ALLOWED_FORMATS", "MAX_PIXELS", "REDUCING_GAP", "REFUSED_FORMATS", "decode_image", "image_pixels", "load_image",
+    "random_resized_crop", "resize_center_crop", "to_rgb",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_PIXELS = 89_478_485
 """Default pixel limit (Pillow's own decompression-bomb limit)."""
-
-REDUCING_GAP = 3.0
-"""Pillow's ``reducing_gap``: shrink by an integer factor first when downscaling a lot;
-3.0 is indistinguishable from exact resampling and much faster on large photos."""
-
-_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
-_INT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
-_WHITE = (255, 255, 255)
 
 
 REFUSED_FORMATS = {"EPS": "decoding it runs Ghostscript, an external interpreter"}
@@ -79,54 +80,6 @@ def _check_file(path: Path) -> None:
         raise ImageError(f"{path}: not a regular file ({kind}); point to the image file itself")
     if st.st_size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
-
-
-def _composite_on_white(img: Image.Image) -> Image.Image:
-    rgba = img.convert("RGBA")
-    out = Image.new("RGB", rgba.size, _WHITE)
-    out.paste(rgba, mask=rgba.getchannel("A"))
-    return out
-
-
-def _int_to_rgb(img: Image.Image) -> Image.Image:
-    """16/32-bit integer grey -> 8-bit RGB, scaling the 16-bit range (Pillow would clip)."""
-    arr = np.asarray(img).astype(np.float64)
-    arr = np.clip(arr, 0, 65535) / 257.0
-    return Image.fromarray(np.round(arr).astype(np.uint8), mode="L").convert("RGB")
-
-
-def _float_to_rgb(img: Image.Image) -> Image.Image:
-    """Float grey -> 8-bit RGB; values in [0, 1] are taken as fractions, else as 0..255."""
-    arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
-    if arr.size and arr.max() <= 1.0:
-        arr = arr * 255.0
-    return Image.fromarray(np.round(np.clip(arr, 0, 255)).astype(np.uint8), mode="L").convert("RGB")
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB; transparency is composited onto white."""
-    mode = img.mode
-    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in img.info):
-        return _composite_on_white(img)
-    if mode == "RGB":
-        return img
-    if mode in _INT_MODES:
-        return _int_to_rgb(img)
-    if mode == "F":
-        return _float_to_rgb(img)
-    if mode == "LAB":
-        return _lab_to_rgb(img)
-    return img.convert("RGB")
-
-
-def _lab_to_rgb(img: Image.Image) -> Image.Image:
-    """CIE L*a*b* -> sRGB through a colour transform (a plain convert copies channels)."""
-    from PIL import ImageCms
-
-    transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
-    out = ImageCms.applyTransform(img, transform)
-    assert out is not None
-    return out
 
 
 def load_image(
@@ -173,6 +126,9 @@ def _decode(
     def fail(message: str, *, too_large: bool = False) -> ImageError:
         return UploadError(413 if too_large else 422, message) if upload else ImageError(message)
 
+    def on_exif_error(e: Exception) -> None:  # a broken EXIF block must not lose the image
+        log.log(logging.DEBUG if upload else logging.WARNING, "%s: ignoring unreadable EXIF orientation (%s)", where, e)
+
     try:
         with Image.open(source, formats=ALLOWED_FORMATS if upload else None) as img:
             # Only the header has been read so far: refuse here, before any pixel buffer
@@ -187,17 +143,7 @@ def _decode(
             refused = REFUSED_FORMATS.get(img.format or "")
             if refused:
                 raise fail(f"{where}: {img.format} files are not accepted ({refused}); convert it to PNG or JPEG")
-            if size_hint is not None and img.format == "JPEG":
-                img.draft("RGB", (size_hint, size_hint))
-            img.load()  # force the full decode here, so truncated data fails here
-            try:
-                oriented = ImageOps.exif_transpose(img)
-            except Exception as e:  # a broken EXIF block must not lose the image
-                log.log(logging.DEBUG if upload else logging.WARNING, "%s: ignoring unreadable EXIF orientation (%s)", where, e)
-                oriented = img
-            rgb = to_rgb(oriented)
-            if rgb is img:
-                rgb = img.copy()  # detach from the source before it closes
+            rgb = decode_rgb(img, size_hint, on_exif_error)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -228,27 +174,6 @@ def _decode_failure(where: str, e: Exception, *, upload: bool) -> str:
     if "truncated" in reason.lower() or isinstance(e, EOFError):
         reason = f"truncated or corrupt data ({reason})"
     return f"{where}: cannot decode: {reason}"
-
-
-def _as_chw(img: Image.Image) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-
-
-def _crop_resize(img: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
-    if img.mode != "RGB":
-        img = to_rgb(img)
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=REDUCING_GAP)
-
-
-def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
-    """Resize so the shorter side is ``size``, center-crop ``size`` x ``size``: uint8 [3, size, size].
-
-    Done as one resample of the central square (same result, less work).
-    """
-    w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) / 2.0, (h - s) / 2.0
-    return _as_chw(_crop_resize(img, (left, top, left + s, top + s), size))
 
 
 def random_resized_crop(
@@ -286,8 +211,8 @@ def random_resized_crop(
             cw, ch = w, h
         left, top = (w - cw) // 2, (h - ch) // 2
         box = (left, top, left + cw, top + ch)
-    out = _crop_resize(img, box, size)
+    out = crop_resize(img, box, size)
     flip = rng.random() < 0.5
     if hflip and flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _as_chw(out)
+    return as_chw(out)
