@@ -65,6 +65,7 @@ LAYER_OF = {
     "mumic.batch": "jobs",
     "mumic.search": "jobs",
     "mumic.export": "jobs",
+    "mumic.export_script": "jobs",  # the source of an export's predict.py (Pillow, numpy, onnxruntime only)
     "mumic.audit": "jobs",
     "mumic.serve": "apps",
     "mumic.study": "apps",

@@ -147,16 +147,16 @@ def onnx_probabilities(folder: str | Path, pixels: Any) -> Any:
 
 
 def script_source() -> str:
-    """predict.py: mumic.data.onnx_predict with its one mumic import replaced by the source
+    """predict.py: mumic.export_script with its one mumic import replaced by the source
     of mumic.data.preprocess, so the script preprocesses with the very code mumic runs."""
     import inspect
 
-    from mumic import __version__
-    from mumic.data import onnx_predict, preprocess
+    from mumic import __version__, export_script
+    from mumic.data import preprocess
 
-    script = inspect.getsource(onnx_predict)
+    script = inspect.getsource(export_script)
     if script.count(_PREPROCESS_IMPORT) != 1:
-        raise ExportError(f"{onnx_predict.__file__}: expected the line {_PREPROCESS_IMPORT.strip()!r} once; cannot write {SCRIPT_FILE}")
+        raise ExportError(f"{export_script.__file__}: expected the line {_PREPROCESS_IMPORT.strip()!r} once; cannot write {SCRIPT_FILE}")
     inlined = (f"# ---- mumic.data.preprocess (mumic {__version__}), verbatim ----\n" + inspect.getsource(preprocess)
                + "# ---- end of mumic.data.preprocess ----\n")
     return script.replace(_PREPROCESS_IMPORT, inlined)

@@ -14,14 +14,16 @@ def register(sub: typing.Any) -> None:
     p = sub.add_parser(
         "export", help="export a run's image and text encoders (ONNX)",
         description="Write the image tower+head and text tower+head as ONNX graphs, with the label embeddings, "
-        "tau and b, the tokenizer files and a README.json describing inputs, outputs and preprocessing.",
+        "tau and b, the tokenizer files, a README.json describing inputs, outputs and preprocessing, and predict.py "
+        "(numpy, Pillow and onnxruntime only) giving the same scores and decisions as `mumic predict`.",
     )
     p.add_argument("run", help="run directory")
     p.add_argument("--format", choices=FORMATS, default="onnx", help="export format (default: onnx)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
-    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime vs PyTorch check")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the checks of the graphs and of predict.py against PyTorch and mumic predict")
     p.set_defaults(func=run)
 
 
