@@ -178,7 +178,9 @@ def cached_features(
         else:
             cache.put(keys, feats)
     else:
-        log.info("all %d image features found in the cache %s", len(paths), cache.dir)
+        found = sum(d is not None for d in digests)
+        unreadable = f" ({len(paths) - found} unreadable)" if found < len(paths) else ""
+        log.info("%d of %d image features found in the cache %s%s", found, len(paths), cache.dir, unreadable)
     ok = [i for i, d in enumerate(digests) if d is not None]
     out = torch.full((len(paths), backbone.image_feature_dim), float("nan"))
     if ok:

@@ -212,7 +212,7 @@ class HFBackbone(Backbone):
                 f"'pretrained', got {image_head!r}"
             )
         if image_head in ("mlp", "linear"):
-            logger.info("image_head=%r applies to 'lite' only; 'hf:' uses its pretrained projection", image_head)
+            logger.debug("image_head=%r applies to 'lite' only; 'hf:' uses its pretrained projection", image_head)
         source = os.path.expanduser(name)
         local = os.path.isdir(source)
         if not local and _looks_like_path(name):

@@ -24,7 +24,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         base = hint if typing.get_origin(hint) is list else (args[0] if args else hint)
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        help_ = f"{f.metadata['help']} (default: {default})"
+        text = f.metadata["help"]
+        help_ = text if "default:" in text else f"{text} (default: {default})"  # the help may say it in words
         if base is bool:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typing.get_origin(base) is list:
