@@ -62,6 +62,7 @@ LAYER_OF = {
     "mumic.features": "inference",
     "mumic.train": "jobs",
     "mumic.evaluate": "jobs",
+    "mumic.report": "jobs",
     "mumic.batch": "jobs",
     "mumic.search": "jobs",
     "mumic.export": "jobs",

@@ -14,17 +14,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mumic.config import load_config
 from mumic.data.cross_style import TEST_STYLE, TRAIN_STYLES, cross_style_manifest
 from mumic.data.emoji import build_emoji
 from mumic.data.manifest import read_manifest
 from mumic.errors import RunError
 from mumic.evaluate import model_probs
-from mumic.io import atomic_path, atomic_write_text, read_json
+from mumic.io import atomic_write_text, read_json
 from mumic.metrics import average_precision_per_label
 from mumic.predictor import Predictor
+from mumic.report import plot_examples, plot_per_label_ap, plot_precision_recall
 from mumic.train import fit
 
 log = logging.getLogger(__name__)
@@ -102,24 +101,8 @@ def _test_probs(run: Path, manifest_path: Path, split: str = "test"):
     return model, m, specs, probs, y
 
 
-def _save(fig: Any, path: Path, *, dpi: int) -> None:
-    import matplotlib.pyplot as plt
-
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
-
-
 def write_demo_report(out: Path, runs: dict[str, Path], manifest: Path, *, settings: dict[str, Any], wall_s: float) -> Path:
     """report.md + summary.md + plots from the finished runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import precision_recall_curve
-
-
     metrics = {k: read_json(r / "metrics.json") for k, r in runs.items()}
     stats_path = manifest.parent / "stats.json"
     stats = read_json(stats_path, hint=None) if stats_path.is_file() else {}
@@ -138,49 +121,11 @@ def write_demo_report(out: Path, runs: dict[str, Path], manifest: Path, *, setti
     _, _, _, p_b, _ = _test_probs(runs["baseline"], manifest)
     names = [s.name for s in specs]
 
-    # per-label AP bars (MuMIC vs baseline), sorted by MuMIC's AP
+    # per-label AP bars (MuMIC vs baseline, sorted by MuMIC's AP), micro PR curves, example grid
     ap_m, ap_b = average_precision_per_label(y, p_m), average_precision_per_label(y, p_b)
-    ok = ~np.isnan(ap_m)
-    order = np.argsort(ap_m[ok])
-    lab = np.array(names)[ok][order]
-    fig, ax = plt.subplots(figsize=(7, max(4, 0.13 * len(lab))))
-    ax.barh(np.arange(len(lab)), ap_m[ok][order], color="tab:blue", label="MuMIC", height=0.8)
-    ax.scatter(ap_b[ok][order], np.arange(len(lab)), color="tab:orange", s=8, label="baseline", zorder=3)
-    ax.set_yticks(np.arange(len(lab)), lab, fontsize=5)
-    ax.set_xlabel("average precision (test)")
-    ax.set_xlim(0, 1)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    _save(fig, out / "per_label_ap.png", dpi=110)
-
-    # micro precision-recall curves
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for p, name in ((p_m, "MuMIC"), (p_b, "baseline")):
-        prec, rec, _ = precision_recall_curve(y.ravel(), p.ravel())
-        ax.plot(rec, prec, label=name)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title("test, all (image, seen label) pairs")
-    ax.legend()
-    fig.tight_layout()
-    _save(fig, out / "precision_recall.png", dpi=110)
-
-    # a grid of test images with true and predicted tags
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    pick = rng.choice(len(m), size=min(12, len(m)), replace=False)
-    decided = model.decide(p_m, specs)
-    fig, axes = plt.subplots(3, 4, figsize=(11, 9.5))
-    for ax, i in zip(axes.ravel(), pick):
-        ax.imshow(Image.open(m.images[i]).convert("RGB"))
-        ax.axis("off")
-        true = [l for l in m.labels[i] if l in set(names)]
-        pred = [names[j] for j in np.argsort(-p_m[i]) if decided[i, j]][:5]
-        hit = [("✓ " if t in true else "✗ ") + t for t in pred] or ["(none)"]
-        ax.set_title("true: " + ", ".join(true[:5]) + "\npred: " + ", ".join(hit), fontsize=7, loc="left")
-    fig.tight_layout()
-    _save(fig, out / "examples.png", dpi=100)
+    plot_per_label_ap(out / "per_label_ap.png", names, ap_m, ("baseline", ap_b), name="MuMIC", xlabel="average precision (test)")
+    plot_precision_recall(out / "precision_recall.png", y, {"MuMIC": p_m, "baseline": p_b}, "test, all (image, seen label) pairs")
+    plot_examples(out / "examples.png", m.images, m.labels, names, p_m, model.decide(p_m, specs))
 
     lines = [
         "# EmojiTags demo: MuMIC vs. the usual baseline", "",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,14 @@ from mumic.data.labels import LabelSpec
 from mumic.data.manifest import Manifest, read_manifest
 from mumic.errors import ManifestError
 from mumic.features import cached_features
-from mumic.io import atomic_write_json, atomic_write_text
+from mumic.io import atomic_write_json
 from mumic.metrics import evaluate_scores
 from mumic.model import MuMIC
 from mumic.predictor import Predictor
+from mumic.report import HEADLINE
 
 log = logging.getLogger(__name__)
 
-# the paper's figures first, then the rest
-HEADLINE = ("gap10", "gap", "map_macro", "map_majority", "zsl_map", "gzsl_map", "map_micro", "f1_micro_thr", "f1_macro_thr")
 
 
 @torch.inference_mode()
@@ -91,7 +89,9 @@ def evaluate_probs(
         np.asarray(y), probs, train_counts=counts, majority_n=majority_n,
         unseen=unseen if unseen.any() else None, thresholds=thresholds,
     )
-    return {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for k, v in out.items()}
+    # plain JSON numbers: counts stay integers
+    return {k: (int(v) if isinstance(v, (int, np.integer)) else float(v) if isinstance(v, (float, np.floating)) else v)
+            for k, v in out.items()}
 
 
 def model_probs(
@@ -135,6 +135,19 @@ def evaluate_model(
 ) -> dict[str, float]:
     """All metrics of a model on a manifest: seen labels, and zero-shot on unseen ones.
     Keyword arguments go to model_probs."""
+    return evaluate_model_scores(model, manifest, train_counts=train_counts, majority_n=majority_n, **kw)[0]
+
+
+def evaluate_model_scores(
+    model: MuMIC,
+    manifest: Manifest,
+    *,
+    train_counts: dict[str, int] | None = None,
+    majority_n: int = 32,
+    **kw: Any,
+) -> tuple[dict[str, float], Manifest, np.ndarray, list[LabelSpec]]:
+    """evaluate_model, and what it scored: (metrics, the rows evaluated, their
+    probabilities [N, C], the labels)."""
     known = {l.name for l in model.labels}
     for i, labels in enumerate(manifest.labels):
         bad = [l for l in labels if l not in known]
@@ -144,7 +157,8 @@ def evaluate_model(
     if kw.get("failures"):
         ok = ~np.isnan(probs).any(1)
         manifest, probs = manifest.select(np.flatnonzero(ok)), probs[ok]
-    return evaluate_probs(model, manifest, probs, labels=specs, train_counts=train_counts, majority_n=majority_n)
+    metrics = evaluate_probs(model, manifest, probs, labels=specs, train_counts=train_counts, majority_n=majority_n)
+    return metrics, manifest, probs, specs
 
 
 def evaluate_run(run_dir: str | Path, manifest_path: str | Path, *, split: str | None = None, out: str | Path | None = None,
@@ -173,40 +187,3 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         v = metrics[k]
         lines.append(f"{k:>14}  {v:.4f}" if isinstance(v, float) else f"{k:>14}  {v}")
     return "\n".join(lines)
-
-
-def write_report(run: Path, metrics: dict[str, Any], log_rows: list[dict[str, Any]]) -> None:
-    """report.md and a learning-curve plot for a finished run."""
-    lines = [f"# Run {run.name}", ""]
-    for split in ("val", "test"):
-        if split in metrics:
-            lines += [f"## {split}", "", "| metric | value |", "|---|---|"]
-            m = metrics[split]
-            for k in [k for k in HEADLINE if k in m] + [k for k in m if k not in HEADLINE]:
-                v = m[k]
-                lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) and not math.isnan(v) else f"| {k} | {v} |")
-            lines.append("")
-    lines += [f"best step {metrics.get('best_step')} of {metrics.get('steps')}, tau {metrics.get('tau', float('nan')):.4f}, "
-              f"train time {metrics.get('train_time_s')} s", ""]
-    if log_rows:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(6, 3.5))
-            steps = [r["step"] for r in log_rows]
-            ax.plot(steps, [r["val_gap10"] for r in log_rows], marker="o", label="val GAP@10")
-            ax2 = ax.twinx()
-            ax2.plot(steps, [r["train_loss"] for r in log_rows], color="tab:red", alpha=0.6, label="train loss")
-            ax.set_xlabel("step")
-            ax.set_ylabel("val GAP@10")
-            ax2.set_ylabel("train loss")
-            fig.tight_layout()
-            fig.savefig(run / "curve.png", dpi=100)
-            plt.close(fig)
-            lines += ["![learning curve](curve.png)", ""]
-        except Exception as e:  # a report without a plot is still a report
-            log.warning("could not draw the learning curve: %s", e)
-    atomic_write_text(run / "report.md", "\n".join(lines))

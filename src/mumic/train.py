@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +33,13 @@ from mumic.data.labels import LabelSpec
 from mumic.data.manifest import Manifest
 from mumic.data.training import resolve_labels, saved_config, split_manifests
 from mumic.errors import ConfigError, ManifestError, RunError
-from mumic.evaluate import evaluate_model, evaluate_probs, manifest_embeddings, write_report
+from mumic.evaluate import evaluate_model_scores, evaluate_probs, manifest_embeddings
 from mumic.features import cached_features
 from mumic.io import atomic_write_csv, atomic_write_json, load_tensors, save_tensors
 from mumic.losses import loss_spec
-from mumic.metrics import fit_thresholds, gap
+from mumic.metrics import fit_thresholds, gap, global_fallback
 from mumic.model import MuMIC, resolve_device
+from mumic.report import write_run_report
 from mumic.run import labels_meta, prepare_run_dir, write_class_embeddings
 
 log = logging.getLogger(__name__)
@@ -438,6 +440,16 @@ class Trainer:
         model.train()
 
     # -- finalize -----------------------------------------------------------------------
+    def _detail(self, split: str, m: Manifest, probs: np.ndarray, specs: list[LabelSpec],
+                thresholds: dict[str, Any]) -> dict[str, Any]:
+        """What the report's per-label table, PR curve and example grid show for one split."""
+        names = [s.name for s in specs]
+        y, _ = m.targets(names, ignore_unknown=True)
+        t = np.array([thresholds["per_label"].get(n, thresholds["default"]) for n in names], np.float32)
+        return {"split": split, "names": names, "seen": [s.seen for s in specs], "y": np.asarray(y), "probs": probs,
+                "decided": probs >= t, "images": m.images, "labels": m.labels, "thresholds": thresholds,
+                "train_counts": self.train_counts}
+
     def finalize(self) -> None:
         """Thresholds, labels, metrics, the final weights and the report, from the best weights."""
         cfg, run, model, val, st = self.cfg, self.run_dir, self.model, self.val, self.state
@@ -446,8 +458,10 @@ class Trainer:
         y_val = val.y.numpy()
         th = fit_thresholds(y_val, val_probs)
         default_th = float(fit_thresholds(y_val.reshape(-1, 1), val_probs.reshape(-1, 1))[0])
+        fallback = global_fallback(y_val)
         thresholds = {"method": "max F1 on validation; labels with few positives use the global threshold",
-                      "default": default_th, "per_label": {name: float(t) for name, t in zip(self.seen_names, th)}}
+                      "default": default_th, "per_label": {name: float(t) for name, t in zip(self.seen_names, th)},
+                      "global": [name for name, g in zip(self.seen_names, fallback) if g]}
         atomic_write_json(run / "thresholds.json", thresholds)
         model.thresholds = thresholds
         atomic_write_json(run / "labels.json", labels_meta(model, self.train_counts, self.backbone.config(), self.tau0))
@@ -456,13 +470,15 @@ class Trainer:
             "train_time_s": round(time.time() - self.t_start, 2),
             "val": evaluate_probs(model, self.val_m, val_probs, seen_only=True, train_counts=self.train_counts, majority_n=cfg.majority_n),
         }
+        detail = self._detail("val", self.val_m, val_probs, list(model.seen), thresholds)
         test_m = self.test_m
         if test_m is not None:
             test_failures: list[tuple[int, str]] | None = [] if cfg.on_bad_image == "skip" else None
-            metrics["test"] = evaluate_model(model, test_m, train_counts=self.train_counts, majority_n=cfg.majority_n,
-                                             batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                             use_cache=cfg.image_tower == "frozen", cache_dir=cfg.cache_dir, failures=test_failures,
-                                             engine=cfg.engine)
+            metrics["test"], scored_m, test_probs, test_specs = evaluate_model_scores(
+                model, test_m, train_counts=self.train_counts, majority_n=cfg.majority_n, batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers, use_cache=cfg.image_tower == "frozen", cache_dir=cfg.cache_dir,
+                failures=test_failures, engine=cfg.engine)
+            detail = self._detail("test", scored_m, test_probs, test_specs, thresholds)
             if test_failures:
                 self.skipped["test"] = [(test_m.lines[i] if test_m.lines else i, r) for i, r in test_failures]
         if self.skipped:
@@ -472,7 +488,9 @@ class Trainer:
         atomic_write_json(run / "metrics.json", metrics)
         write_class_embeddings(run, model)
         save_tensors(run / "model.safetensors", model.trained_state(), metadata={"format": "mumic-run-1"})
-        write_report(run, metrics, st.log)
+        splits = {"train": self.train.manifest, "val": self.val_m, **({"test": test_m} if test_m is not None else {})}
+        split_counts = {k: dict(Counter(n for row in m.labels for n in row)) for k, m in splits.items()}
+        write_run_report(run, metrics, st.log, split_counts=split_counts, detail=detail)
         for f in ("checkpoint.safetensors", "best.safetensors"):
             (run / f).unlink(missing_ok=True)
         log.info("run %s finished: val GAP@10 %.4f at step %d", run, st.best, st.best_step)

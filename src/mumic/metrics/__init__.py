@@ -54,6 +54,7 @@ from mumic.metrics.thresholds import (
     f1_at_k,
     f1_at_thresholds,
     fit_thresholds,
+    global_fallback,
     precision_at_k,
     recall_at_k,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "f1_at_k",
     "f1_at_thresholds",
     "fit_thresholds",
+    "global_fallback",
     "gap",
     "gzsl_map",
     "macro_map",
@@ -90,7 +92,7 @@ def evaluate_scores(
     unseen: np.ndarray | None = None,
     thresholds: np.ndarray | None = None,
     ks: Sequence[int] = (1, 3, 5, 10),
-) -> dict[str, float]:
+) -> dict[str, float | int]:
     """Every metric of this module in one call, under stable keys.
 
     Always: ``gap10`` (GAP@10), ``gap`` (all labels), ``map_macro``, ``map_micro``,
@@ -110,7 +112,7 @@ def evaluate_scores(
     counts = None if train_counts is None else _check_counts(train_counts, c)
     thr = None if thresholds is None else _check_thresholds(thresholds, c)
     n_major = _check_k(majority_n, "majority_n")
-    out: dict[str, float] = {}
+    out: dict[str, float | int] = {}
     cols = np.arange(c)
     if unseen is not None:
         un = _label_index(unseen, c, "unseen")
@@ -127,7 +129,7 @@ def evaluate_scores(
     if counts is not None:
         idx = majority_labels(counts[cols], n_major)
         out["map_majority"] = _nanmean(ap[idx])
-        out["majority_n"] = float(idx.size)
+        out["majority_n"] = int(idx.size)
     out["map_micro"] = out["gap"]  # identical definitions (see micro_map)
     for k in ks:
         out[f"p@{k}"], out[f"r@{k}"], out[f"f1@{k}"] = _top_k(t, s, k)

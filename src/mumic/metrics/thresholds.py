@@ -91,9 +91,14 @@ def fit_thresholds(
         return np.full(c, float(default))
     global_thr = _best_f1_threshold(t.ravel(), s.ravel())
     thr = _per_label(t, s, _best_f1_threshold)
-    rare = t.sum(axis=0) < min_positives
-    thr = np.where(rare, global_thr, thr)
+    thr = np.where(global_fallback(t, min_positives), global_thr, thr)
     return np.clip(thr, _THRESHOLD_EPS, 1.0 - _THRESHOLD_EPS)
+
+
+def global_fallback(y_true: np.ndarray, min_positives: int = 10) -> np.ndarray:
+    """[C] bool: the labels whose fitted threshold is the global one (fewer than
+    ``min_positives`` positives; see fit_thresholds)."""
+    return np.asarray(y_true).sum(axis=0) < min_positives
 
 
 def _f1(tp: np.ndarray, n_pred: np.ndarray, n_pos: np.ndarray) -> np.ndarray:
