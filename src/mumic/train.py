@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,7 +34,7 @@ from mumic.data.training import resolve_labels, saved_config, split_manifests
 from mumic.errors import ConfigError, ManifestError, RunError
 from mumic.evaluate import evaluate_model, evaluate_probs, manifest_embeddings, write_report
 from mumic.features import cached_features
-from mumic.io import atomic_write_csv, atomic_write_json, load_tensors, save_tensors
+from mumic.io import atomic_write_csv, atomic_write_json, folder_lock, load_tensors, save_tensors
 from mumic.losses import loss_spec
 from mumic.metrics import fit_thresholds, gap
 from mumic.model import MuMIC, resolve_device
@@ -201,11 +201,12 @@ def fit(
     inputs = _load_inputs(cfg)  # bad data fails here, before anything is written
     cfg = saved_config(cfg, inputs.templates)  # what the run uses, as config.yaml records it
     dist.init()
-    if dist.is_main():
-        prepare_run_dir(run, overwrite=overwrite, resume=False)
-        save_config(cfg, run / "config.yaml")
-    dist.barrier()
-    return Trainer(cfg, run, inputs, progress=progress, on_step=on_step).run(resume=False)
+    with _writer_lock(run):
+        if dist.is_main():
+            prepare_run_dir(run, overwrite=overwrite, resume=False)
+            save_config(cfg, run / "config.yaml")
+        dist.barrier()
+        return Trainer(cfg, run, inputs, progress=progress, on_step=on_step).run(resume=False)
 
 
 def resume(run_dir: str | Path, *, progress: bool = True, on_step: Callable[[int], None] | None = None) -> Path:
@@ -213,11 +214,29 @@ def resume(run_dir: str | Path, *, progress: bool = True, on_step: Callable[[int
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise RunError(f"{run} is not a run directory (config.yaml is missing)")
-    if (run / "model.safetensors").is_file() and not (run / "checkpoint.safetensors").is_file():
-        raise RunError(f"{run} has already finished; nothing to resume")
-    cfg = load_config(run / "config.yaml")
     dist.init()
-    return Trainer(cfg, run, _load_inputs(cfg), progress=progress, on_step=on_step).run(resume=True)
+    with _writer_lock(run):  # checked under the lock: a writer that just finished is seen finished
+        if (run / "model.safetensors").is_file() and not (run / "checkpoint.safetensors").is_file():
+            raise RunError(f"{run} has already finished; nothing to resume")
+        cfg = load_config(run / "config.yaml")
+        return Trainer(cfg, run, _load_inputs(cfg), progress=progress, on_step=on_step).run(resume=True)
+
+
+@contextlib.contextmanager
+def _writer_lock(run: Path) -> Iterator[None]:
+    """One writer per run folder: rank 0 holds RUN/.lock for the whole job (io.folder_lock);
+    under torchrun every rank learns whether it got it, so all stop together if not."""
+    with contextlib.ExitStack() as held:
+        refused = None
+        if dist.is_main():
+            try:
+                held.enter_context(folder_lock(run))
+            except RunError as e:
+                refused = str(e)
+        refused = dist.broadcast(refused)
+        if refused:
+            raise RunError(refused)
+        yield
 
 
 class Inputs(NamedTuple):
