@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mumic.data.inputs import MANIFEST_SUFFIXES, expand_inputs, is_manifest
 from mumic.data.labels import (  # noqa: F401
     PLACEHOLDER,
     SEPARATOR,
@@ -41,7 +42,7 @@ from mumic.data.tables import show as _show
 from mumic.errors import ConfigError, ImageError, ManifestError
 
 __all__ = [
-    "MANIFEST_SUFFIXES", "Manifest", "inputs_manifest", "read_manifest",
+    "MANIFEST_SUFFIXES", "InputsManifest", "Manifest", "inputs_manifest", "read_manifest",
     # at home in mumic.data.labels; importable from here too
     "PLACEHOLDER", "SEPARATOR", "LabelSpec", "fill_template", "read_labels_file",
 ]
@@ -208,10 +209,11 @@ class Manifest:
         missing = [i for i, p in enumerate(self.images) if not p.is_file()]
         if missing:
             i = missing[0]
-            raise ImageError(
-                f"{self.where(i)}: image not found: {self.images[i]} "
-                f"({len(missing)} of {len(self)} images are missing)"
-            )
+            where = self.where(i)
+            what = "a folder, not an image" if self.images[i].is_dir() else "image not found"
+            # a path given on its own is its own "where"
+            head = f"{where}: {what}" if where != str(self.images[i]) else f"{what}"
+            raise ImageError(f"{head}: {self.images[i]} ({len(missing)} of {len(self)} images are missing)")
 
 
 # --------------------------------------------------------------------------- reading
@@ -454,23 +456,43 @@ def read_manifest(
     return manifest
 
 
-MANIFEST_SUFFIXES = tuple(_FORMATS)
-
-
 def inputs_manifest(inputs: Sequence[str | os.PathLike[str]], *, allow_outside: bool = False,
                     allow_duplicates: bool = False) -> Manifest:
-    """Image files and manifests (told apart by their suffix) as one unlabelled manifest,
-    in the order given; the manifests' other columns are kept."""
-    parts: list[Manifest] = []
-    images = [str(x) for x in inputs if not str(x).lower().endswith(MANIFEST_SUFFIXES)]
-    for x in inputs:
-        if str(x).lower().endswith(MANIFEST_SUFFIXES):
-            parts.append(read_manifest(x, require_labels=False, allow_outside=allow_outside, allow_duplicates=allow_duplicates))
-    paths = [p for m in parts for p in m.images] + [Path(x).resolve() for x in images]
-    frames = [m.frame.drop(columns=["image"], errors="ignore").reset_index(drop=True) for m in parts]
-    if images:
-        frames.append(pd.DataFrame(index=range(len(images))))
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    """Image files, folders of images, manifests (told apart by their suffix) and shell-style
+    patterns of those (:func:`mumic.data.inputs.expand_inputs`) as one unlabelled manifest,
+    in the order given; the manifests' other columns are kept. One manifest alone is read
+    as it is (:func:`read_manifest`)."""
+    given = expand_inputs(inputs)
+    if len(given) == 1 and is_manifest(given[0]):
+        return read_manifest(given[0], require_labels=False, allow_outside=allow_outside, allow_duplicates=allow_duplicates)
+    paths: list[Path] = []
+    sources: list[Path] = []
+    lines: list[int] = []
+    frames: list[pd.DataFrame] = []
+    for x in given:
+        if is_manifest(x):
+            m = read_manifest(x, require_labels=False, allow_outside=allow_outside, allow_duplicates=allow_duplicates)
+            paths, sources, lines = paths + m.images, sources + [m.path.absolute()] * len(m), lines + m.lines
+            frames.append(m.frame.drop(columns=["image"], errors="ignore").reset_index(drop=True))
+        else:  # a run of bare images is one frame of no columns
+            paths.append(Path(x).resolve())
+            sources.append(paths[-1])
+            lines.append(0)
+            if frames and frames[-1].empty and not len(frames[-1].columns):
+                frames[-1] = pd.DataFrame(index=range(len(frames[-1]) + 1))
+            else:
+                frames.append(pd.DataFrame(index=range(1)))
+    frame = pd.concat(frames, ignore_index=True)
     frame.insert(0, "image", [str(p) for p in paths])
-    lines = [line for m in parts for line in m.lines] + [0] * len(images)
-    return Manifest(path=Path(inputs[0]), images=paths, labels=[[] for _ in paths], negatives=None, splits=None, frame=frame, lines=lines)
+    return InputsManifest(path=Path(given[0]), images=paths, labels=[[] for _ in paths], frame=frame, lines=lines, sources=sources)
+
+
+@dataclass(eq=False, repr=False)
+class InputsManifest(Manifest):
+    """What :func:`inputs_manifest` returns for several inputs: ``sources`` holds each row's
+    manifest (a bare image: the image itself, line 0), so a message names the row's own file."""
+
+    sources: list[Path] = field(default_factory=list)
+
+    def where(self, i: int) -> str:
+        return str(self.sources[i]) if self.lines[i] == 0 else _where(self.sources[i], self.lines[i])
