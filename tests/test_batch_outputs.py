@@ -135,3 +135,15 @@ def test_an_input_of_the_job_is_never_its_output(run_and_manifest, tmp_path):
     both = inputs_manifest([m.path, second], allow_outside=True)
     with pytest.raises(ConfigError, match="is a manifest given as input"):
         ev.embed_manifest(model, both, second, progress=False, overwrite=True)
+
+
+def test_index_takes_a_folder_like_predict(run_and_manifest, tmp_path):
+    from mumic.search import Index, build_index
+
+    model, m = run_and_manifest
+    folder = m.images[0].parent
+    assert all(p.parent == folder for p in m.images)
+    out = build_index(model.run_dir, [folder], tmp_path / "index", backend="exact", progress=False, device="cpu")
+    meta = json.loads((out / "index.json").read_text())
+    assert meta["count"] == len(m) and meta["manifest"] is None
+    assert Index.load(out, use_ann=False).items["image"].tolist() == sorted(str(p) for p in m.images)
