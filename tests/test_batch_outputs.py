@@ -90,3 +90,60 @@ def test_a_different_job_does_not_reuse_parts(run_and_manifest, tmp_path, monkey
     ev.predict_manifest(model, m, out, labels=["red", "zebra"], shard_rows=20, progress=False)
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(rows) == len(m) and all(set(r["scores"]) == {"red", "zebra"} for r in rows)
+
+
+def test_a_finished_output_is_replaced_only_with_overwrite(run_and_manifest, tmp_path, monkeypatch):
+    from mumic.errors import ConfigError
+
+    model, m = run_and_manifest
+    one = m.select([0])
+    for out, job in ((tmp_path / "e.parquet", ev.embed_manifest), (tmp_path / "p.jsonl", ev.predict_manifest)):
+        job(model, m, out, shard_rows=1000, progress=False)
+        before = out.read_bytes()
+        with pytest.raises(ConfigError, match=rf"^{out} already exists; pass --overwrite"):
+            job(model, one, out, progress=False)
+        assert out.read_bytes() == before  # the 70-row file is still there
+        assert job(model, one, out, progress=False, overwrite=True) == 1
+
+    # an interrupted job resumes without overwrite: its shards are not a finished output
+    out = tmp_path / "cut.jsonl"
+    _interrupt_after(monkeypatch, 1)
+    with pytest.raises(Boom):
+        ev.predict_manifest(model, m, out, shard_rows=20, progress=False)
+    monkeypatch.undo()
+    assert ev.predict_manifest(model, m, out, shard_rows=20, progress=False) == len(m)
+
+
+def test_an_input_of_the_job_is_never_its_output(run_and_manifest, tmp_path):
+    import shutil
+
+    from mumic.errors import ConfigError
+
+    model, m = run_and_manifest
+    labels = model.run_dir / "labels.json"
+    before = labels.read_bytes(), m.path.read_bytes()
+    for out, what in ((m.path, "a manifest given as input"), (labels, "a file of the run"), (m.images[3], "an image of the input")):
+        for job in (ev.embed_manifest, ev.predict_manifest):
+            with pytest.raises(ConfigError, match=f"is {what}"):
+                job(model, m, out, progress=False, overwrite=True)
+    assert (labels.read_bytes(), m.path.read_bytes()) == before
+    # several inputs: the second manifest is an input too
+    second = tmp_path / "second.csv"
+    shutil.copy(m.path, second)
+    from mumic.data.inputs import inputs_manifest
+
+    both = inputs_manifest([m.path, second], allow_outside=True)
+    with pytest.raises(ConfigError, match="is a manifest given as input"):
+        ev.embed_manifest(model, both, second, progress=False, overwrite=True)
+
+
+def test_index_takes_a_folder_like_predict(run_and_manifest, tmp_path):
+    from mumic.search import Index, build_index
+
+    model, m = run_and_manifest
+    folder = m.images[0].parent
+    assert all(p.parent == folder for p in m.images)
+    out = build_index(model.run_dir, [folder], tmp_path / "index", backend="exact", progress=False, device="cpu")
+    meta = json.loads((out / "index.json").read_text())
+    assert meta["count"] == len(m) and meta["manifest"] is None
+    assert Index.load(out, use_ann=False).items["image"].tolist() == sorted(str(p) for p in m.images)

@@ -149,3 +149,15 @@ def test_train_evaluate_predict_embed(tmp_path, tiny_clip_dir):
     assert t.num_rows == 90 and {"image", "labels", "split", "embedding"} <= set(t.column_names)
     e = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+
+    # a finished output is not replaced by accident; a folder of images is an input like a manifest
+    _one_line_error(mumic("embed", run, root / "images", "--out", emb, check=False), str(emb), "already exists", "--overwrite")
+    assert pq.read_table(emb).num_rows == 90
+    mumic("embed", run, root / "images", "--out", emb, "--overwrite")
+    by_folder = pq.read_table(emb)
+    assert by_folder.column("image").to_pylist() == sorted(t.column("image").to_pylist())
+    folder_rows = [json.loads(l) for l in mumic("predict", run, root / "images").stdout.splitlines()]
+    assert [r["image"] for r in folder_rows] == by_folder.column("image").to_pylist()
+    # a missing image among paths is reported against itself
+    gone = root / "images" / "hill_sunset.jpg"
+    _one_line_error(mumic("predict", run, rows[0]["image"], gone, check=False), f"image not found: {gone} (1 of 2")

@@ -35,10 +35,12 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_clip_
     proc.wait()
     assert not (run / "model.safetensors").exists(), "the run finished before it could be killed; make it longer"
     state = load_file(str(run / "checkpoint.safetensors"))  # whatever the kill hit, the checkpoint is whole
+    assert (run / ".lock").read_text().strip() == str(proc.pid)  # the dead writer's lock file stays; it must not block
     assert "rng.torch" in state
     p = subprocess.run([sys.executable, "-m", "mumic", "train", "--resume", str(run), "--no-progress"], env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
+    assert not (run / ".lock").exists()
     a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:

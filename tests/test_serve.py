@@ -154,7 +154,7 @@ def test_top_k_trims_scores_and_decisions_alike_in_the_service_and_the_cli(serve
     import json
 
     from mumic.batch import predict_manifest
-    from mumic.data.manifest import inputs_manifest
+    from mumic.data.inputs import inputs_manifest
 
     i, calibrated, k = case_with_decisions_past_top_k(model, test_images)
     r = httpx.post(server.url + "/predict", files=files_of(test_images[i:i + 1]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mumic import distributed as dist
+from mumic.data.inputs import InputsManifest
 from mumic.data.manifest import Manifest
 from mumic.errors import ConfigError
 from mumic.evaluate import manifest_embeddings
 from mumic.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 from mumic.predictor import Predictor
+from mumic.run import RUN_FILES
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,29 @@ def _sharded(out: Path, n: int, fingerprint: dict[str, Any], shard_rows: int, su
     return parts
 
 
+def check_output(out_path: str | Path, manifest: Manifest, *, run_dir: str | Path | None = None, overwrite: bool = False) -> None:
+    """Refuse an output file that is one of the job's inputs (a manifest, an image, a file
+    of the run), even with `overwrite`, and a finished output unless `overwrite`. An
+    interrupted job's shards (OUT.parts/) are no finished output: a rerun resumes them."""
+    out = Path(out_path)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file name")
+    real = out.resolve()
+    named = {str(real), os.path.normpath(out.absolute())}
+    manifests = ({p for p, line in zip(manifest.sources, manifest.lines) if line} if isinstance(manifest, InputsManifest)
+                 else {manifest.path})
+    if any(p.resolve() == real for p in manifests):
+        raise ConfigError(f"--out {out} is a manifest given as input; choose another output file (inputs are never replaced)")
+    if named & {str(p) for p in manifest.images}:
+        raise ConfigError(f"--out {out} is an image of the input; choose another output file (inputs are never replaced)")
+    if run_dir is not None:
+        run = Path(run_dir).resolve()
+        if real == run or (real.parent == run and real.name in RUN_FILES):
+            raise ConfigError(f"--out {out} is a file of the run {run_dir}; choose another output file (a run is never replaced)")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+
+
 def _fingerprint(model: Predictor, manifest: Manifest, **extra: Any) -> dict[str, Any]:
     return {"run": str(getattr(model, "run_dir", "")), "manifest": str(manifest.path), "rows": len(manifest),
             "first": str(manifest.images[0]) if len(manifest) else "", "last": str(manifest.images[-1]) if len(manifest) else "", **extra}
@@ -85,13 +111,16 @@ def predict_manifest(
     shard_rows: int = SHARD_ROWS,
     on_bad_image: str = "fail",
     decode: str = "cpu",
+    overwrite: bool = False,
 ) -> int:
     """Per image: probabilities, calibrated decisions and the manifest's other columns;
     `top_k` keeps the k highest scores and the decided labels among them.
 
     Writes JSON lines, or Parquet when out_path ends in .parquet (scores as a list aligned
     with the label names stored in the file's metadata). Streams in bounded memory and
-    resumes an interrupted call from its last completed shard."""
+    resumes an interrupted call from its last completed shard. A finished out_path is
+    replaced only with `overwrite`; an input is never replaced (check_output)."""
+    check_output(out_path, manifest, run_dir=getattr(model, "run_dir", None), overwrite=overwrite)
     specs = model.resolve_labels(labels) if labels else model.scored_labels
     names = [s.name for s in specs]
     out = Path(out_path)
@@ -135,9 +164,11 @@ def predict_manifest(
 
 def embed_manifest(model: Predictor, manifest: Manifest, out_path: str | Path, *, batch_size: int = 32, num_workers: int = 0,
                    progress: bool = True, shard_rows: int = SHARD_ROWS, on_bad_image: str = "fail",
-                   decode: str = "cpu") -> int:
+                   decode: str = "cpu", overwrite: bool = False) -> int:
     """Write a Parquet file: the manifest's columns plus a normalised `embedding` column.
-    Streams in bounded memory and resumes an interrupted call from its last shard."""
+    Streams in bounded memory and resumes an interrupted call from its last shard. A
+    finished out_path is replaced only with `overwrite`; an input never (check_output)."""
+    check_output(out_path, manifest, run_dir=getattr(model, "run_dir", None), overwrite=overwrite)
     import pyarrow as pa
     import pyarrow.parquet as pq
 

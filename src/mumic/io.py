@@ -314,3 +314,56 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+LOCK_NAME = ".lock"
+"""The file in a folder that :func:`folder_lock` locks while a process writes the folder."""
+
+
+def _lock_holder(fd: int) -> str:
+    """The process id a lock file records, as text ("another process" while it is unwritten)."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return f"process {text}" if text.isdigit() else "another process"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], *, error: type[MumicError] = RunError) -> Iterator[Path]:
+    """Hold FOLDER/.lock (an exclusive ``flock``, with this process's id written in it) for
+    the block: a second writer of the folder gets an ``error`` naming the holder's id instead
+    of writing beside it. The kernel drops the lock when its holder exits, crashed or not, so
+    a lock file left by a dead process never blocks. The folder is made if missing; the lock
+    file is removed when the block ends."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise error(f"{folder} is being written by {holder} ({path}); wait for it or stop it") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # the holder before us may have removed the file after we opened it: lock the one in place
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # while still holding it, so no one locks a file about to vanish
+        os.close(fd)

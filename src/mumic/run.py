@@ -237,3 +237,46 @@ def prepare_run_dir(run: Path, *, overwrite: bool, resume: bool) -> None:
     for f in present:
         (run / f).unlink()
     run.mkdir(parents=True, exist_ok=True)
+
+
+def save_checkpoint(path: Path, model: Any, opt: Any, sched: Any, state: dict[str, Any]) -> None:
+    """checkpoint.safetensors: the trained weights, the optimizer's state, the scheduler,
+    the torch RNG and the trainer's `state` (JSON), so a resumed run continues exactly."""
+    import torch
+
+    from mumic.io import save_tensors
+
+    tensors = {"model." + k: v for k, v in model.trained_state().items()}
+    osd = opt.state_dict()
+    for idx, st in osd["state"].items():
+        for name, v in st.items():
+            tensors[f"opt.{idx}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng.torch"] = torch.get_rng_state()
+    sd = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+    meta = {"param_groups": json.dumps(osd["param_groups"]), "scheduler": json.dumps(sd), "state": json.dumps(state)}
+    save_tensors(path, tensors, metadata=meta)
+
+
+def load_checkpoint(path: Path, model: Any, opt: Any, sched: Any) -> dict[str, Any]:
+    """Restore what save_checkpoint wrote into `model`, `opt`, `sched` and the torch RNG;
+    returns the trainer's state."""
+    import torch
+    from safetensors import safe_open
+
+    from mumic.io import load_tensors
+
+    tensors = load_tensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    model.load_trained_state({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, source=str(path))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    sd = json.loads(meta["scheduler"])
+    sd["lr_lambdas"] = [None] * len(opt.param_groups)
+    sched.load_state_dict(sd)
+    torch.set_rng_state(tensors["rng.torch"])
+    return dict(json.loads(meta["state"]))

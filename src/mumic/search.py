@@ -305,7 +305,7 @@ def write_index(
 
 def build_index(
     run_dir: str | Path,
-    manifest_path: str | Path,
+    inputs: str | Path | Sequence[str | Path],
     out: str | Path,
     *,
     backend: str = "faiss",
@@ -318,11 +318,12 @@ def build_index(
     allow_duplicates: bool = False,
     engine: str = "auto",
 ) -> Path:
-    """`mumic index`: embed a manifest's images with a run and write an index folder
-    (`engine` runs the image tower, as in Predictor.set_engine)."""
+    """`mumic index`: embed the images of `inputs` (a manifest, or a list of image files,
+    folders of images, manifests and patterns, as `mumic predict` takes) with a run and
+    write an index folder (`engine` runs the image tower, as in Predictor.set_engine)."""
     import torch.nn.functional as F
 
-    from mumic.data.manifest import read_manifest
+    from mumic.data.inputs import InputsManifest, inputs_manifest
     from mumic.evaluate import manifest_embeddings
     from mumic.predictor import Predictor
 
@@ -331,17 +332,17 @@ def build_index(
     if backend == "faiss":
         _faiss()  # fail before the slow part
     check_output_folder(Path(out), overwrite, marker="index.json", what="an index")
-    manifest = read_manifest(manifest_path, require_labels=False, allow_outside=allow_outside, allow_duplicates=allow_duplicates)
-    if len(manifest) == 0:
-        raise MumicError(f"{manifest_path} has no rows; nothing to index")
+    given = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    manifest = inputs_manifest(given, allow_outside=allow_outside, allow_duplicates=allow_duplicates)
     manifest.check_images_exist()
+    manifest_path = None if isinstance(manifest, InputsManifest) else manifest.path  # recorded when one manifest is indexed
     model = Predictor.from_run(run_dir, device=device).set_engine(engine)
     raw = manifest_embeddings(model, manifest.images, batch_size=batch_size, num_workers=num_workers, progress=progress)
     emb = F.normalize(raw.float(), dim=-1).numpy()
     frame = manifest.frame.reset_index(drop=True).copy()
     frame["image"] = [str(p) for p in manifest.images]
     path = write_index(out, emb, frame, run_dir=run_dir, manifest=manifest_path, backend=backend, overwrite=overwrite)
-    log.info("indexed %d images of %s into %s", len(emb), manifest_path, path)
+    log.info("indexed %d images of %s into %s", len(emb), manifest_path or f"{len(given)} inputs", path)
     return path
 
 

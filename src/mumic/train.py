@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -35,12 +33,12 @@ from mumic.data.training import resolve_labels, saved_config, split_manifests
 from mumic.errors import ConfigError, ManifestError, RunError
 from mumic.evaluate import evaluate_model_scores, evaluate_probs, manifest_embeddings
 from mumic.features import cached_features
-from mumic.io import atomic_write_csv, atomic_write_json, load_tensors, save_tensors
+from mumic.io import atomic_write_csv, atomic_write_json, folder_lock, load_tensors, save_tensors
 from mumic.losses import loss_spec
 from mumic.metrics import fit_thresholds, gap, global_fallback
 from mumic.model import MuMIC, resolve_device
 from mumic.report import write_run_report
-from mumic.run import labels_meta, prepare_run_dir, write_class_embeddings
+from mumic.run import labels_meta, load_checkpoint, prepare_run_dir, save_checkpoint, write_class_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -150,36 +148,6 @@ def score_data(model: MuMIC, data: Data, cfg: TrainConfig, device: torch.device,
     return probs
 
 
-def _save_checkpoint(path: Path, model: MuMIC, opt: torch.optim.Optimizer, sched: Any, state: TrainState) -> None:
-    tensors = {"model." + k: v for k, v in model.trained_state().items()}
-    osd = opt.state_dict()
-    for idx, st in osd["state"].items():
-        for name, v in st.items():
-            tensors[f"opt.{idx}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    tensors["rng.torch"] = torch.get_rng_state()
-    sd = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
-    meta = {"param_groups": json.dumps(osd["param_groups"]), "scheduler": json.dumps(sd), "state": json.dumps(dataclasses.asdict(state))}
-    save_tensors(path, tensors, metadata=meta)
-
-
-def _load_checkpoint(path: Path, model: MuMIC, opt: torch.optim.Optimizer, sched: Any) -> TrainState:
-    tensors = load_tensors(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    model.load_trained_state({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, source=str(path))
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    sd = json.loads(meta["scheduler"])
-    sd["lr_lambdas"] = [None] * len(opt.param_groups)
-    sched.load_state_dict(sd)
-    torch.set_rng_state(tensors["rng.torch"])
-    return TrainState(**json.loads(meta["state"]))
-
-
 def fit(
     cfg: TrainConfig | str | Path | None = None,
     *,
@@ -203,11 +171,12 @@ def fit(
     inputs = _load_inputs(cfg)  # bad data fails here, before anything is written
     cfg = saved_config(cfg, inputs.templates)  # what the run uses, as config.yaml records it
     dist.init()
-    if dist.is_main():
-        prepare_run_dir(run, overwrite=overwrite, resume=False)
-        save_config(cfg, run / "config.yaml")
-    dist.barrier()
-    return Trainer(cfg, run, inputs, progress=progress, on_step=on_step).run(resume=False)
+    with _writer_lock(run):
+        if dist.is_main():
+            prepare_run_dir(run, overwrite=overwrite, resume=False)
+            save_config(cfg, run / "config.yaml")
+        dist.barrier()
+        return Trainer(cfg, run, inputs, progress=progress, on_step=on_step).run(resume=False)
 
 
 def resume(run_dir: str | Path, *, progress: bool = True, on_step: Callable[[int], None] | None = None) -> Path:
@@ -215,11 +184,29 @@ def resume(run_dir: str | Path, *, progress: bool = True, on_step: Callable[[int
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise RunError(f"{run} is not a run directory (config.yaml is missing)")
-    if (run / "model.safetensors").is_file() and not (run / "checkpoint.safetensors").is_file():
-        raise RunError(f"{run} has already finished; nothing to resume")
-    cfg = load_config(run / "config.yaml")
     dist.init()
-    return Trainer(cfg, run, _load_inputs(cfg), progress=progress, on_step=on_step).run(resume=True)
+    with _writer_lock(run):  # checked under the lock: a writer that just finished is seen finished
+        if (run / "model.safetensors").is_file() and not (run / "checkpoint.safetensors").is_file():
+            raise RunError(f"{run} has already finished; nothing to resume")
+        cfg = load_config(run / "config.yaml")
+        return Trainer(cfg, run, _load_inputs(cfg), progress=progress, on_step=on_step).run(resume=True)
+
+
+@contextlib.contextmanager
+def _writer_lock(run: Path) -> Iterator[None]:
+    """One writer per run folder: rank 0 holds RUN/.lock for the whole job (io.folder_lock);
+    under torchrun every rank learns whether it got it, so all stop together if not."""
+    with contextlib.ExitStack() as held:
+        refused = None
+        if dist.is_main():
+            try:
+                held.enter_context(folder_lock(run))
+            except RunError as e:
+                refused = str(e)
+        refused = dist.broadcast(refused)
+        if refused:
+            raise RunError(refused)
+        yield
 
 
 class Inputs(NamedTuple):
@@ -327,7 +314,7 @@ class Trainer:
             ckpt = self.run_dir / "checkpoint.safetensors"
             if not ckpt.is_file():
                 raise RunError(f"{self.run_dir} has no checkpoint yet to resume from; start it again with --overwrite")
-            self.state = _load_checkpoint(ckpt, model, self.opt, self.sched)
+            self.state = TrainState(**load_checkpoint(ckpt, model, self.opt, self.sched))
             log.info("resuming %s at step %d", self.run_dir, self.state.step)
 
     def _readable(self, name: str, m: Manifest) -> tuple[Manifest, torch.Tensor | None]:
@@ -434,7 +421,7 @@ class Trainer:
         if st.bad_evals >= self.cfg.patience:
             st.stopped = True
         if self.main:  # one writer; every rank holds the same state (validation scores are gathered)
-            _save_checkpoint(self.run_dir / "checkpoint.safetensors", model, self.opt, self.sched, st)
+            save_checkpoint(self.run_dir / "checkpoint.safetensors", model, self.opt, self.sched, dataclasses.asdict(st))
             atomic_write_csv(self.run_dir / "log.csv", st.log)
         dist.barrier()
         model.train()

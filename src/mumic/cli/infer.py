@@ -15,6 +15,10 @@ from mumic.cli._options import (
     add_manifest_options,
 )
 
+INPUTS_HELP = ("image files, folders of images (every .jpg .jpeg .png .webp .bmp .gif .tif .tiff below, sorted), "
+               "manifests (.csv .tsv .jsonl .parquet) and quoted shell patterns of those ('photos/**/*.jpg')")
+OVERWRITE_HELP = "replace a finished --out file (an interrupted job's OUT.parts/ resumes without it)"
+
 
 def register(sub: typing.Any) -> None:
     p = sub.add_parser("evaluate", help="metrics of a run on a manifest")
@@ -32,18 +36,20 @@ def register(sub: typing.Any) -> None:
 
     p = sub.add_parser("predict", help="label probabilities and decisions for images or manifests (JSON lines)")
     p.add_argument("run", help="run directory")
-    p.add_argument("inputs", nargs="+", help="image files and/or manifests (.csv .tsv .jsonl .parquet)")
+    p.add_argument("inputs", nargs="+", help=INPUTS_HELP)
     p.add_argument("--labels", nargs="+", metavar="LABEL",
                    help="score these labels (names not in the run are zero-shot, from the prompt templates)")
     p.add_argument("--top-k", type=int, help="keep the K highest scores per image")
     p.add_argument("--out", help="output file: JSON lines, or Parquet if it ends in .parquet (default: JSON lines on standard output)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     add_batch_options(p)
     p.set_defaults(func=predict)
 
-    p = sub.add_parser("embed", help="normalised image embeddings of a manifest, as Parquet")
+    p = sub.add_parser("embed", help="normalised image embeddings of images or manifests, as Parquet")
     p.add_argument("run", help="run directory")
-    p.add_argument("manifest", help="manifest (only the image column is needed)")
+    p.add_argument("inputs", nargs="+", help=INPUTS_HELP + "; of a manifest only the image column is needed")
     p.add_argument("--out", required=True, help="output .parquet file")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     add_batch_options(p)
     p.set_defaults(func=embed)
 
@@ -74,21 +80,33 @@ def _batch_model(a: argparse.Namespace) -> typing.Any:
     return model
 
 
+def _inputs_and_model(a: argparse.Namespace) -> tuple[typing.Any, typing.Any]:
+    """The inputs of `predict` / `embed` as one manifest, and the run on this rank's device;
+    before the run is loaded, --out is checked: neither an input nor a finished output
+    (without --overwrite)."""
+    from mumic.batch import check_output
+    from mumic.data.inputs import inputs_manifest
+
+    manifest = inputs_manifest(a.inputs, allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows)
+    if a.out:
+        check_output(a.out, manifest, run_dir=a.run, overwrite=a.overwrite)
+    model = _batch_model(a)
+    if a.on_bad_image == "fail":
+        manifest.check_images_exist()
+    return manifest, model
+
+
 def predict(a: argparse.Namespace) -> int:
     from mumic import distributed as dist
     from mumic.batch import predict_manifest
-    from mumic.data.manifest import inputs_manifest
     from mumic.errors import ConfigError
 
     if a.out is None and dist.launched():
         raise ConfigError("under torchrun, predict needs --out (the ranks write shards of one file)")
-    model = _batch_model(a)
-    manifest = inputs_manifest(a.inputs, allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows)
-    if a.on_bad_image == "fail":
-        manifest.check_images_exist()
+    manifest, model = _inputs_and_model(a)
     if a.out:
         n = predict_manifest(model, manifest, a.out, labels=a.labels, top_k=a.top_k, batch_size=a.batch_size, num_workers=a.num_workers,
-                             on_bad_image=a.on_bad_image, shard_rows=a.shard_rows, decode=a.decode)
+                             on_bad_image=a.on_bad_image, shard_rows=a.shard_rows, decode=a.decode, overwrite=a.overwrite)
         if dist.is_main():
             sys.stderr.write(f"wrote {n} predictions to {a.out}\n")
     else:
@@ -106,14 +124,10 @@ def predict(a: argparse.Namespace) -> int:
 def embed(a: argparse.Namespace) -> int:
     from mumic import distributed as dist
     from mumic.batch import embed_manifest
-    from mumic.data.manifest import read_manifest
 
-    model = _batch_model(a)
-    manifest = read_manifest(a.manifest, require_labels=False, allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows)
-    if a.on_bad_image == "fail":
-        manifest.check_images_exist()
+    manifest, model = _inputs_and_model(a)
     n = embed_manifest(model, manifest, a.out, batch_size=a.batch_size, num_workers=a.num_workers, on_bad_image=a.on_bad_image,
-                       shard_rows=a.shard_rows, decode=a.decode)
+                       shard_rows=a.shard_rows, decode=a.decode, overwrite=a.overwrite)
     if dist.is_main():
         sys.stderr.write(f"wrote {n} embeddings to {a.out}\n")
     return 0

@@ -14,12 +14,14 @@ def register(sub: typing.Any) -> None:
     from mumic.search import BACKENDS
 
     p = sub.add_parser(
-        "index", help="build a nearest-neighbour index over a manifest's image embeddings",
-        description="Embed every image of a manifest with a run and write an index folder "
+        "index", help="build a nearest-neighbour index over the embeddings of images or manifests",
+        description="Embed every image of the inputs with a run and write an index folder "
         "(HNSW graph, normalised embeddings, items) for `mumic search` and `mumic serve --index`.",
     )
     p.add_argument("run", help="run directory")
-    p.add_argument("manifest", help="manifest (only the image column is needed; other columns are kept)")
+    p.add_argument("inputs", nargs="+", help="image files, folders of images (every .jpg .jpeg .png .webp .bmp .gif .tif .tiff "
+                   "below, sorted), manifests (only the image column is needed; other columns are kept) and quoted shell "
+                   "patterns of those")
     p.add_argument("--out", required=True, help="index folder to write")
     p.add_argument("--backend", choices=BACKENDS, default="faiss",
                    help="faiss: HNSW graph plus exact vectors; exact: vectors only (default: faiss)")
@@ -52,7 +54,7 @@ def index(args: argparse.Namespace) -> int:
     from mumic.search import build_index
 
     path = build_index(
-        args.run, args.manifest, args.out, backend=args.backend, overwrite=args.overwrite,
+        args.run, args.inputs, args.out, backend=args.backend, overwrite=args.overwrite,
         batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, progress=not args.no_progress,
         allow_outside=args.allow_outside_paths, allow_duplicates=args.allow_duplicate_rows, engine=args.engine,
     )

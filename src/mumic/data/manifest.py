@@ -41,7 +41,7 @@ from mumic.data.tables import show as _show
 from mumic.errors import ConfigError, ImageError, ManifestError
 
 __all__ = [
-    "MANIFEST_SUFFIXES", "Manifest", "inputs_manifest", "read_manifest",
+    "Manifest", "read_manifest",
     # at home in mumic.data.labels; importable from here too
     "PLACEHOLDER", "SEPARATOR", "LabelSpec", "fill_template", "read_labels_file",
 ]
@@ -103,7 +103,7 @@ class Manifest:
 
     def where(self, i: int) -> str:
         """``'<file> line N'`` (``row N`` for Parquet) for row ``i``, for messages."""
-        return _where(self.path, self.lines[i])
+        return where_row(self.path, self.lines[i])
 
     def label_names(self) -> list[str]:
         """Sorted unique label names over ``labels`` and ``negatives``."""
@@ -208,16 +208,18 @@ class Manifest:
         missing = [i for i, p in enumerate(self.images) if not p.is_file()]
         if missing:
             i = missing[0]
-            raise ImageError(
-                f"{self.where(i)}: image not found: {self.images[i]} "
-                f"({len(missing)} of {len(self)} images are missing)"
-            )
+            where = self.where(i)
+            what = "a folder, not an image" if self.images[i].is_dir() else "image not found"
+            # a path given on its own is its own "where"
+            head = f"{where}: {what}" if where != str(self.images[i]) else f"{what}"
+            raise ImageError(f"{head}: {self.images[i]} ({len(missing)} of {len(self)} images are missing)")
 
 
 # --------------------------------------------------------------------------- reading
 
 
-def _where(path: Path, line: int) -> str:
+def where_row(path: Path, line: int) -> str:
+    """'FILE line N' (or 'row N' for Parquet), as every manifest message names a row."""
     unit = "row" if _FORMATS.get(path.suffix.lower()) == "parquet" else "line"
     return f"{path} {unit} {line}"
 
@@ -324,7 +326,7 @@ def _check_repeats(
             if not allow_duplicates:
                 unit = "row" if _FORMATS.get(path.suffix.lower()) == "parquet" else "line"
                 raise ManifestError(
-                    f"{_where(path, lines[i])}: duplicate of {unit} {lines[j]} (same image {_show(images[i].name)}, "
+                    f"{where_row(path, lines[i])}: duplicate of {unit} {lines[j]} (same image {_show(images[i].name)}, "
                     f"labels and other columns); remove one of the two rows, or keep both with "
                     f"--allow-duplicate-rows (allow_duplicate_rows: true in a config)"
                 )
@@ -337,14 +339,14 @@ def _check_repeats(
         j, i = duplicates[0]
         log.warning(
             "%s: %d row(s) repeat an earlier row exactly (first: %s repeats %s); kept, as allow_duplicates was given",
-            path, len(duplicates), _where(path, lines[i]), _where(path, lines[j]),
+            path, len(duplicates), where_row(path, lines[i]), where_row(path, lines[j]),
         )
     if repeated_images:
         k, i = repeated_images[0]
         log.warning(
             "%s: %d row(s) name an image that an earlier row also names, with other labels or columns "
             "(first: %s on %s and %s); all rows are kept",
-            path, len(repeated_images), _show(images[i].name), _where(path, lines[k]), _where(path, lines[i]),
+            path, len(repeated_images), _show(images[i].name), where_row(path, lines[k]), where_row(path, lines[i]),
         )
 
 
@@ -402,7 +404,7 @@ def read_manifest(
     negatives: list[list[str]] | None = [] if has_negatives else None
     splits: list[str] | None = [] if has_split else None
     for i, line in enumerate(lines):
-        where = _where(path, line)
+        where = where_row(path, line)
         raw = image_col[i]
         if _is_missing(raw) or (isinstance(raw, str) and not raw.strip()):
             raise ManifestError(f"{where}: empty image path")
@@ -457,25 +459,3 @@ def read_manifest(
     )
     log.debug("read %d rows from %s", len(manifest), path)
     return manifest
-
-
-MANIFEST_SUFFIXES = tuple(_FORMATS)
-
-
-def inputs_manifest(inputs: Sequence[str | os.PathLike[str]], *, allow_outside: bool = False,
-                    allow_duplicates: bool = False) -> Manifest:
-    """Image files and manifests (told apart by their suffix) as one unlabelled manifest,
-    in the order given; the manifests' other columns are kept."""
-    parts: list[Manifest] = []
-    images = [str(x) for x in inputs if not str(x).lower().endswith(MANIFEST_SUFFIXES)]
-    for x in inputs:
-        if str(x).lower().endswith(MANIFEST_SUFFIXES):
-            parts.append(read_manifest(x, require_labels=False, allow_outside=allow_outside, allow_duplicates=allow_duplicates))
-    paths = [p for m in parts for p in m.images] + [Path(x).resolve() for x in images]
-    frames = [m.frame.drop(columns=["image"], errors="ignore").reset_index(drop=True) for m in parts]
-    if images:
-        frames.append(pd.DataFrame(index=range(len(images))))
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    frame.insert(0, "image", [str(p) for p in paths])
-    lines = [line for m in parts for line in m.lines] + [0] * len(images)
-    return Manifest(path=Path(inputs[0]), images=paths, labels=[[] for _ in paths], negatives=None, splits=None, frame=frame, lines=lines)
