@@ -38,3 +38,20 @@ def test_cache_counts_leave_out_unreadable_images(tiny_clip_dir, tmp_path, caplo
         cached_features(bb, paths, cache_dir=tmp_path / "cache", failures=[])
     lines = [r.getMessage() for r in caplog.records if "found in the cache" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("2 of 3 image features found in the cache") and "(1 unreadable)" in lines[0]
+
+
+def test_every_option_of_every_verb_is_documented():
+    from mumic.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "verb")
+    undocumented = []
+    todo = list(sub.choices.items())
+    while todo:
+        name, p = todo.pop()
+        for action in p._actions:
+            if action.choices and isinstance(action.choices, dict):  # a nested verb group (mumic data ...)
+                todo += [(f"{name} {k}", v) for k, v in action.choices.items()]
+            elif action.option_strings and action.dest != "help" and not action.help:
+                undocumented.append(f"{name} {action.option_strings[0]}")
+    assert undocumented == []

@@ -86,3 +86,20 @@ def test_per_label_table_by_hand():
     assert rows[1]["ap"] == pytest.approx(1 / 4) and rows[1]["threshold"] == 0.4 and rows[1]["global threshold"] is True
     lines = per_label_markdown(rows)
     assert lines[2].startswith("| cat | yes | 7 | 2 | 1.000 | 0.500 | no |")
+
+
+def test_evaluate_per_label_prints_and_writes_the_rows(run, capsys, tmp_path):
+    from mumic.cli import main
+
+    run_dir, shapes = run
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(run_dir), "--manifest", str(shapes / "manifest.csv"), "--split", "test", "--per-label",
+                 "--out", str(out), "--device", "cpu", "--engine", "torch"]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["per_label"]
+    table = _table(printed, "map_macro")  # the per-label table follows the metrics
+    assert table[0][0] == "label" and {r[0] for r in table[1:]} == {r["label"] for r in rows}
+    report_rows = {r[0]: r for r in _table((run_dir / "report.md").read_text(), "## per label (test)")[1:]}
+    for r in rows:  # the same figures as the run's own report on the same split
+        assert report_rows[r["label"]][3] == str(r["positives"])
+        assert report_rows[r["label"]][4] == ("n/a" if r["ap"] is None else f"{r['ap']:.3f}")

@@ -21,7 +21,7 @@ from mumic.io import atomic_write_json
 from mumic.metrics import evaluate_scores
 from mumic.model import MuMIC
 from mumic.predictor import Predictor
-from mumic.report import HEADLINE
+from mumic.report import HEADLINE, per_label_rows
 
 log = logging.getLogger(__name__)
 
@@ -164,24 +164,34 @@ def evaluate_model_scores(
 def evaluate_run(run_dir: str | Path, manifest_path: str | Path, *, split: str | None = None, out: str | Path | None = None,
                  batch_size: int = 64, num_workers: int = 0, device: str = "auto", progress: bool = True,
                  allow_outside: bool = False, allow_duplicates: bool = False, decode: str = "cpu",
-                 engine: str = "torch") -> dict[str, float]:
-    """`mumic evaluate`: metrics of a run on a manifest (or one split of it), written as JSON."""
+                 engine: str = "torch", per_label: bool = False) -> dict[str, Any]:
+    """`mumic evaluate`: metrics of a run on a manifest (or one split of it), written as JSON.
+    With `per_label`, the result (and the JSON) also hold "per_label": one row per label
+    (see report.per_label_rows: positives, AP, threshold, whether it is the global one)."""
     model = Predictor.from_run(run_dir, device=device).set_engine(engine)
     manifest = read_manifest(manifest_path, allow_outside=allow_outside, allow_duplicates=allow_duplicates)
     if split:
         manifest = manifest.split(split)
     meta = json.loads((Path(run_dir) / "labels.json").read_text())
     counts = {l["name"]: l.get("train_positives", 0) for l in meta["labels"]}
-    metrics = evaluate_model(model, manifest, train_counts=counts, majority_n=model.config.majority_n,
-                             batch_size=batch_size, num_workers=num_workers, progress=progress, decode=decode)
+    metrics, scored, probs, specs = evaluate_model_scores(model, manifest, train_counts=counts, majority_n=model.config.majority_n,
+                                                          batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                                          decode=decode)
+    result: dict[str, Any] = dict(metrics)
+    doc: dict[str, Any] = {"manifest": str(manifest_path), "split": split, "images": len(manifest), "metrics": metrics}
+    if per_label:
+        names = [s.name for s in specs]
+        y, _ = scored.targets(names, ignore_unknown=True)
+        rows = per_label_rows(names, [s.seen for s in specs], np.asarray(y), probs, model.thresholds, counts)
+        result["per_label"] = doc["per_label"] = rows
     target = Path(out) if out else Path(run_dir) / f"eval-{Path(manifest_path).stem}{'-' + split if split else ''}.json"
-    atomic_write_json(target, {"manifest": str(manifest_path), "split": split, "images": len(manifest), "metrics": metrics})
-    return metrics
+    atomic_write_json(target, doc)
+    return result
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     """Metrics as aligned text, the paper's figures first."""
-    keys = [k for k in HEADLINE if k in metrics] + [k for k in metrics if k not in HEADLINE]
+    keys = [k for k in HEADLINE if k in metrics] + [k for k in metrics if k not in HEADLINE and not isinstance(metrics[k], list)]
     lines = []
     for k in keys:
         v = metrics[k]

@@ -20,7 +20,7 @@ def register(sub: typing.Any) -> None:
     q = dsub.add_parser("shapes", help="a small synthetic multi-label set of coloured shapes")
     q.add_argument("--out", default="data/shapes", help="output folder (default: data/shapes)")
     q.add_argument("-n", type=int, default=600, help="number of images")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="seed of the images and their splits (default: 0)")
     q.set_defaults(func=shapes)
 
     p = sub.add_parser("demo", help="EmojiTags end to end: build the data, train MuMIC and the baseline, report")

@@ -27,9 +27,11 @@ def register(sub: typing.Any) -> None:
     p.add_argument("--split", help="evaluate only the rows of this split")
     add_manifest_options(p)
     p.add_argument("--out", help="metrics JSON (default: RUN/eval-MANIFEST[-SPLIT].json)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--per-label", action="store_true",
+                   help="also print (and write) one row per label: positives, AP, calibrated threshold, whether it is the global one")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     add_decode_option(p)
     add_engine_option(p)
     p.set_defaults(func=evaluate)
@@ -56,11 +58,14 @@ def register(sub: typing.Any) -> None:
 
 def evaluate(a: argparse.Namespace) -> int:
     from mumic.evaluate import evaluate_run, format_metrics
+    from mumic.report import per_label_markdown
 
     m = evaluate_run(a.run, a.manifest, split=a.split, out=a.out, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device,
                      allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows, decode=a.decode,
-                     engine=a.engine)
+                     engine=a.engine, per_label=a.per_label)
     sys.stdout.write(format_metrics(m) + "\n")
+    if a.per_label:
+        sys.stdout.write("\n" + "\n".join(per_label_markdown(m["per_label"])) + "\n")
     return 0
 
 

@@ -26,9 +26,9 @@ def register(sub: typing.Any) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="faiss",
                    help="faiss: HNSW graph plus exact vectors; exact: vectors only (default: faiss)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_manifest_options(p)
     add_engine_option(p)
@@ -45,7 +45,7 @@ def register(sub: typing.Any) -> None:
     p.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
     p.add_argument("--exact", action="store_true", help="exact search over all vectors instead of the HNSW graph")
     p.add_argument("--run", help="run directory (default: the run recorded in the index)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     add_engine_option(p)
     p.set_defaults(func=search)
 

@@ -46,7 +46,8 @@ def register(sub: typing.Any) -> argparse.ArgumentParser:
                    help=f"seconds a request has to send its whole body, else 408 (default: {d.body_timeout_s:g})")
     p.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_s,
                    help=f"seconds an idle keep-alive connection stays open (default: {d.keep_alive_s:g})")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="how much the service logs (default: info)")
     p.set_defaults(func=run)
     return p
 
