@@ -83,7 +83,9 @@ def test_predict_and_embed_skip_and_list(dirty, tmp_path, tiny_clip_dir):
     preds = [json.loads(l)["image"] for l in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert all(p not in preds for _, _, p in broken.values())
     skipped = pd.read_csv(tmp_path / "p.jsonl.skipped.csv")
-    assert sorted(skipped["row"]) == sorted(broken)
+    # counted as training counts them: manifest lines (the header is line 1), with the image
+    assert sorted(skipped["line"]) == sorted(i + 2 for i in broken)
+    assert sorted(skipped["image"]) == sorted(str(m.images[i]) for i in broken)
     n = ev.embed_manifest(model, m, tmp_path / "e.parquet", progress=False, on_bad_image="skip", shard_rows=30)
     assert n == len(m) - len(broken)
-    assert sorted(pd.read_csv(tmp_path / "e.parquet.skipped.csv")["row"]) == sorted(broken)
+    assert sorted(pd.read_csv(tmp_path / "e.parquet.skipped.csv")["line"]) == sorted(i + 2 for i in broken)

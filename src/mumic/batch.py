@@ -130,7 +130,7 @@ def predict_manifest(
         failures = _failures(on_bad_image)
         u = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers, failures=failures,
                                  decode=decode)
-        keep = _keep_rows(failures, start, end, part)
+        keep = _keep_rows(failures, start, end, part, manifest)
         u = u[keep]
         p = model.proba_from_embeddings(u, specs)
         decided = model.decide(p, specs)
@@ -176,7 +176,7 @@ def embed_manifest(model: Predictor, manifest: Manifest, out_path: str | Path, *
         failures = _failures(on_bad_image)
         raw = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers, failures=failures,
                                  decode=decode)
-        keep = _keep_rows(failures, start, end, part)
+        keep = _keep_rows(failures, start, end, part, manifest)
         emb = F.normalize(raw[keep], dim=-1).numpy().astype(np.float32)
         frame = manifest.frame.iloc[start:end].reset_index(drop=True).iloc[keep].reset_index(drop=True).copy()
         frame["image"] = [str(manifest.images[start + r]) for r in keep]
@@ -198,8 +198,9 @@ def _failures(on_bad_image: str) -> list[tuple[int, str]] | None:
     return [] if on_bad_image == "skip" else None
 
 
-def _keep_rows(failures: list[tuple[int, str]] | None, start: int, end: int, part: Path) -> list[int]:
-    """Rows of a shard to write; skipped images go to the shard's .skipped.csv beside it."""
+def _keep_rows(failures: list[tuple[int, str]] | None, start: int, end: int, part: Path, manifest: Manifest) -> list[int]:
+    """Rows of a shard to write; skipped images go to the shard's .skipped.csv beside it, by
+    the line of their manifest (as training's skipped.csv), or their place among the inputs."""
     bad = {r for r, _ in failures or []}
     if failures:
         import csv
@@ -208,7 +209,9 @@ def _keep_rows(failures: list[tuple[int, str]] | None, start: int, end: int, par
         buf = io.StringIO()
         w = csv.writer(buf)
         for r, reason in sorted(failures):
-            w.writerow([start + r, reason])
+            row = start + r
+            line = manifest.lines[row] if manifest.lines and manifest.lines[row] else row + 1
+            w.writerow([line, str(manifest.images[row]), reason])
         atomic_write_text(part.with_name(part.name + ".skipped.csv"), buf.getvalue())
         log.warning("skipped %d unreadable images in rows %d-%d", len(bad), start, end - 1)
     return [r for r in range(end - start) if r not in bad]
@@ -216,7 +219,7 @@ def _keep_rows(failures: list[tuple[int, str]] | None, start: int, end: int, par
 
 def _merge(parts: list[Path], out: Path, parquet: bool, metadata: dict[str, str] | None = None) -> int:
     """Concatenate the shard files into `out` (atomically), write the skipped images to
-    OUT.skipped.csv (row, image, reason) if any, remove the parts; returns rows written.
+    OUT.skipped.csv (line, image, reason) if any, remove the parts; returns rows written.
     Under torchrun only rank 0 merges (the others return 0)."""
     import shutil
 
@@ -231,7 +234,7 @@ def _merge(parts: list[Path], out: Path, parquet: bool, metadata: dict[str, str]
             skipped.append(sk.read_text())
     skipped_path = out.with_name(out.name + ".skipped.csv")
     if skipped:
-        atomic_write_text(skipped_path, "row,reason\n" + "".join(skipped))
+        atomic_write_text(skipped_path, "line,image,reason\n" + "".join(skipped))
     else:
         skipped_path.unlink(missing_ok=True)
     rows = 0

@@ -121,7 +121,7 @@ def predict(a: argparse.Namespace) -> int:
                              progress=False, on_bad_image=a.on_bad_image, decode=a.decode)
             skipped = out.with_name(out.name + ".skipped.csv")
             if skipped.is_file():
-                sys.stderr.write("skipped images (row,reason):\n" + skipped.read_text().split("\n", 1)[1])
+                sys.stderr.write("skipped images (line,image,reason):\n" + skipped.read_text().split("\n", 1)[1])
             sys.stdout.write(out.read_text())
     return 0
 
