@@ -147,3 +147,15 @@ def test_index_takes_a_folder_like_predict(run_and_manifest, tmp_path):
     meta = json.loads((out / "index.json").read_text())
     assert meta["count"] == len(m) and meta["manifest"] is None
     assert Index.load(out, use_ann=False).items["image"].tolist() == sorted(str(p) for p in m.images)
+
+
+def test_progress_moves_batch_by_batch_even_in_one_shard(run_and_manifest, tmp_path, capsys):
+    import re
+
+    model, m = run_and_manifest
+    ev.predict_manifest(model, m, tmp_path / "p.jsonl", batch_size=10, shard_rows=4096)  # one shard, 7 batches
+    err = capsys.readouterr().err
+    counts = [int(c) for c in re.findall(r"(\d+)/70 ", err)]
+    assert counts and counts[-1] == 70 and len(set(counts)) > 2, err[-500:]  # it moved in steps, not 0 -> 70
+    ev.predict_manifest(model, m, tmp_path / "q.jsonl", progress=False)
+    assert "/70" not in capsys.readouterr().err

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ SHARD_ROWS = 4096
 
 
 def _sharded(out: Path, n: int, fingerprint: dict[str, Any], shard_rows: int, suffix: str,
-             write_part, progress: bool, desc: str) -> list[Path]:
+             write_part: Callable[[int, int, Path, Callable[[int], Any]], None], progress: bool, desc: str) -> list[Path]:
     """Process rows [0, n) in shards, each written atomically to OUT.parts/part-K; shards
     already written by an interrupted call with the same fingerprint are kept, so a
     rerun resumes from the last completed shard. Memory is bounded by one shard.
@@ -52,11 +52,18 @@ def _sharded(out: Path, n: int, fingerprint: dict[str, Any], shard_rows: int, su
     done = sum((parts_dir / f"part-{k:05d}{suffix}").is_file() for k in range(len(starts)))
     if done:
         log.info("resuming: %d of %d shards already written in %s", done, len(starts), parts_dir)
-    for k, start in enumerate(tqdm(starts, desc=desc, unit="shard", disable=not progress or len(starts) < 2 or rank != 0)):
-        part = parts_dir / f"part-{k:05d}{suffix}"
-        if k % world == rank and not part.is_file():
-            write_part(start, min(n, start + shard_rows), part)
-        parts.append(part)
+    # one bar over this rank's images (rank 0 shows it), moved batch by batch
+    mine = [(start, min(n, start + shard_rows)) for k, start in enumerate(starts) if k % world == rank]
+    with tqdm(total=sum(e - s for s, e in mine), desc=desc, unit="img", disable=not progress or rank != 0, leave=False) as bar:
+        for k, start in enumerate(starts):
+            part = parts_dir / f"part-{k:05d}{suffix}"
+            if k % world == rank:
+                end = min(n, start + shard_rows)
+                if part.is_file():
+                    bar.update(end - start)
+                else:
+                    write_part(start, end, part, bar.update)
+            parts.append(part)
     dist.barrier()
     return parts
 
@@ -126,9 +133,10 @@ def predict_manifest(
     out = Path(out_path)
     parquet = out.suffix.lower() == ".parquet"
 
-    def write_part(start: int, end: int, part: Path) -> None:
+    def write_part(start: int, end: int, part: Path, on_batch: Callable[[int], Any]) -> None:
         failures = _failures(on_bad_image)
         u = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers, failures=failures,
+                                 on_batch=on_batch,
                                  decode=decode)
         keep = _keep_rows(failures, start, end, part, manifest)
         u = u[keep]
@@ -172,9 +180,10 @@ def embed_manifest(model: Predictor, manifest: Manifest, out_path: str | Path, *
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    def write_part(start: int, end: int, part: Path) -> None:
+    def write_part(start: int, end: int, part: Path, on_batch: Callable[[int], Any]) -> None:
         failures = _failures(on_bad_image)
         raw = manifest_embeddings(model, manifest.images[start:end], batch_size=batch_size, num_workers=num_workers, failures=failures,
+                                 on_batch=on_batch,
                                  decode=decode)
         keep = _keep_rows(failures, start, end, part, manifest)
         emb = F.normalize(raw[keep], dim=-1).numpy().astype(np.float32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +39,13 @@ def manifest_embeddings(
     progress: bool = False,
     failures: list[tuple[int, str]] | None = None,
     decode: str = "cpu",
+    on_batch: Callable[[int], Any] | None = None,
 ) -> torch.Tensor:
     """[N, D] unnormalised image embeddings P_img(f_img(x)), from cached features if given.
 
     With a `failures` list, unreadable images give NaN rows and a (row, reason) entry
-    instead of an error."""
+    instead of an error. `on_batch(n)` is called after each batch of n images (a
+    progress bar of the caller's)."""
 
     model.eval()
     device = device or model.device
@@ -56,6 +58,8 @@ def manifest_embeddings(
     out = []
     for idx, px, reasons in tqdm(batches, desc="images", unit="batch", disable=not progress, leave=False):
         u = model.image_embeddings(px).float().cpu()
+        if on_batch is not None:
+            on_batch(len(u))
         if reasons is not None:
             bad = [r for r, reason in enumerate(reasons) if reason]
             failures.extend((int(idx[r]), reasons[r]) for r in bad)  # type: ignore[union-attr]
