@@ -169,3 +169,29 @@ def test_index_and_search_commands(search_run, search_shapes, tmp_path, capsys):
     assert {"score", "image", "labels", "id"} <= set(hits[0])
     with pytest.raises(SystemExit):  # --text and --image are exclusive, one is required
         main(["search", str(out)])
+
+
+def test_index_from_embeddings_equals_indexing_the_images_and_refuses_another_run(search_run, search_shapes, tmp_path):
+    import shutil
+
+    from mumic.cli import main
+
+    m = str(search_shapes / "manifest.csv")
+    assert main(["embed", str(search_run), m, "--out", str(tmp_path / "e.parquet"), "--device", "cpu"]) == 0
+    assert main(["index", str(search_run), "--from-embeddings", str(tmp_path / "e.parquet"), "--out", str(tmp_path / "a"),
+                 "--backend", "exact"]) == 0
+    assert main(["index", str(search_run), m, "--out", str(tmp_path / "b"), "--backend", "exact", "--device", "cpu",
+                 "--no-progress"]) == 0
+    a, b = Index.load(tmp_path / "a"), Index.load(tmp_path / "b")
+    assert a.count == b.count == 60
+    np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-5)
+    assert list(a.items["image"]) == list(b.items["image"])
+    # the file names the run that made it: other weights of the run are refused
+    other = tmp_path / "other"
+    shutil.copytree(search_run, other)
+    (other / "labels.json").write_text((other / "labels.json").read_text().replace('"tau"', '"tau" ', 1))
+    with pytest.raises(RunError, match="embedded with another run"):
+        from mumic.search import index_from_embeddings
+
+        index_from_embeddings(other, tmp_path / "e.parquet", tmp_path / "c")
+    assert main(["index", str(search_run), "--out", str(tmp_path / "d")]) == 2  # nothing to index: one line, exit 2

@@ -21,9 +21,12 @@ from mumic.errors import ConfigError
 from mumic.evaluate import manifest_embeddings
 from mumic.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 from mumic.predictor import Predictor
-from mumic.run import RUN_FILES
+from mumic.run import RUN_FILES, run_fingerprint
 
 log = logging.getLogger(__name__)
+
+EMBEDDINGS_RUN_KEY = "mumic.run_fingerprint"
+"""Parquet metadata key of an embeddings file: the fingerprint of the run that made it."""
 
 SHARD_ROWS = 4096
 
@@ -198,7 +201,10 @@ def embed_manifest(model: Predictor, manifest: Manifest, out_path: str | Path, *
     fingerprint = _fingerprint(model, manifest, kind="embed", on_bad_image=on_bad_image,
                                **({"decode": decode} if decode != "cpu" else {}))
     parts = _sharded(out, len(manifest), fingerprint, shard_rows, ".parquet", write_part, progress, "embed")
-    return _merge(parts, out, parquet=True)
+    # which run made the embeddings: `mumic index --from-embeddings` refuses another run's
+    run_dir = getattr(model, "run_dir", None)
+    meta = {EMBEDDINGS_RUN_KEY: run_fingerprint(run_dir)} if run_dir else None
+    return _merge(parts, out, parquet=True, metadata=meta)
 
 
 def _failures(on_bad_image: str) -> list[tuple[int, str]] | None:

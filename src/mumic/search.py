@@ -346,6 +346,37 @@ def build_index(
     return path
 
 
+def index_from_embeddings(run_dir: str | Path, embeddings: str | Path, out: str | Path, *, backend: str = "faiss",
+                          overwrite: bool = False) -> Path:
+    """`mumic index RUN --from-embeddings FILE.parquet`: an index over the embeddings that
+    `mumic embed` wrote, without embedding again. The file records the run that made it; a
+    file of another run (or of other weights of this one) is refused."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from mumic.batch import EMBEDDINGS_RUN_KEY
+
+    path = Path(embeddings)
+    if not path.is_file():
+        raise ConfigError(f"--from-embeddings {path} does not exist; write it with `mumic embed RUN INPUTS --out {path.name}`")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several unrelated types for bad files
+        raise ConfigError(f"--from-embeddings {path} is not a readable Parquet file: {e}") from None
+    recorded = (table.schema.metadata or {}).get(EMBEDDINGS_RUN_KEY.encode(), b"").decode()
+    if not recorded:
+        raise RunError(f"{path} does not say which run made it (no {EMBEDDINGS_RUN_KEY}); embed again with `mumic embed`")
+    if recorded != run_fingerprint(run_dir):
+        raise RunError(f"{path} was embedded with another run (or other weights of {run_dir}); embed again with this run")
+    if "embedding" not in table.column_names or table.num_rows == 0:
+        raise ConfigError(f"{path} has no embeddings (an 'embedding' column with at least one row)")
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    frame = table.drop(["embedding"]).to_pandas()
+    written = write_index(out, emb, frame, run_dir=run_dir, manifest=None, backend=backend, overwrite=overwrite)
+    log.info("indexed %d embeddings of %s into %s", len(emb), path, written)
+    return written
+
+
 def query_embedding(model: Any, *, text: str | None = None, image: str | Path | None = None) -> Any:
     """[1, D] normalised query: a text embedded in the image space, or an image file."""
     if (text is None) == (image is None):

@@ -19,10 +19,12 @@ def register(sub: typing.Any) -> None:
         "(HNSW graph, normalised embeddings, items) for `mumic search` and `mumic serve --index`.",
     )
     p.add_argument("run", help="run directory")
-    p.add_argument("inputs", nargs="+", help="image files, folders of images (every .jpg .jpeg .png .webp .bmp .gif .tif .tiff "
+    p.add_argument("inputs", nargs="*", help="image files, folders of images (every .jpg .jpeg .png .webp .bmp .gif .tif .tiff "
                    "below, sorted), manifests (only the image column is needed; other columns are kept) and quoted shell "
                    "patterns of those")
     p.add_argument("--out", required=True, help="index folder to write")
+    p.add_argument("--from-embeddings", metavar="FILE", help="index the embeddings `mumic embed` wrote (a .parquet of this "
+                   "run) instead of embedding the inputs again")
     p.add_argument("--backend", choices=BACKENDS, default="faiss",
                    help="faiss: HNSW graph plus exact vectors; exact: vectors only (default: faiss)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
@@ -51,13 +53,21 @@ def register(sub: typing.Any) -> None:
 
 
 def index(args: argparse.Namespace) -> int:
-    from mumic.search import build_index
+    from mumic.errors import ConfigError
+    from mumic.search import build_index, index_from_embeddings
 
-    path = build_index(
-        args.run, args.inputs, args.out, backend=args.backend, overwrite=args.overwrite,
-        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, progress=not args.no_progress,
-        allow_outside=args.allow_outside_paths, allow_duplicates=args.allow_duplicate_rows, engine=args.engine,
-    )
+    if args.from_embeddings:
+        if args.inputs:
+            raise ConfigError("give inputs or --from-embeddings, not both")
+        path = index_from_embeddings(args.run, args.from_embeddings, args.out, backend=args.backend, overwrite=args.overwrite)
+    elif not args.inputs:
+        raise ConfigError("nothing to index: give images, folders or manifests, or --from-embeddings FILE.parquet")
+    else:
+        path = build_index(
+            args.run, args.inputs, args.out, backend=args.backend, overwrite=args.overwrite,
+            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, progress=not args.no_progress,
+            allow_outside=args.allow_outside_paths, allow_duplicates=args.allow_duplicate_rows, engine=args.engine,
+        )
     meta = json.loads((path / "index.json").read_text())
     sys.stderr.write(f"indexed {meta['count']} images (dim {meta['dim']}, {meta['backend']}) into {path}\n")
     return 0
