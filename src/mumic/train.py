@@ -435,7 +435,7 @@ class Trainer:
         t = np.array([thresholds["per_label"].get(n, thresholds["default"]) for n in names], np.float32)
         return {"split": split, "names": names, "seen": [s.seen for s in specs], "y": np.asarray(y), "probs": probs,
                 "decided": probs >= t, "images": m.images, "labels": m.labels, "thresholds": thresholds,
-                "train_counts": self.train_counts}
+                "train_counts": dict(Counter(n for row in self.train.manifest.labels for n in row))}
 
     def finalize(self) -> None:
         """Thresholds, labels, metrics, the final weights and the report, from the best weights."""
