@@ -70,7 +70,7 @@ def _other_value(name, f, default):
         return ["an image of {}", "{}, drawn"]
     if isinstance(default, (int, float)):
         return default + 3
-    return {"backbone": "hf:some-org/some-model", "image_size": 96, "max_steps": 7, "tau": 0.25}.get(name, f"{name}.txt")
+    return {"backbone": "hf:some-org/some-model", "image_size": 96, "max_steps": 7, "tau": 0.25, "learn_tau": False}.get(name, f"{name}.txt")
 
 
 def test_every_key_survives_save_and_load_in_order(tmp_path):
@@ -103,3 +103,12 @@ def test_local_hf_directory_is_recorded_absolute(tmp_path, monkeypatch):
     # a hub name (no such folder here) and the lite backbone are kept as given
     assert load_config(overrides={"backbone": "hf:openai/clip-vit-base-patch32"}).backbone == "hf:openai/clip-vit-base-patch32"
     assert load_config(overrides={"backbone": "lite"}).backbone == "lite"
+
+
+def test_tau_learns_by_default_only_where_the_backbone_brings_a_logit_scale():
+    cfg = load_config(overrides={"backbone": "lite"})
+    assert cfg.learn_tau is None
+    assert cfg.resolved_learn_tau(None) is False and cfg.resolved_tau(None) == 0.07  # lite: tau fixed at 0.07
+    assert cfg.resolved_learn_tau(100.0) is True and cfg.resolved_tau(100.0) == pytest.approx(0.01)  # CLIP: learned from 1/100
+    assert load_config(overrides={"learn_tau": True}).resolved_learn_tau(None) is True
+    assert load_config(overrides={"learn_tau": False}).resolved_learn_tau(100.0) is False

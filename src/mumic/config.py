@@ -55,7 +55,9 @@ class TrainConfig:
     text_tower: str = _f("frozen", "text tower: frozen (class embeddings cached) or tuned", ("frozen", "tuned"))
     loss: str = _f("tempered_sigmoid", "training loss", LOSS_NAMES)
     tau: float | None = _f(None, "initial temperature (default: 1/the backbone's logit scale, else 0.07; 1.0 for tempered_sigmoid_fixed)")
-    learn_tau: bool = _f(True, "learn the temperature (tempered_sigmoid_fixed never does)")
+    learn_tau: bool | None = _f(None, "learn the temperature (default: learned from the backbone's logit scale for CLIP/SigLIP; "
+                                      "fixed for backbones without one, such as lite, where the EmojiTags study chose a fixed "
+                                      "tau of 0.07 on validation; tempered_sigmoid_fixed never learns it)")
     bias: str = _f("shared", "logit bias b: one shared scalar, one per label, or none", ("shared", "per_label", "none"))
     bias_init: str = _f("prior", "initial b: from the label prior (mean p near the positive rate) or zero", ("prior", "zero"))
     # optimisation
@@ -80,6 +82,10 @@ class TrainConfig:
     majority_n: int = _f(32, "number of most frequent training labels in the majority-label mAP")
     on_bad_image: str = _f("fail", "an unreadable image stops training (fail) or is left out and listed in RUN/skipped.csv (skip)",
                            ("fail", "skip"))
+
+    def resolved_learn_tau(self, backbone_logit_scale: float | None) -> bool:
+        """Whether tau learns: as set, else only where the backbone brings a logit scale."""
+        return bool(backbone_logit_scale) if self.learn_tau is None else self.learn_tau
 
     def resolved_tau(self, backbone_logit_scale: float | None) -> float:
         if self.tau is not None:

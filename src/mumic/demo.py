@@ -35,7 +35,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "baseline_cross_style": {"loss": "linear_bce", "cross": True},
 }
 DEMO_SETTINGS: dict[str, Any] = {
-    "backbone": "lite", "image_size": 128, "batch_size": 64, "epochs": 60, "eval_every": 40, "patience": 8,
+    "backbone": "lite", "image_size": 224, "batch_size": 64, "epochs": 60, "eval_every": 40, "patience": 8,
     "lr_head": 1e-3, "lr_temp": 1e-2, "majority_n": 32,
 }
 

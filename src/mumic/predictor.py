@@ -48,7 +48,8 @@ class Predictor(MuMIC):
         dev = resolve_device(device)
         backbone = load_backbone(**files.backbone, device=str(dev), lazy_text=lazy_text and cfg.text_tower == "frozen")
         backbone.set_trainable(image_tower=cfg.image_tower, text_tower=cfg.text_tower)
-        model = cls(backbone, files.labels, files.templates, loss=cfg.loss, tau=files.tau, learn_tau=cfg.learn_tau, bias=cfg.bias)
+        model = cls(backbone, files.labels, files.templates, loss=cfg.loss, tau=files.tau,
+                    learn_tau=cfg.resolved_learn_tau(backbone.logit_scale), bias=cfg.bias)
         model.to(dev)
         weights_path = files.path / "model.safetensors"
         weights = load_tensors(weights_path)

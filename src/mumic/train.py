@@ -285,7 +285,8 @@ class Trainer:
                                       seed=cfg.seed)
         self.backbone.set_trainable(image_tower=cfg.image_tower, text_tower=cfg.text_tower)
         self.tau0 = cfg.resolved_tau(self.backbone.logit_scale)
-        self.model = model = MuMIC(self.backbone, specs, templates, loss=cfg.loss, tau=self.tau0, learn_tau=cfg.learn_tau,
+        learn_tau = cfg.resolved_learn_tau(self.backbone.logit_scale)
+        self.model = model = MuMIC(self.backbone, specs, templates, loss=cfg.loss, tau=self.tau0, learn_tau=learn_tau,
                                    bias=cfg.bias).to(device)
 
         self.skipped: dict[str, list[tuple[int, str]]] = {}
