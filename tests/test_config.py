@@ -70,7 +70,8 @@ def _other_value(name, f, default):
         return ["an image of {}", "{}, drawn"]
     if isinstance(default, (int, float)):
         return default + 3
-    return {"backbone": "hf:some-org/some-model", "image_size": 96, "max_steps": 7, "tau": 0.25, "learn_tau": False}.get(name, f"{name}.txt")
+    others = {"backbone": "hf:some-org/some-model", "image_size": 96, "max_steps": 7, "tau": 0.25, "learn_tau": False}
+    return others.get(name, f"{name}.txt")
 
 
 def test_every_key_survives_save_and_load_in_order(tmp_path):

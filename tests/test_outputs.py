@@ -179,3 +179,31 @@ def test_an_input_is_never_the_output(verb, tmp_path, capsys):
     # the same file reached by another spelling of its path
     code, err = _cli(capsys, verb, run, manifest, "--out", tmp_path / "sub" / ".." / "m.csv", "--overwrite")
     assert code == 2 and "is a manifest given as input" in err, err
+
+
+def test_evaluate_and_data_verbs_refuse_to_replace_without_overwrite(tmp_path):
+    import subprocess
+    import sys
+
+    def mumic(*args):
+        return subprocess.run([sys.executable, "-m", "mumic", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+    assert mumic("data", "shapes", "--out", tmp_path / "s", "-n", 20).returncode == 0
+    before = (tmp_path / "s" / "manifest.csv").read_bytes()
+    assert mumic("data", "shapes", "--out", tmp_path / "s", "-n", 20).returncode == 0  # the same set: reused
+    p = mumic("data", "shapes", "--out", tmp_path / "s", "-n", 24)
+    assert p.returncode == 2 and "--overwrite" in p.stderr and "Traceback" not in p.stderr
+    assert (tmp_path / "s" / "manifest.csv").read_bytes() == before
+    assert mumic("data", "shapes", "--out", tmp_path / "s", "-n", 24, "--overwrite").returncode == 0
+    assert len((tmp_path / "s" / "manifest.csv").read_text().splitlines()) == 25
+
+
+def test_evaluate_refuses_an_existing_metrics_file(tmp_path):
+    from mumic.errors import ConfigError
+    from mumic.evaluate import evaluate_run
+
+    out = tmp_path / "m.json"
+    out.write_text("{}")
+    with pytest.raises(ConfigError, match=r"m\.json already exists; pass --overwrite"):
+        evaluate_run(tmp_path / "no-run", tmp_path / "no.csv", out=out, overwrite=False)
+    assert out.read_text() == "{}"

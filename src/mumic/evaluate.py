@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from mumic.data.dataset import pixel_batches
 from mumic.data.labels import LabelSpec
 from mumic.data.manifest import Manifest, read_manifest
-from mumic.errors import ManifestError
+from mumic.errors import ConfigError, ManifestError
 from mumic.features import cached_features
 from mumic.io import atomic_write_json
 from mumic.metrics import evaluate_scores
@@ -168,10 +168,14 @@ def evaluate_model_scores(
 def evaluate_run(run_dir: str | Path, manifest_path: str | Path, *, split: str | None = None, out: str | Path | None = None,
                  batch_size: int = 64, num_workers: int = 0, device: str = "auto", progress: bool = True,
                  allow_outside: bool = False, allow_duplicates: bool = False, decode: str = "cpu",
-                 engine: str = "torch", per_label: bool = False) -> dict[str, Any]:
+                 engine: str = "torch", per_label: bool = False, overwrite: bool = True) -> dict[str, Any]:
     """`mumic evaluate`: metrics of a run on a manifest (or one split of it), written as JSON.
     With `per_label`, the result (and the JSON) also hold "per_label": one row per label
-    (see report.per_label_rows: positives, AP, threshold, whether it is the global one)."""
+    (see report.per_label_rows: positives, AP, threshold, whether it is the global one).
+    Without `overwrite` an existing output file is refused before anything is computed."""
+    target = Path(out) if out else Path(run_dir) / f"eval-{Path(manifest_path).stem}{'-' + split if split else ''}.json"
+    if target.exists() and not overwrite:
+        raise ConfigError(f"{target} already exists; pass --overwrite to replace it, or choose another --out")
     model = Predictor.from_run(run_dir, device=device).set_engine(engine)
     manifest = read_manifest(manifest_path, allow_outside=allow_outside, allow_duplicates=allow_duplicates)
     if split:
@@ -188,7 +192,6 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, *, split: str |
         y, _ = scored.targets(names, ignore_unknown=True)
         rows = per_label_rows(names, [s.seen for s in specs], np.asarray(y), probs, model.thresholds, counts)
         result["per_label"] = doc["per_label"] = rows
-    target = Path(out) if out else Path(run_dir) / f"eval-{Path(manifest_path).stem}{'-' + split if split else ''}.json"
     atomic_write_json(target, doc)
     return result
 

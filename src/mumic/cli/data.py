@@ -16,11 +16,13 @@ def register(sub: typing.Any) -> None:
     q.add_argument("--from", dest="from_dir", help="folder with the already-downloaded npm tarballs (no npm needed)")
     q.add_argument("--size", type=int, default=64, help="image size in pixels (default: 64)")
     q.add_argument("--seed", type=int, default=0, help="seed of the splits and of the unseen labels")
+    q.add_argument("--overwrite", action="store_true", help="replace a set built with other settings")
     q.set_defaults(func=emoji)
     q = dsub.add_parser("shapes", help="a small synthetic multi-label set of coloured shapes")
     q.add_argument("--out", default="data/shapes", help="output folder (default: data/shapes)")
     q.add_argument("-n", type=int, default=600, help="number of images")
     q.add_argument("--seed", type=int, default=0, help="seed of the images and their splits (default: 0)")
+    q.add_argument("--overwrite", action="store_true", help="replace a set made with other settings")
     q.set_defaults(func=shapes)
 
     p = sub.add_parser("demo", help="EmojiTags end to end: build the data, train MuMIC and the baseline, report")
@@ -34,7 +36,8 @@ def register(sub: typing.Any) -> None:
 def emoji(a: argparse.Namespace) -> int:
     from mumic.data.emoji import build_emoji
 
-    out = build_emoji(Path(a.out), from_dir=Path(a.from_dir) if a.from_dir else None, size=a.size, seed=a.seed)
+    out = build_emoji(Path(a.out), from_dir=Path(a.from_dir) if a.from_dir else None, size=a.size, seed=a.seed,
+                      overwrite=a.overwrite)
     sys.stdout.write(f"manifest: {out}\n")
     return 0
 
@@ -42,7 +45,7 @@ def emoji(a: argparse.Namespace) -> int:
 def shapes(a: argparse.Namespace) -> int:
     from mumic.data.synthetic import make_shapes
 
-    out = make_shapes(Path(a.out), n=a.n, seed=a.seed)
+    out = make_shapes(Path(a.out), n=a.n, seed=a.seed, overwrite=a.overwrite)
     sys.stdout.write(f"manifest: {out}\n")
     return 0
 

@@ -27,6 +27,7 @@ def register(sub: typing.Any) -> None:
     p.add_argument("--split", help="evaluate only the rows of this split")
     add_manifest_options(p)
     p.add_argument("--out", help="metrics JSON (default: RUN/eval-MANIFEST[-SPLIT].json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing metrics JSON")
     p.add_argument("--per-label", action="store_true",
                    help="also print (and write) one row per label: positives, AP, calibrated threshold, whether it is the global one")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
@@ -62,7 +63,7 @@ def evaluate(a: argparse.Namespace) -> int:
 
     m = evaluate_run(a.run, a.manifest, split=a.split, out=a.out, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device,
                      allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows, decode=a.decode,
-                     engine=a.engine, per_label=a.per_label)
+                     engine=a.engine, per_label=a.per_label, overwrite=a.overwrite)
     sys.stdout.write(format_metrics(m) + "\n")
     if a.per_label:
         sys.stdout.write("\n" + "\n".join(per_label_markdown(m["per_label"])) + "\n")

@@ -116,7 +116,7 @@ def _split_names(n: int, rng: np.random.Generator) -> list[str]:
     return names
 
 
-def make_shapes(out_dir: str | os.PathLike[str], n: int = 300, size: int = 64, seed: int = 0) -> Path:
+def make_shapes(out_dir: str | os.PathLike[str], n: int = 300, size: int = 64, seed: int = 0, *, overwrite: bool = True) -> Path:
     """Write the Shapes set to ``out_dir`` (images/, manifest.csv, labels.yaml, params.json)
     and return the manifest path. Deterministic given ``seed``; returns at once when
     ``out_dir`` already holds a set made with the same parameters."""
@@ -130,9 +130,13 @@ def make_shapes(out_dir: str | os.PathLike[str], n: int = 300, size: int = 64, s
     params = {"n": int(n), "size": int(size), "seed": int(seed), "version": _VERSION}
     if manifest_path.is_file() and params_path.is_file():
         try:
-            if json.loads(params_path.read_text(encoding="utf-8")) == params:
+            old = json.loads(params_path.read_text(encoding="utf-8"))
+            if old == params:
                 log.debug("shapes set in %s is up to date", out)
                 return manifest_path
+            if not overwrite:
+                raise ConfigError(f"{out} holds a Shapes set made with other settings ({old}); pass --overwrite to "
+                                  "replace it, or choose another --out")
         except (OSError, ValueError):
             pass
     params_path.unlink(missing_ok=True)  # mark incomplete until everything is written

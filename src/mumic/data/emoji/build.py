@@ -117,8 +117,10 @@ def build_emoji(
     progress: bool = True,
     min_count: int = MIN_COUNT,
     cache_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Build the EmojiTags set in ``out_dir`` and return the path of its manifest.
+    Without ``overwrite``, a finished set built with other settings is refused, not replaced.
 
     ``from_dir``: a folder with the four source tarballs (as ``npm pack`` names them);
     without it they are downloaded with ``npm pack`` into ``cache_dir`` (default
@@ -139,6 +141,9 @@ def build_emoji(
     if _up_to_date(out, params):
         log.info("EmojiTags in %s is up to date", out)
         return manifest_path
+    if not overwrite and (out / "params.json").is_file() and manifest_path.is_file():
+        raise ConfigError(f"{out} holds an EmojiTags set built with other settings; pass --overwrite to replace it, "
+                          "or choose another --out")
     from_path = None if from_dir is None else Path(from_dir)
     if from_path is not None and not from_path.is_dir():
         raise EmojiSourceError(f"{from_path}: no such folder (the folder of source tarballs, --from)")
