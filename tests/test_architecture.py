@@ -23,6 +23,7 @@ import subprocess
 import sys
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -303,30 +304,31 @@ def _in_cli(module: str) -> bool:
     return module == "mumic.cli" or module.startswith("mumic.cli.")
 
 
-def argparse_outside_cli(root: Path = ROOT) -> dict[str, str]:
+def _outside_cli(root: Path, hit: Callable[[ast.AST], bool]) -> dict[str, str]:
+    """module -> "file:line, ..." of the nodes outside cli/ for which `hit` is true."""
     tree = read_tree(root)
     found: dict[str, list[str]] = {}
     for name, syntax in tree.syntax.items():
         if _in_cli(name):
             continue
         for node, _ in _walk(syntax):
-            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
-            if any(m == "argparse" or m.startswith("argparse.") for m in mods):
+            if hit(node):
                 found.setdefault(name, []).append(f"{tree.rel(name)}:{node.lineno}")
     return {k: ", ".join(v) for k, v in found.items()}
+
+
+def _imports_argparse(node: ast.AST) -> bool:
+    mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+        [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+    return any(m == "argparse" or m.startswith("argparse.") for m in mods)
+
+
+def argparse_outside_cli(root: Path = ROOT) -> dict[str, str]:
+    return _outside_cli(root, _imports_argparse)
 
 
 def prints_outside_cli(root: Path = ROOT) -> dict[str, str]:
-    tree = read_tree(root)
-    found: dict[str, list[str]] = {}
-    for name, syntax in tree.syntax.items():
-        if _in_cli(name):
-            continue
-        for node, _ in _walk(syntax):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
-                found.setdefault(name, []).append(f"{tree.rel(name)}:{node.lineno}")
-    return {k: ", ".join(v) for k, v in found.items()}
+    return _outside_cli(root, lambda n: isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print")
 
 
 def file_lengths(root: Path = ROOT) -> dict[str, int]:

@@ -145,7 +145,8 @@ def predict_manifest(
         u = u[keep]
         p = model.proba_from_embeddings(u, specs)
         decided = model.decide(p, specs)
-        recs = [_records(manifest, start, end)[r] for r in keep]
+        shard = _records(manifest, start, end)  # once per shard, not once per row
+        recs = [shard[r] for r in keep]
         for r, rec in enumerate(recs):
             order = np.argsort(-p[r], kind="stable")
             kept = order[:top_k] if top_k else order  # top_k trims the decisions as it trims the scores, as /predict does

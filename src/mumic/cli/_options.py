@@ -23,6 +23,13 @@ def add_decode_option(p: argparse.ArgumentParser) -> None:
                         "on the CUDA device (gpu; needs torchvision); other formats always decode on the CPU")
 
 
+def add_device_options(p: argparse.ArgumentParser, *, batch_size: int) -> None:
+    """--batch-size, --num-workers and --device: how images reach the model."""
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per forward pass (default: {batch_size})")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+
+
 def add_batch_options(p: argparse.ArgumentParser) -> None:
     """Options of the commands that stream a manifest through a run (predict, embed)."""
     p.add_argument("--compile", action="store_true", help="run the image tower through torch.compile (pays off on large jobs)")
@@ -30,9 +37,7 @@ def add_batch_options(p: argparse.ArgumentParser) -> None:
                    help="an unreadable image stops the job (fail, default) or is left out and listed in OUT.skipped.csv (skip)")
     p.add_argument("--shard-rows", type=int, default=4096,
                    help="rows per output shard: the unit of resuming and, under torchrun, of work per rank (default: 4096)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding (default: 0)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_device_options(p, batch_size=32)
     add_decode_option(p)
     add_engine_option(p)
     add_manifest_options(p)

@@ -11,6 +11,7 @@ from pathlib import Path
 from mumic.cli._options import (
     add_batch_options,
     add_decode_option,
+    add_device_options,
     add_engine_option,
     add_manifest_options,
 )
@@ -30,9 +31,7 @@ def register(sub: typing.Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing metrics JSON")
     p.add_argument("--per-label", action="store_true",
                    help="also print (and write) one row per label: positives, AP, calibrated threshold, whether it is the global one")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding (default: 0)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_device_options(p, batch_size=64)
     add_decode_option(p)
     add_engine_option(p)
     p.set_defaults(func=evaluate)

@@ -7,7 +7,7 @@ import json
 import sys
 import typing
 
-from mumic.cli._options import add_engine_option, add_manifest_options
+from mumic.cli._options import add_device_options, add_engine_option, add_manifest_options
 
 
 def register(sub: typing.Any) -> None:
@@ -28,9 +28,7 @@ def register(sub: typing.Any) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="faiss",
                    help="faiss: HNSW graph plus exact vectors; exact: vectors only (default: faiss)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding (default: 0)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_device_options(p, batch_size=64)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_manifest_options(p)
     add_engine_option(p)
