@@ -186,7 +186,7 @@ def test_pixel_batches_gpu_path_embeddings_match_cpu_path(tmp_path, monkeypatch)
 
 def test_check_decode_names_the_problem(monkeypatch):
     check_decode("cpu", "cpu")
-    with pytest.raises(ConfigError, match="decode must be one of cpu, gpu, got 'nvjpeg'"):
+    with pytest.raises(ConfigError, match="decode must be one of cpu, gpu, nvimgcodec, got 'nvjpeg'"):
         check_decode("nvjpeg", "cpu")
     with pytest.raises(ConfigError, match="needs a CUDA device, but the model runs on cpu"):
         check_decode("gpu", "cpu")

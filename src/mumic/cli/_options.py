@@ -18,9 +18,10 @@ def add_engine_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_decode_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--decode", choices=("cpu", "gpu"), default="cpu",
-                   help="where JPEGs are decoded and resized: in the DataLoader workers (cpu, default) or with nvjpeg "
-                        "on the CUDA device (gpu; needs torchvision); other formats always decode on the CPU")
+    p.add_argument("--decode", choices=("cpu", "gpu", "nvimgcodec"), default="cpu",
+                   help="where JPEGs are decoded and resized: in the DataLoader workers (cpu, default), with nvjpeg "
+                        "on the CUDA device (gpu; needs torchvision), or on the GPU's hardware JPEG engines (nvimgcodec; "
+                        "needs pip install 'mumic[gpu]'); other formats always decode on the CPU")
 
 
 def add_device_options(p: argparse.ArgumentParser, *, batch_size: int) -> None:

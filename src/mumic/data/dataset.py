@@ -136,10 +136,20 @@ def pixel_batches(
     ``decode="cpu"`` decodes and resizes in the DataLoader workers (JPEG draft mode, one
     resize, uint8 across processes, pinned memory, non-blocking copies); ``"gpu"`` lets
     the workers read bytes only and decodes JPEGs with nvjpeg on ``device`` (CUDA and
-    torchvision needed; see :mod:`mumic.data.gpu_decode`)."""
+    torchvision needed; see :mod:`mumic.data.gpu_decode`); ``"nvimgcodec"`` decodes them on
+    the GPU's hardware JPEG engines (CUDA and ``mumic[gpu]``; :mod:`mumic.data.nvimgcodec_decode`)."""
 
     device = torch.device(device)
     gpu_decode.check_decode(decode, device)  # looked up at call time (tests stand in a CPU check)
+    if decode == "nvimgcodec":
+        from mumic.data.nvimgcodec_decode import NvImgCodecDecoder, collate_packed
+
+        raw = JpegBytesDataset(paths, size, skip_bad=skip_bad)
+        decoder = NvImgCodecDecoder(device)
+        for packed in make_loader(raw, batch_size, num_workers=num_workers, collate_fn=collate_packed):
+            idx, px, reasons = decoder.decode(packed, raw)
+            yield idx, px, reasons if skip_bad else None
+        return
     if decode == "gpu":
         raw = JpegBytesDataset(paths, size, skip_bad=skip_bad)
         for items in make_loader(raw, batch_size, num_workers=num_workers, collate_fn=collate_raw):

@@ -28,7 +28,9 @@ from torch.utils.data import Dataset
 from mumic.data.images import MAX_PIXELS, load_image, resize_center_crop
 from mumic.errors import ConfigError, ImageError
 
-DECODE_CHOICES = ("cpu", "gpu")
+DECODE_CHOICES = ("cpu", "gpu", "nvimgcodec")
+"""``--decode``: CPU workers, nvjpeg through torchvision, or the hardware JPEG engines through
+nvImageCodec (:mod:`mumic.data.nvimgcodec_decode`)."""
 
 _JPEG_SOI = b"\xff\xd8\xff"
 _ORIENTATION = 0x0112
@@ -49,6 +51,10 @@ def check_decode(decode: str, device: torch.device | str) -> None:
     """Raise ConfigError naming the problem when ``decode`` cannot run on ``device``."""
     if decode not in DECODE_CHOICES:
         raise ConfigError(f"decode must be one of {', '.join(DECODE_CHOICES)}, got {decode!r}")
+    if decode == "nvimgcodec":
+        from mumic.data.nvimgcodec_decode import check_nvimgcodec
+
+        check_nvimgcodec(device)
     if decode == "gpu":
         if torch.device(device).type != "cuda":
             raise ConfigError(f"decode 'gpu' needs a CUDA device, but the model runs on {device}")
