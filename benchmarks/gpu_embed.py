@@ -32,9 +32,12 @@ Ends with one line `ratio=<end-to-end / model-only>` for the first model of --mo
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -62,6 +65,11 @@ from _common import (
 from mumic.backbones import load_backbone
 from mumic.data.dataset import pixel_batches
 from mumic.data.gpu_decode import gpu_decode_available
+from mumic.data.nvimgcodec_decode import nvimgcodec_missing
+from mumic.io import atomic_write_json
+
+DECODES = ("cpu", "gpu", "nvimgcodec")
+DEFAULT_JSON = Path("docs/benchmarks/gpu.json")
 
 ARCHS = {"vit-b32": VIT_B32, "vit-b16": VIT_B16}
 
@@ -152,14 +160,25 @@ def end_to_end(encode, dim: int, paths: list[Path], size: int, batch: int, worke
 
 @torch.inference_mode()
 def decode_agreement(encode, paths: list[Path], size: int, device: torch.device, amp: bool,
-                     channels_last: bool) -> tuple[float, float, float]:
-    """(mean |pixel difference|, its 99th percentile, min embedding cosine) of the GPU
+                     channels_last: bool, decode: str) -> tuple[float, float, float]:
+    """(mean |pixel difference|, its 99th percentile, min embedding cosine) of a GPU
     decode path against the CPU path on the same images."""
-    px = {d: next(pixel_batches(paths, size, len(paths), device=device, decode=d))[1] for d in ("cpu", "gpu")}
-    diff = (px["cpu"].int() - px["gpu"].int()).abs().float()
+    px = {d: next(pixel_batches(paths, size, len(paths), device=device, decode=d))[1] for d in ("cpu", decode)}
+    diff = (px["cpu"].int() - px[decode].int()).abs().float()
     with autocast(device, amp):
         e = {d: encode(prepare(x, device, channels_last)).float() for d, x in px.items()}
-    return float(diff.mean()), float(torch.quantile(diff.flatten()[:1 << 24], 0.99)), float((e["cpu"] * e["gpu"]).sum(-1).min())
+    return float(diff.mean()), float(torch.quantile(diff.flatten()[:1 << 24], 0.99)), float((e["cpu"] * e[decode]).sum(-1).min())
+
+
+def available_decodes(device: torch.device) -> dict[str, str | None]:
+    """Each decode path -> None where it can run here, else why not."""
+    nv = nvimgcodec_missing()
+    return {"cpu": None, "gpu": gpu_decode_available(),
+            "nvimgcodec": "no CUDA device" if device.type != "cuda" else (f"nvImageCodec not importable ({nv})" if nv else None)}
+
+
+def the_command() -> str:
+    return "python3 " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
 def main() -> None:
@@ -177,8 +196,15 @@ def main() -> None:
     ap.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU (it is always off on CPU)")
     ap.add_argument("--out", help="folder for the embedding .npy files (default: a temporary folder, removed)")
     ap.add_argument("--decode", default=None,
-                    help="comma-separated decode paths to time end to end, from cpu, gpu "
-                         "(default: both where GPU decoding is available, else cpu)")
+                    help="comma-separated decode paths to time end to end, from cpu, gpu, nvimgcodec "
+                         "(default: every one that can run here)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also break the CPU decode path's main-process time into receive / pin / copy (a table)")
+    ap.add_argument("--train", action="store_true",
+                    help="also time training (benchmarks/gpu_train.py: tuned vs plain loop, tower full and frozen)")
+    ap.add_argument("--train-batch-size", type=int, default=None, help="training batch (default 512 on GPU)")
+    ap.add_argument("--json-out", default=None,
+                    help=f"write the figures here (default {DEFAULT_JSON} with CUDA; none without)")
     ap.add_argument("--seconds", type=float, default=None, help="model-only timing length (default 2 GPU, 1 CPU)")
     add_threads_option(ap)
     a = ap.parse_args()
@@ -196,12 +222,14 @@ def main() -> None:
     amp = cuda and not a.no_amp
     seconds = a.seconds or (2.0 if cuda else 1.0)
     names = [m.strip() for m in a.models.split(",") if m.strip()]
-    gpu_why = gpu_decode_available()
-    decodes = [d.strip() for d in (a.decode or ("cpu" if gpu_why else "cpu,gpu")).split(",") if d.strip()]
-    if any(d not in ("cpu", "gpu") for d in decodes) or not decodes:
-        raise SystemExit(f"unknown decode path in {a.decode!r}: choose from cpu, gpu")
-    if "gpu" in decodes and gpu_why:
-        raise SystemExit(f"decode gpu is not available here: {gpu_why}")
+    why = available_decodes(device)
+    decodes = [d.strip() for d in (a.decode or ",".join(d for d in DECODES if why[d] is None)).split(",") if d.strip()]
+    if any(d not in DECODES for d in decodes) or not decodes:
+        raise SystemExit(f"unknown decode path in {a.decode!r}: choose from {', '.join(DECODES)}")
+    for d in decodes:
+        if why[d]:
+            raise SystemExit(f"decode {d} is not available here: {why[d]}")
+    skipped = {d: w for d, w in why.items() if w and d not in decodes}
     unknown = [m for m in names if m not in ARCHS]
     if unknown or not names:
         raise SystemExit(f"unknown model {unknown[0] if unknown else a.models!r}: choose from {', '.join(ARCHS)}")
@@ -212,6 +240,12 @@ def main() -> None:
           f"channels_last {'on' if a.channels_last else 'off'}")
     if not cuda:
         print("no CUDA device: running on the CPU" + (" with tiny towers" if tiny else ""))
+    for d, w in skipped.items():
+        print(f"decode {d} not timed: {w}")
+    record: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "machine": machine_line().splitlines()[0],
+                    "date": datetime.date.today().isoformat(), "command": the_command(), "images": n, "batch_size": batch,
+                    "workers": a.num_workers, "compile": a.compile, "channels_last": a.channels_last, "bf16": amp,
+                    "decodes": decodes}
 
     tmp = Path(tempfile.mkdtemp(prefix="mumic-bench-gpu-"))
     out_dir = Path(a.out) if a.out else tmp / "embeddings"
@@ -222,9 +256,16 @@ def main() -> None:
         print(f"images: {n} JPEGs 640x480, {folder_bytes(paths) / n / 1024:.0f} KiB each on average "
               f"(drawn in {time.perf_counter() - t:.1f} s)")
         size = 224
+        loaders: dict[str, float] = {}
         for d in decodes:
             rate_loader = loader_only(paths, size, batch, a.num_workers, device, d)
+            loaders[d] = rate_loader
             print(f"loader only, decode {d} (decode + crop + copy, {a.num_workers} workers): {rate_loader:9.1f} images/s")
+        record["loader_images_per_s_by_decode"] = {d: round(v, 1) for d, v in loaders.items()}
+        if a.profile:
+            from _loader_profile import profile_report
+
+            record["profile_cpu"] = profile_report(paths, size, batch, a.num_workers, device)
 
         ratios: dict[str, float] = {}
         for name in names:
@@ -246,25 +287,48 @@ def main() -> None:
             label = f"{name}{' (tiny)' if tiny else ''}"
             print(f"{label}: {n_params(bb.image_tower) / 1e6:.1f} M vision weights, warm-up {warm:.1f} s")
             print(f"  model only : {rate_model:9.1f} images/s")
-            best = 0.0
+            best, best_decode, e2e = 0.0, decodes[0], {}
             for d in decodes:
                 out_file = out_dir / f"{name}-{d}.npy"
                 rate_e2e = end_to_end(encode, bb.embed_dim, paths, size, batch, a.num_workers, device, amp,
                                       a.channels_last, out_file, d)
                 emb = np.load(out_file, mmap_mode="r")
                 assert emb.shape == (n, bb.embed_dim) and np.isfinite(emb[:16]).all()
-                best = max(best, rate_e2e)
+                e2e[d] = round(rate_e2e, 1)
+                if rate_e2e > best:
+                    best, best_decode = rate_e2e, d
                 print(f"  end to end, decode {d}: {rate_e2e:9.1f} images/s -> {out_file.name} {list(emb.shape)}, "
                       f"{100 * rate_e2e / rate_model:.1f}% of the model-only rate")
-            if "gpu" in decodes:
-                mean, p99, cos = decode_agreement(encode, paths[:min(batch, n)], size, device, amp, a.channels_last)
-                print(f"  decode gpu vs cpu on {min(batch, n)} images: mean |pixel diff| {mean:.2f}, 99th percentile {p99:.0f}, "
+            agreement = {}
+            for d in decodes:
+                if d == "cpu":
+                    continue
+                mean, p99, cos = decode_agreement(encode, paths[:min(batch, n)], size, device, amp, a.channels_last, d)
+                agreement[d] = {"mean_abs_pixel_diff": round(mean, 3), "p99_abs_pixel_diff": p99, "min_cosine": round(cos, 5)}
+                print(f"  decode {d} vs cpu on {min(batch, n)} images: mean |pixel diff| {mean:.2f}, 99th percentile {p99:.0f}, "
                       f"min embedding cosine {cos:.4f}")
             ratios[name] = best / rate_model
+            if name == names[0]:
+                record.update({"model": label, "model_images_per_s": round(rate_model, 1), "best_decode": best_decode,
+                               "e2e_images_per_s": round(best, 1), "loader_images_per_s": round(loaders[best_decode], 1),
+                               "e2e_images_per_s_by_decode": e2e, "decode_agreement": agreement})
+            else:
+                record.setdefault("other_models", {})[label] = {"model_images_per_s": round(rate_model, 1), "e2e_images_per_s": e2e}
             del bb, encode
             if cuda:
                 torch.cuda.empty_cache()
+        if a.train:
+            from gpu_train import run_train_benchmark
+
+            record.update(run_train_benchmark(quick=a.quick, batch=a.train_batch_size, compile_=a.compile,
+                                              channels_last=a.channels_last or cuda))
         first = names[0]
+        record["ratio"] = round(ratios[first], 4)
+        json_out = Path(a.json_out) if a.json_out else (DEFAULT_JSON if cuda else None)
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(json_out, record)
+            print(f"figures written to {json_out}")
         print(f"ratio below: {first} end to end (fastest decode path) / model only")
         print(f"ratio={ratios[first]:.3f}")
     finally:

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_gpu_decode import photo, write_cases
 
 from mumic.data.dataset import ImageDataset, pixel_batches
 from mumic.data.gpu_decode import JpegBytesDataset, check_decode
 from mumic.data.nvimgcodec_decode import NvImgCodecDecoder, collate_packed, nvimgcodec_missing
 from mumic.errors import ConfigError, ImageError
+from test_gpu_decode import photo, write_cases
 
 REAL = nvimgcodec_missing() is None
 CUDA = torch.cuda.is_available()
