@@ -19,6 +19,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +53,6 @@ def check_decode(decode: str, device: torch.device | str) -> None:
     if decode not in DECODE_CHOICES:
         raise ConfigError(f"decode must be one of {', '.join(DECODE_CHOICES)}, got {decode!r}")
     if decode == "nvimgcodec":
-        from mumic.data.nvimgcodec_decode import check_nvimgcodec
-
         check_nvimgcodec(device)
     if decode == "gpu":
         if torch.device(device).type != "cuda":
@@ -61,6 +60,40 @@ def check_decode(decode: str, device: torch.device | str) -> None:
         why = gpu_decode_available()
         if why:
             raise ConfigError(f"decode 'gpu' is not available: {why}; install torchvision built for this torch, or use decode 'cpu'")
+
+
+# nvImageCodec (decode "nvimgcodec", mumic.data.nvimgcodec_decode): checked here, next to the
+# other decode paths, so that choosing a path never imports more than its check.
+EXTRA = "pip install 'mumic[gpu]'"
+"""How to install the optional dependency this path needs."""
+
+
+def import_nvimgcodec() -> Any:
+    """The ``nvidia.nvimgcodec`` module (ImportError when it is not installed)."""
+    from nvidia import nvimgcodec
+
+    return nvimgcodec
+
+
+def nvimgcodec_missing() -> str | None:
+    """None when nvImageCodec imports here, else why not."""
+    try:
+        import_nvimgcodec()
+    except Exception as e:  # ImportError, or a library that fails to load
+        return f"{e.__class__.__name__}: {e}"
+    return None
+
+
+def check_nvimgcodec(device: torch.device | str) -> None:
+    """Raise ConfigError naming the problem when ``decode="nvimgcodec"`` cannot run on ``device``."""
+    if torch.device(device).type != "cuda":
+        raise ConfigError(f"decode 'nvimgcodec' needs a CUDA device, but the model runs on {device}; use decode 'cpu'")
+    if not torch.cuda.is_available():
+        raise ConfigError("decode 'nvimgcodec' needs a CUDA device, but torch sees none; use decode 'cpu'")
+    why = nvimgcodec_missing()
+    if why:
+        raise ConfigError(f"decode 'nvimgcodec' needs nvImageCodec, which is not importable ({why}); "
+                          f"install it with {EXTRA}, or use decode 'cpu'")
 
 
 def gpu_decodable(img: Image.Image) -> bool:

@@ -28,42 +28,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from mumic.data.gpu_decode import JpegBytesDataset, resize_center_crop_tensor
-from mumic.errors import ConfigError, ImageError
-
-EXTRA = "pip install 'mumic[gpu]'"
-"""How to install the optional dependency this path needs."""
+from mumic.data.gpu_decode import (  # noqa: F401  (EXTRA, check_nvimgcodec and nvimgcodec_missing are this path's too)
+    EXTRA,
+    JpegBytesDataset,
+    check_nvimgcodec,
+    import_nvimgcodec,
+    nvimgcodec_missing,
+    resize_center_crop_tensor,
+)
+from mumic.errors import ImageError
 
 RESIZE_CHUNK = 256
 """Images resized in one call (bounds the float copy of a batch of full-size images)."""
-
-
-def import_nvimgcodec() -> Any:
-    """The ``nvidia.nvimgcodec`` module (ImportError when it is not installed)."""
-    from nvidia import nvimgcodec
-
-    return nvimgcodec
-
-
-def nvimgcodec_missing() -> str | None:
-    """None when nvImageCodec imports here, else why not."""
-    try:
-        import_nvimgcodec()
-    except Exception as e:  # ImportError, or a library that fails to load
-        return f"{e.__class__.__name__}: {e}"
-    return None
-
-
-def check_nvimgcodec(device: torch.device | str) -> None:
-    """Raise ConfigError naming the problem when ``decode="nvimgcodec"`` cannot run on ``device``."""
-    if torch.device(device).type != "cuda":
-        raise ConfigError(f"decode 'nvimgcodec' needs a CUDA device, but the model runs on {device}; use decode 'cpu'")
-    if not torch.cuda.is_available():
-        raise ConfigError("decode 'nvimgcodec' needs a CUDA device, but torch sees none; use decode 'cpu'")
-    why = nvimgcodec_missing()
-    if why:
-        raise ConfigError(f"decode 'nvimgcodec' needs nvImageCodec, which is not importable ({why}); "
-                          f"install it with {EXTRA}, or use decode 'cpu'")
 
 
 @dataclass
