@@ -15,10 +15,33 @@ save_pretrained to a temporary folder, and loaded through mumic's `hf:<folder>` 
 The JPEGs are drawn by the script (smooth colour fields, shapes and noise, about 90 KiB
 each, like real photos). Nothing is downloaded.
 
-On the project's device machine (one H100 or H200; its python3 has torch and transformers),
-from the repository root, one command (about 2 minutes, the machine's start not counted):
+Decode paths: `cpu` (DataLoader workers), `gpu` (nvjpeg through torchvision) and
+`nvimgcodec` (the hardware JPEG engines, `pip install 'mumic[gpu]'`); each one that can run
+is timed (loader alone and end to end), and each GPU path's pixels and embeddings are
+compared with the CPU path's. `--profile` breaks the CPU path's main-process time into
+receive / pin / copy (benchmarks/_loader_profile.py); `--train` adds the training benchmark
+(benchmarks/gpu_train.py). The figures of the first model and the fastest decode path go to
+`--json-out` (default docs/benchmarks/gpu.json on a CUDA machine), with the command.
 
-    PYTHONPATH=src PYTHONUNBUFFERED=1 python3 benchmarks/gpu_embed.py --compile --channels-last
+On the project's device machine (one H200, 16 CPU cores; its python3 has torch 2.11,
+torchvision and transformers, and no package index), from the repository root. nvImageCodec
+travels as wheels (25 MB + the 4 MB nvJPEG runtime), fetched once beside the repository:
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.2.3.58
+
+then one command, carrying `.whl` (about 4 to 5 minutes; give it a 360 s limit, which
+leaves room for a second try inside a 15-minute device budget):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit;
+    set -o pipefail; PYTHONPATH=src:benchmarks:/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/gpu_embed.py \
+        --compile --channels-last --models vit-b32 --profile --train 2>&1 | tee $OUT/log;
+    cp docs/benchmarks/gpu.json $OUT/
+
+(NVIDIA DALI's wheel, 199 MB, is over what a device call carries, so DALI is not an option
+there; its `mixed` decoder drives the same hardware engines through nvImageCodec.)
 
 Without CUDA it runs on the CPU (batch 32, no autocast, no pinned memory); `--quick` there
 uses tiny vision towers of the same patch sizes and 64 images, so the script is tested on
