@@ -150,7 +150,7 @@ class ImageRoot:
         """``path`` normalised; refused when it leaves the root and that was not allowed."""
         path = Path(os.path.normpath(path))
         if not self.allow_outside and not self._inside(path):
-            raise ManifestError(f"{where}: image {show(ref)} leads out of the images root {self.root} (to {os.path.realpath(path)}); "
+            raise ManifestError(f"{where}: image {ref!r} leads out of the images root {self.root} (to {os.path.realpath(path)}); "
                                 "fix the entry, or for a source you trust pass --allow-outside-root")
         return path
 

@@ -8,7 +8,8 @@ submitted with nothing chosen is an untagged row; a task nobody annotated is dro
 come back unreviewed). ``from_name`` keeps only one control's results. Older exports'
 ``completions`` are read as annotations.
 
-Image references: ``/data/upload/P/NAME`` is ``ROOT/P/NAME``, else ``ROOT/NAME``, else
+Image references: ``/data/upload/P/NAME`` is ``ROOT/P/NAME`` (ROOT being Label Studio's
+``media/upload`` folder), else ``ROOT/upload/P/NAME`` (ROOT being ``media``), else ``ROOT/NAME``, else
 ``ROOT/NAME`` without the 8-hex-digit prefix Label Studio adds to uploads
 (``1a2b3c4d-cat.jpg`` -> ``cat.jpg``); ``/data/local-files/?d=PATH`` is ``ROOT/PATH``
 (ROOT being the folder served as local files); the same with a host in front; a plain
@@ -59,7 +60,7 @@ def candidates(ref: str) -> list[str] | None:
     if parts.scheme in ("http", "https", "") and parts.path.startswith(UPLOAD):
         rest = unquote(parts.path[len(UPLOAD):])
         name = PurePosixPath(rest).name
-        out = [rest, name]
+        out = [rest, "upload/" + rest, name]
         if _UPLOAD_PREFIX.match(name):
             out.append(_UPLOAD_PREFIX.sub("", name))
         return list(dict.fromkeys(out))
