@@ -89,7 +89,8 @@ def test_coco_one_file_per_split_and_lvis_negatives(tmp_path):
     (ann / "instances_train2017.json").write_text(json.dumps(coco_doc(
         [{"id": 1, "file_name": "1.jpg", "neg_category_ids": [7]}, {"id": 2, "file_name": "2.jpg"}],
         [{"image_id": 1, "category_id": 1}])))  # image-level: no boxes at all
-    (ann / "instances_val2017.json").write_text(json.dumps(coco_doc([{"id": 1, "file_name": "3.jpg"}], [{"image_id": 1, "category_id": 9}])))
+    val = coco_doc([{"id": 1, "file_name": "3.jpg"}], [{"image_id": 1, "category_id": 9}])
+    (ann / "instances_val2017.json").write_text(json.dumps(val))
     out = tmp_path / "all.jsonl"
     report = import_dataset("coco", [ann / "instances_train2017.json", ann / "instances_val2017.json"], out, images_root=tmp_path)
     assert rows(out) == [("train2017/1.jpg", ["cat"], ["car"], "train"), ("train2017/2.jpg", [], [], "train"),
@@ -231,7 +232,8 @@ def test_openimages_ids_split_folders_and_bad_confidence(tmp_path):
 
 
 def ls_choices(*names, from_name="choice"):
-    return {"id": "r1", "type": "choices", "from_name": from_name, "to_name": "image", "origin": "manual", "value": {"choices": list(names)}}
+    return {"id": "r1", "type": "choices", "from_name": from_name, "to_name": "image", "origin": "manual",
+            "value": {"choices": list(names)}}
 
 
 def test_labelstudio_export_url_prefixes_and_annotation_choice(tmp_path, capsys):

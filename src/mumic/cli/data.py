@@ -38,7 +38,7 @@ IMPORT_FORMATS = ("coco", "voc", "openimages", "labelstudio", "folders")  # mumi
 
 
 def _register_import(dsub: typing.Any) -> None:
-    q = dsub.add_parser("import", help="a manifest from a labelling tool's export: COCO, Pascal VOC, Open Images, Label Studio, label folders",
+    q = dsub.add_parser("import", help="a manifest from a labelling tool's export: COCO, VOC, Open Images, Label Studio, label folders",
                         description="Write a mumic manifest (and a labels file where the format names its classes) from a COCO "
                                     "JSON, a VOC folder, Open Images label CSVs, a Label Studio JSON export or one folder per label.")
     q.add_argument("format", choices=IMPORT_FORMATS, metavar="FORMAT", help=f"one of {', '.join(IMPORT_FORMATS)}")
@@ -50,7 +50,8 @@ def _register_import(dsub: typing.Any) -> None:
                                          "voc: SRC/JPEGImages)")
     q.add_argument("--allow-outside-root", action="store_true",
                    help="follow image references that lead out of the images root (only for sources you trust)")
-    q.add_argument("--labels-out", help="labels file to write (default: OUT_STEM.labels.json; coco, and openimages with --class-descriptions)")
+    q.add_argument("--labels-out",
+                   help="labels file to write (default: OUT_STEM.labels.json; coco, and openimages with --class-descriptions)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing manifest or labels file")
     q.add_argument("--split", help="coco, openimages, labelstudio: the split of the one file imported")
     q.add_argument("--skip-difficult", action="store_true", help="voc: leave out objects marked difficult (kept as positives by default)")
@@ -59,7 +60,8 @@ def _register_import(dsub: typing.Any) -> None:
                    help="labelstudio: a task nobody annotated takes its latest prediction (default: dropped)")
     q.add_argument("--from-name", help="labelstudio: read only the results of this control")
     q.add_argument("--data-key", help="labelstudio: the task data key holding the image (default: image)")
-    q.add_argument("--taxonomy-paths", action="store_true", help="labelstudio: name taxonomy labels by their whole path (A/B), not the leaf")
+    q.add_argument("--taxonomy-paths", action="store_true",
+                   help="labelstudio: name taxonomy labels by their whole path (A/B), not the leaf")
     q.add_argument("--split-folders", action="store_true", help="folders: the first level is the split (SRC/train/LABEL/...)")
     q.set_defaults(func=import_data)
 

@@ -136,7 +136,8 @@ def _add_preannotation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--format", choices=("labelstudio", "coco"),
                    help="write the decisions for review instead of predictions: labelstudio (a JSON list of tasks whose "
                         "predictions carry the run's fingerprint as model_version) or coco (image-level COCO results)")
-    g.add_argument("--images-root", help="image paths are written relative to this folder (default: the deepest folder holding every input)")
+    g.add_argument("--images-root",
+                   help="image paths are written relative to this folder (default: the deepest folder holding every input)")
     g.add_argument("--url-prefix", help="labelstudio: put before each relative path (default: /data/local-files/?d=, for Label Studio "
                                         "serving the images root as local files)")
     g.add_argument("--from-name", default="choice", help="labelstudio: the name of the Choices control (default: choice)")

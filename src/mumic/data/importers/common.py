@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mumic.data.labels import SEPARATOR, LabelSpec, read_labels_file
-from mumic.data.tables import FORMATS, show
+from mumic.data.tables import FORMATS
 from mumic.errors import ConfigError, ManifestError
 from mumic.io import atomic_path, atomic_write_json
 
@@ -76,7 +76,7 @@ class ImportReport:
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
-            log.info("%s", text)
+            log.debug("%s", text)
 
     def lines(self) -> list[str]:
         """The report as a person reads it (the CLI prints these)."""

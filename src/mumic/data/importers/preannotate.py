@@ -82,10 +82,8 @@ def labelstudio_task(rec: dict[str, Any], *, model_version: str, root: Path, url
     """One Label Studio task with the model's decisions as its prediction."""
     decided = _decisions(rec)
     scores = list((rec.get("scores") or {}).values())
-    if decided:
-        score = min(p for _, p in decided)
-    else:
-        score = 1.0 - max(scores) if scores else 0.0
+    # the least sure decision; with none, how sure it is that nothing applies
+    score = min(p for _, p in decided) if decided else (1.0 - max(scores) if scores else 0.0)
     return {
         "data": {data_key: url_prefix + quote(_relative(rec["image"], root), safe="/"),
                  "mumic_scores": {n: p for n, p in decided}},
@@ -101,7 +99,8 @@ def labelstudio_task(rec: dict[str, Any], *, model_version: str, root: Path, url
 def coco_document(records: Iterable[dict[str, Any]], *, label_names: Sequence[str], model_version: str, root: Path) -> dict[str, Any]:
     """Image-level COCO results: images, categories and one scored annotation per decision."""
     cat = {name: c for c, name in enumerate(label_names, start=1)}
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for i, rec in enumerate(records, start=1):
         images.append({"id": i, "file_name": _relative(rec["image"], root)})
         for name, p in _decisions(rec):
