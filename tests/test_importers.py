@@ -301,6 +301,11 @@ def test_labelstudio_refuses_paths_out_of_root_and_ambiguous_leaves(tmp_path):
     import_dataset("labelstudio", src, tmp_path / "n.csv", images_root=root, taxonomy_paths=True)
     assert rows(tmp_path / "n.csv")[0][1] == ["animal/bat", "sport/bat"]
 
+    # an export of an old Label Studio calls annotations "completions"
+    src.write_text(json.dumps([{"id": 1, "data": {"image": "a.jpg"}, "completions": [{"result": [ls_choices("cat")]}]}]))
+    import_dataset("labelstudio", src, tmp_path / "o.csv", images_root=root)
+    assert rows(tmp_path / "o.csv") == [("root/a.jpg", ["cat"], [], "")]
+
 
 def test_labelstudio_reference_forms():
     assert candidates("/data/upload/12/5d2f1a3b-my%20cat.jpg") == ["12/5d2f1a3b-my cat.jpg", "upload/12/5d2f1a3b-my cat.jpg",
