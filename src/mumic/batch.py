@@ -174,6 +174,35 @@ def predict_manifest(
     return _merge(parts, out, parquet, metadata={"labels": json.dumps(names)})
 
 
+def predict_preannotations(model: Predictor, manifest: Manifest, out_path: str | Path, fmt: str, *, images_root: str | Path | None = None,
+                           url_prefix: str | None = None, from_name: str = "choice", to_name: str = "image",
+                           labels: Sequence[str] | None = None, overwrite: bool = False, **options: Any) -> int:
+    """`predict_manifest`, then its records written for a labelling tool (Label Studio tasks
+    or image-level COCO results, see mumic.data.importers.preannotate) with the run's
+    fingerprint as model_version. The records stream through OUT.predictions.jsonl (its
+    shards resume an interrupted job), removed once OUT is complete."""
+    from mumic.data.importers.preannotate import FORMATS, LOCAL_FILES, write_preannotations
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    check_output(out_path, manifest, run_dir=getattr(model, "run_dir", None), overwrite=overwrite)
+    out = Path(out_path)
+    records = out.with_name(out.name + ".predictions.jsonl")
+    n = predict_manifest(model, manifest, records, labels=labels, overwrite=True, **options)
+    if not dist.is_main():
+        return 0
+    run_dir = getattr(model, "run_dir", None)
+    names = [s.name for s in (model.resolve_labels(labels) if labels else model.scored_labels)]
+    write_preannotations(records, out, fmt, label_names=names, model_version=run_fingerprint(run_dir) if run_dir else "",
+                         images_root=Path(images_root) if images_root is not None else None,
+                         url_prefix=LOCAL_FILES if url_prefix is None else url_prefix, from_name=from_name, to_name=to_name)
+    skipped = records.with_name(records.name + ".skipped.csv")
+    if skipped.is_file():
+        os.replace(skipped, out.with_name(out.name + ".skipped.csv"))
+    records.unlink()
+    return n
+
+
 def embed_manifest(model: Predictor, manifest: Manifest, out_path: str | Path, *, batch_size: int = 32, num_workers: int = 0,
                    progress: bool = True, shard_rows: int = SHARD_ROWS, on_bad_image: str = "fail",
                    decode: str = "cpu", overwrite: bool = False) -> int:

@@ -44,6 +44,7 @@ def register(sub: typing.Any) -> None:
     p.add_argument("--top-k", type=int, help="keep the K highest scores per image")
     p.add_argument("--out", help="output file: JSON lines, or Parquet if it ends in .parquet (default: JSON lines on standard output)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _add_preannotation_options(p)
     add_batch_options(p)
     p.set_defaults(func=predict)
 
@@ -106,6 +107,10 @@ def predict(a: argparse.Namespace) -> int:
     from mumic.batch import predict_manifest
     from mumic.errors import ConfigError
 
+    if a.format:
+        return _preannotate(a)
+    if a.images_root or a.url_prefix is not None:
+        raise ConfigError("--images-root and --url-prefix shape pre-annotations: give them with --format labelstudio or coco")
     if a.out is None and dist.launched():
         raise ConfigError("under torchrun, predict needs --out (the ranks write shards of one file)")
     manifest, model = _inputs_and_model(a)
@@ -123,6 +128,36 @@ def predict(a: argparse.Namespace) -> int:
             if skipped.is_file():
                 sys.stderr.write("skipped images (line,image,reason):\n" + skipped.read_text().split("\n", 1)[1])
             sys.stdout.write(out.read_text())
+    return 0
+
+
+def _add_preannotation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pre-annotations for a labelling tool (--format; needs --out)")
+    g.add_argument("--format", choices=("labelstudio", "coco"),
+                   help="write the decisions for review instead of predictions: labelstudio (a JSON list of tasks whose "
+                        "predictions carry the run's fingerprint as model_version) or coco (image-level COCO results)")
+    g.add_argument("--images-root",
+                   help="image paths are written relative to this folder (default: the deepest folder holding every input)")
+    g.add_argument("--url-prefix", help="labelstudio: put before each relative path (default: /data/local-files/?d=, for Label Studio "
+                                        "serving the images root as local files)")
+    g.add_argument("--from-name", default="choice", help="labelstudio: the name of the Choices control (default: choice)")
+    g.add_argument("--to-name", default="image", help="labelstudio: the name of the Image object (default: image)")
+
+
+def _preannotate(a: argparse.Namespace) -> int:
+    from mumic import distributed as dist
+    from mumic.batch import predict_preannotations
+    from mumic.errors import ConfigError
+
+    if not a.out:
+        raise ConfigError(f"--format {a.format} needs --out (the file of tasks or results to write)")
+    manifest, model = _inputs_and_model(a)
+    n = predict_preannotations(model, manifest, a.out, a.format, images_root=a.images_root, url_prefix=a.url_prefix,
+                               from_name=a.from_name, to_name=a.to_name, labels=a.labels, top_k=a.top_k, batch_size=a.batch_size,
+                               num_workers=a.num_workers, on_bad_image=a.on_bad_image, shard_rows=a.shard_rows, decode=a.decode,
+                               overwrite=a.overwrite)
+    if dist.is_main():
+        sys.stderr.write(f"wrote {a.format} pre-annotations of {n} images to {a.out}\n")
     return 0
 
 
