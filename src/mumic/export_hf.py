@@ -48,6 +48,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mumic.backbones.base import quiet_local_loading
 from mumic.errors import ExportError
 from mumic.export import _backbone_kind, check_zero_shot, classifier_table, public_spec, tokenize, tokenizer_settings
 from mumic.io import atomic_folder, check_output_folder
@@ -150,7 +151,7 @@ def hf_text_embeddings(model: Any, enc: dict[str, Any], heads: dict[str, Any] | 
     return F.linear(f, heads["text_projection.weight"], heads["text_projection.bias"])
 
 
-def _verify(folder: Path, model: Any, kind: str, prompts: list[str], seed: int = 0) -> dict[str, float]:
+def _verify(folder: Path, model: Any, kind: str, prompts: list[str], tau: float, seed: int = 0) -> dict[str, float]:
     """Max abs differences between the reloaded folder and the run: image and text
     embeddings, and probabilities from the classifier file with numpy."""
     import numpy as np
@@ -160,12 +161,12 @@ def _verify(folder: Path, model: Any, kind: str, prompts: list[str], seed: int =
     from transformers import CLIPModel, SiglipModel
 
     backbone = model.backbone
-    reloaded = (CLIPModel if kind == "clip" else SiglipModel).from_pretrained(str(folder), use_safetensors=True).eval()
+    with quiet_local_loading():
+        reloaded = (CLIPModel if kind == "clip" else SiglipModel).from_pretrained(str(folder), use_safetensors=True).eval()
     heads = load_heads(folder)
     size = backbone.image_size
     px = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     clf = load_file(str(folder / CLASSIFIER_FILE))
-    tau = json.loads((folder / CLASSIFIER_JSON).read_text(encoding="utf-8"))["tau"]
     with torch.inference_mode():
         u_run = F.normalize(model.image_embeddings(px).float(), dim=-1).numpy()
         p_run = model.proba_from_embeddings(model.image_embeddings(px), list(model.labels))
@@ -193,23 +194,24 @@ def export_hf(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, 
 
     from mumic.card import write_card
     from mumic.predictor import Predictor
+    from mumic.run import read_run
 
     out = Path(out)
     check_output_folder(out, overwrite, marker=CLASSIFIER_JSON, what="a transformers export")
+    if not str(read_run(run_dir).backbone["spec"]).startswith("hf:"):  # refused before any model is built
+        raise ExportError(f"{run_dir} is a 'lite' run: its towers are not a transformers CLIP or SigLIP model; "
+                          "export it with `mumic export RUN --format onnx`")
     model = Predictor.from_run(run_dir, device="cpu", lazy_text=False)
     model.eval()
     backbone = model.backbone
     kind = _backbone_kind(backbone)
-    if kind == "lite":
-        raise ExportError(f"{run_dir} is a 'lite' run: its towers are not a transformers CLIP or SigLIP model; "
-                          "export it with `mumic export RUN --format onnx`")
     check_zero_shot(model, run_dir)
     labels = list(model.labels)
     scoring, v = classifier_table(model, labels)
     hf_model = _assemble(backbone, model.tau, scoring["default_bias"])
     folded = kind == "clip"
     with atomic_folder(out) as tmp:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_local_loading():
             hf_model.save_pretrained(str(tmp))
         backbone.tokenizer.save_pretrained(str(tmp))
         (tmp / "preprocessor_config.json").write_text(json.dumps(_preprocessor(backbone, kind), indent=2) + "\n", encoding="utf-8")
@@ -246,7 +248,7 @@ def export_hf(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, 
         }
         if verify:
             prompts = [t for l in labels for t in l.texts(model.templates)][:16]
-            diffs = _verify(tmp, model, kind, prompts)
+            diffs = _verify(tmp, model, kind, prompts, float(scoring["tau"]))
             doc["verification"] = {"against": "the run in PyTorch: 3 random images and the run's prompts", **diffs}
             log.info("transformers export vs the run: %s", ", ".join(f"{k} {x:.2e}" for k, x in diffs.items()))
             worst = max(diffs.values())
