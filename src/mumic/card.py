@@ -61,6 +61,10 @@ def _yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _num(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) and not math.isnan(v) else str(v)
 
@@ -152,7 +156,7 @@ def card_text(run_dir: str | Path, *, target: str = "run", name: str | None = No
     out = ["---", _yaml(_front_matter(run.name, spec, kind, final, dataset)).rstrip(), "---", MARKER, "", f"# {run.name}", ""]
     out += [f"A MuMIC multi-label image classifier: `{public}` fine-tuned on "
             f"{metrics.get('train_images', 'an unrecorded number of')} images for {len(seen)} labels"
-            + (f" (plus {len(unseen)} zero-shot labels)" if unseen else "") + ". Each label's probability is "
+            + (f" (plus {_count(len(unseen), 'zero-shot label')})" if unseen else "") + ". Each label's probability is "
             "p = sigmoid(cos(image embedding, class embedding) / tau + b); the class embeddings come from text prompts, "
             "so labels it was never trained on can be scored too.", ""]
 
@@ -225,10 +229,10 @@ def card_text(run_dir: str | Path, *, target: str = "run", name: str | None = No
             "labels outside the run, are uncalibrated guesses.",
             f"- It inherits the biases of its pretrained base `{public}` and of the "
             "training manifest's labelling; it has not been audited for fairness.",
-            f"- {len(thin)} trained labels have fewer than {FEW_POSITIVES} training positives"
+            f"- {_count(len(thin), 'trained label')} with fewer than {FEW_POSITIVES} training positives"
             + (f" ({', '.join(thin[:12])}{', ...' if len(thin) > 12 else ''})" if thin else "")
-            + "; their scores and thresholds are the least reliable.",
-            f"- {len(fallback)} labels had too few validation positives for a threshold of their own and use the global one.",
+            + ": their scores and thresholds are the least reliable.",
+            f"- {_count(len(fallback), 'label')} had too few validation positives for a threshold of their own and use the global one.",
             "- Zero-shot labels are scored without training; expect lower precision than for trained labels.",
             f"- Images are centre-cropped to a square and resized to {files.backbone.get('image_size') or cfg.image_size or 'the backbone'}"
             " px: content near the edges of wide images is not seen.", ""]
