@@ -67,6 +67,8 @@ LAYER_OF = {
     "mumic.batch": "jobs",
     "mumic.search": "jobs",
     "mumic.export": "jobs",
+    "mumic.export_hf": "jobs",  # the transformers export of hf: runs
+    "mumic.card": "jobs",  # the model card (README.md) of runs and exports
     "mumic.export_script": "jobs",  # the source of an export's predict.py (Pillow, numpy, onnxruntime only)
     "mumic.audit": "jobs",
     "mumic.serve": "apps",
@@ -90,7 +92,7 @@ STARTUP_COMMANDS = {  # label -> argv after `mumic`; the first runs as `python -
     "mumic serve --help": ["serve", "--help"],
     "mumic predict --help": ["predict", "--help"],
     **{f"mumic {v} --help": [*v.split(), "--help"] for v in (
-        "evaluate", "embed", "data emoji", "data shapes", "data import", "demo", "ablate", "index", "search", "export")},
+        "evaluate", "embed", "data emoji", "data shapes", "data import", "demo", "ablate", "index", "search", "export", "card")},
 }
 
 # Violations present today, by check. Each entry is the exact text the check reports; delete

@@ -18,6 +18,7 @@
                              preprocessing is mumic's own source (data/preprocess.py)
       README.json            inputs, outputs, preprocessing (size, mean, std), tokenizer
                              settings, and the measured ONNX vs PyTorch differences
+      README.md              the model card (mumic.card)
 
 Probabilities: p = sigmoid((image_embedding . v_c) / tau + b_c). A new (zero-shot) label:
 embed each of its prompts with the text graph, average `text_embedding_raw` over the
@@ -37,13 +38,14 @@ from typing import Any
 
 from mumic.backbones.onnx import DEFAULT_OPSET
 from mumic.backbones.onnx import onnx_export as _export
+from mumic.card import public_spec, write_card
 from mumic.errors import ConfigError, ExportError
 from mumic.io import atomic_folder, check_output_folder
 
 log = logging.getLogger(__name__)
 
 FORMAT = "mumic-onnx-1"
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "hf")  # hf: mumic.export_hf
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"
 SCRIPT_FILE = "predict.py"
@@ -59,11 +61,43 @@ def _backbone_kind(backbone: Any) -> str:
     raise ExportError(f"ONNX export does not know the backbone {backbone.spec!r}; supported: lite, hf CLIP, hf SigLIP")
 
 
-def public_spec(spec: str) -> str:
-    """The backbone spec without the local folder it was loaded from (only its name)."""
-    if spec.startswith("hf:") and Path(spec[3:]).expanduser().is_dir():
-        return "hf:" + Path(spec[3:]).expanduser().resolve().name
-    return spec
+def check_zero_shot(model: Any, run_dir: str | Path) -> None:
+    """Refuse a run whose classifier is not text embeddings (nothing to export beside the encoders)."""
+    if not model.zero_shot:
+        raise ExportError(
+            f"{run_dir} is a linear-head (linear_bce) run: its classifier is not text embeddings, so it has no "
+            "label embeddings to export; export a tempered_sigmoid / softmax_ce / asl run"
+        )
+
+
+def classifier_table(model: Any, labels: list[Any]) -> tuple[dict[str, Any], Any]:
+    """(the scoring of `labels`: formula, tau, b and calibrated threshold of each label,
+    prompts, templates; their class embeddings v as float32 [C, D], normalised), what every
+    export writes beside its encoders."""
+    import numpy as np
+    import torch
+
+    from mumic.heads import FORMULA
+
+    with torch.inference_mode():
+        v = model.class_embeddings(labels).float().cpu().numpy().astype(np.float32)
+        b = model.label_biases(labels).detach().float().cpu().numpy()
+    model.clear_text_cache()
+    th = getattr(model, "thresholds", None) or {"per_label": {}, "default": 0.5}
+    scoring = {
+        "formula": FORMULA,
+        "tau": model.tau,
+        "bias_mode": model.bias_mode,
+        "default_bias": float(model.bias.detach().float().mean()),
+        "default_threshold": float(th["default"]),
+        "labels": [
+            {"name": l.name, "seen": l.seen, "bias": float(b[i]), "threshold": float(th["per_label"].get(l.name, th["default"])),
+             "prompts": l.texts(model.templates)}
+            for i, l in enumerate(labels)
+        ],
+        "templates": list(model.templates),
+    }
+    return scoring, v
 
 
 def tokenizer_settings(backbone: Any) -> dict[str, Any]:
@@ -267,11 +301,7 @@ def export_onnx(
     check_output_folder(out, overwrite, marker="README.json", what="an export")
     model = Predictor.from_run(run_dir, device="cpu", lazy_text=False)
     model.eval()
-    if not model.zero_shot:
-        raise ExportError(
-            f"{run_dir} is a linear-head (linear_bce) run: its classifier is not text embeddings, so it has no "
-            "label embeddings to export; export a tempered_sigmoid / softmax_ce / asl run"
-        )
+    check_zero_shot(model, run_dir)
     backbone = model.backbone
     kind = _backbone_kind(backbone)
     settings = tokenizer_settings(backbone)
@@ -306,28 +336,8 @@ def export_onnx(
         except ImportError:
             log.warning("onnx is not installed: the graphs were not checked")
 
-        with torch.inference_mode():
-            v = model.class_embeddings(labels).float().cpu().numpy()
-            b = model.label_biases(labels).detach().float().cpu().numpy()
-        model.clear_text_cache()
-        np.save(tmp / "label_embeddings.npy", v.astype(np.float32), allow_pickle=False)
-        from mumic.heads import FORMULA
-
-        th = getattr(model, "thresholds", None) or {"per_label": {}, "default": 0.5}
-        default_b = float(model.bias.detach().float().mean())
-        scoring = {
-            "formula": FORMULA,
-            "tau": model.tau,
-            "bias_mode": model.bias_mode,
-            "default_bias": default_b,
-            "default_threshold": float(th["default"]),
-            "labels": [
-                {"name": l.name, "seen": l.seen, "bias": float(b[i]), "threshold": float(th["per_label"].get(l.name, th["default"])),
-                 "prompts": l.texts(model.templates)}
-                for i, l in enumerate(labels)
-            ],
-            "templates": list(model.templates),
-        }
+        scoring, v = classifier_table(model, labels)
+        np.save(tmp / "label_embeddings.npy", v, allow_pickle=False)
         (tmp / "scoring.json").write_text(json.dumps(scoring, indent=2) + "\n", encoding="utf-8")
         backbone.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / SCRIPT_FILE).write_text(script_source(), encoding="utf-8")
@@ -386,6 +396,7 @@ def export_onnx(
                 raise ExportError(f"{SCRIPT_FILE} differs from mumic's probabilities by {script_diff:.2e} on {where} "
                                   f"(> {tolerance:g}); please report this")
         (tmp / "README.json").write_text(json.dumps(readme, indent=2) + "\n", encoding="utf-8")
+        write_card(run_dir, tmp, target="onnx", name=out.name, model_type=kind, overwrite=True)
     return readme
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from mumic import distributed as dist
 from mumic import heads
 from mumic.backbones import load_backbone
+from mumic.card import card_metrics, write_run_card
 from mumic.config import TrainConfig, load_config, save_config
 from mumic.data.dataset import ImageDataset, find_bad_images
 from mumic.data.labels import LabelSpec
@@ -473,12 +474,14 @@ class Trainer:
             rows = [{"split": k, "line": line, "reason": reason} for k, v in self.skipped.items() for line, reason in v]
             atomic_write_csv(run / "skipped.csv", rows)
         metrics["skipped_images"] = {k: len(v) for k, v in self.skipped.items()}
+        splits = {"train": self.train.manifest, "val": self.val_m, **({"test": test_m} if test_m is not None else {})}
+        split_counts = {k: dict(Counter(n for row in m.labels for n in row)) for k, m in splits.items()}
+        metrics.update(card_metrics(splits, split_counts, detail))  # what the model card reads
         atomic_write_json(run / "metrics.json", metrics)
         write_class_embeddings(run, model)
         save_tensors(run / "model.safetensors", model.trained_state(), metadata={"format": "mumic-run-1"})
-        splits = {"train": self.train.manifest, "val": self.val_m, **({"test": test_m} if test_m is not None else {})}
-        split_counts = {k: dict(Counter(n for row in m.labels for n in row)) for k, m in splits.items()}
         write_run_report(run, metrics, st.log, split_counts=split_counts, detail=detail)
+        write_run_card(run)
         for f in ("checkpoint.safetensors", "best.safetensors"):
             (run / f).unlink(missing_ok=True)
         log.info("run %s finished: val GAP@10 %.4f at step %d", run, st.best, st.best_step)
