@@ -7,8 +7,11 @@ for syntax errors and keys given twice).
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +19,53 @@ from typing import Any
 from mumic.errors import ManifestError
 from mumic.io import read_json, read_text, read_yaml
 
+log = logging.getLogger(__name__)
+
 SEPARATOR = "|"
 """Separator of several labels in one manifest CSV/TSV cell (and in a JSONL string), so
 never part of a label name."""
+
+MAX_LABELS = 100_000
+"""The most labels a labels file or a run may hold. Every label is one text-tower pass
+(its prompts) whenever a model is built from the run; a file of 10^6 labels would keep
+`predict` and `serve` embedding for hours. (The service's own limits are per request:
+``serve.limits.Limits.max_labels`` zero-shot labels, ``label_cache_size`` kept.)"""
+
+# format characters a label may keep: ZWNJ and ZWJ (spelling in Persian and Indic scripts,
+# emoji sequences) and the tag characters of flag emoji; every other one is invisible noise
+_KEPT_FORMAT = {"\u200c", "\u200d", *map(chr, range(0xE0020, 0xE0080))}
+
+
+def normalize_label(name: str) -> str:
+    """The canonical form of a label name, wherever labels enter (manifests, labels files,
+    runs, zero-shot labels): format characters (zero-width spaces, BOMs, bidi marks, soft
+    hyphens; ZWNJ/ZWJ kept) removed, Unicode NFC, runs of whitespace made one space,
+    leading and trailing whitespace dropped. So ``café`` typed precomposed or with a
+    combining accent, ``cat`` followed by a zero-width space, and ``black  cat`` with two
+    spaces each name one label."""
+    if name.isascii():  # the common case: only whitespace can change
+        return " ".join(name.split())
+    kept = "".join(c for c in name if c in _KEPT_FORMAT or unicodedata.category(c) != "Cf")
+    return " ".join(unicodedata.normalize("NFC", kept).split())
+
+
+def warn_case_clashes(names: Iterable[str], where: object) -> None:
+    """Log a warning for label names that differ only in case ("Cat" and "cat"): they stay
+    distinct labels, which is rarely what was meant."""
+    groups: dict[str, list[str]] = {}
+    for n in dict.fromkeys(names):
+        groups.setdefault(n.casefold(), []).append(n)
+    clashes = [g for g in groups.values() if len(g) > 1]
+    if clashes:
+        shown = "; ".join(" / ".join(repr(n) for n in g) for g in clashes[:5])
+        more = f" and {len(clashes) - 5} more" if len(clashes) > 5 else ""
+        log.warning("%s: %d group(s) of labels differ only in case (%s%s); they are distinct labels — "
+                    "rename them to one spelling if they mean the same", where, len(clashes), shown, more)
+
+
+def duplicates(names: Iterable[str]) -> list[str]:
+    """The names given more than once, sorted (linear in the number of names)."""
+    return sorted(n for n, c in Counter(names).items() if c > 1)
 
 
 @dataclass
@@ -77,7 +124,7 @@ def _label_name(path: Path, value: Any, what: str) -> str:
             f"{path}: {what} is {value!r} ({type(value).__name__}), not a string; "
             "quote label names in YAML (e.g. \"no\", \"1\")"
         )
-    name = value.strip()
+    name = normalize_label(value)
     if not name:
         raise ManifestError(f"{path}: {what} is an empty label name")
     if SEPARATOR in name:
@@ -205,8 +252,12 @@ def read_labels_file(path: str | os.PathLike[str]) -> tuple[list[LabelSpec], lis
         )
     if not specs:
         raise ManifestError(f"{path}: no labels")
+    if len(specs) > MAX_LABELS:
+        raise ManifestError(f"{path}: {len(specs)} labels; at most {MAX_LABELS} are supported (split the vocabulary)")
     names = [s.name for s in specs]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    dup = duplicates(names)
     if dup:
-        raise ManifestError(f"{path}: duplicate label name(s): {', '.join(dup)}")
+        shown = ", ".join(dup[:10]) + (f" and {len(dup) - 10} more" if len(dup) > 10 else "")
+        raise ManifestError(f"{path}: duplicate label name(s): {shown} (names are compared after normalising Unicode and whitespace)")
+    warn_case_clashes(names, path)
     return specs, templates
