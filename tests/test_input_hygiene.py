@@ -155,3 +155,83 @@ def test_the_label_cap_is_the_one_named_constant() -> None:
     import mumic.run as run_mod
 
     assert run_mod.MAX_LABELS is manifest_mod.MAX_LABELS is labels_mod.MAX_LABELS == 100_000
+
+
+# ============================================================================ YAML aliases and echoed values
+
+
+def _alias_levels(levels: int) -> str:
+    """A config whose last key aliases a value of 9**levels strings, in a few hundred bytes."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\nepochs: [" + ", ".join([f"*l{levels - 1}"] * 9) + "]\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    path = write(tmp_path / "bomb.yaml", _alias_levels(4))  # 9**5 = 59049 strings from ~400 bytes
+    # expanded: l0 = 1 + 9 = 10 nodes, l1 = 1 + 9 * 10 = 91, l2 = 820, l3 = 7381, epochs = 66430; with the
+    # mapping and its 5 keys 74738 nodes, of which 20 are written out (mapping, keys, l0's 10, 4 lists)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert msg == (f"{path}: YAML aliases (*name) expand this document by 74718 values, more than 10000; "
+                   "write the values out instead of aliasing them")
+    # the same in a labels file, and an alias of a value that contains itself
+    with pytest.raises(ManifestError, match="YAML aliases"):
+        read_labels_file(write(tmp_path / "bomb_labels.yaml", _alias_levels(4)))
+    with pytest.raises(ConfigError, match=r"loop.yaml line 1: a YAML alias refers to a value that contains it"):
+        load_config(write(tmp_path / "loop.yaml", "templates: &t [*t]\n"))
+
+
+def test_a_few_aliases_still_work_and_merge_keys_stay_refused(tmp_path: Path) -> None:
+    specs, _ = read_labels_file(write(tmp_path / "labels.yaml", "cat: {prompts: &p [a pet, an animal]}\ndog: {prompts: *p}\n"))
+    assert [s.prompts for s in specs] == [["a pet", "an animal"]] * 2
+    with pytest.raises(ConfigError, match="not valid YAML .*merge"):
+        load_config(write(tmp_path / "merge.yaml", "a: &a {x: 1}\nb:\n  <<: *a\n"))
+
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("epochs: " + "9" * 5000 + "x\n", "key 'epochs' must be an integer, got '99999"),
+        ("templates: [" + ", ".join(["[a]"] * 3000) + "]\n", "key 'templates' must be a list of strings, got [['a'], "),
+        ("loss: " + "z" * 5000 + "\n", "key 'loss' is 'zzzz"),
+        ("z" * 900 + ": 1\n", "unknown key 'zzzz"),
+        ("epochs: 1\nepochs" + "" + ": 2\n", "key 'epochs' is given twice"),
+    ],
+)
+def test_values_echoed_in_config_errors_are_cut(tmp_path: Path, text: str, fragment: str) -> None:
+    path = write(tmp_path / "c.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert fragment in msg, msg
+    assert len(msg) < len(str(path)) + 200, msg
+
+
+def test_values_echoed_in_labels_file_errors_are_cut(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError) as info:
+        read_labels_file(write(tmp_path / "l.json", json.dumps({"labels": {"cat": {"seen": "x" * 10_000}}})))
+    msg = str(info.value)
+    assert "seen must be true or false, got 'xxx" in msg and msg.endswith("…") and len(msg) < 200, msg
+
+
+# ============================================================================ finite settings
+
+
+@pytest.mark.parametrize("key", ["lr_head", "lr_tower", "lr_temp", "weight_decay", "tau"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", float("nan"), float("inf")])
+def test_float_settings_must_be_finite(key: str, value, tmp_path: Path) -> None:
+    flag = "--" + key.replace("_", "-")
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={key: value})
+    assert str(info.value) == f"command line: key '{key}' ({flag}) must be a finite number, got {float(value)}"
+    path = write(tmp_path / "c.yaml", f"{key}: {value if isinstance(value, str) else repr(value)}\n".replace("inf", ".inf").replace("nan", ".nan"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path} line 1: key '{key}' must be a finite number, got {float(value)}"
+
+
+def test_finite_float_settings_still_load() -> None:
+    cfg = load_config(overrides={"lr_head": "1e-3", "weight_decay": 0, "tau": 0.05})
+    assert (cfg.lr_head, cfg.weight_decay, cfg.tau) == (1e-3, 0.0, 0.05)

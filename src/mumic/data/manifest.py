@@ -42,7 +42,7 @@ from mumic.data.labels import (  # noqa: F401
 from mumic.data.tables import FORMATS as _FORMATS
 from mumic.data.tables import read_table
 from mumic.data.tables import show as _show
-from mumic.errors import ConfigError, ImageError, ManifestError
+from mumic.errors import ConfigError, ImageError, ManifestError, shown
 
 __all__ = [
     "Manifest", "read_manifest",
@@ -250,22 +250,22 @@ def _parse_label_cell(value: Any, where: str, column: str, list_allowed: bool) -
         items = list(value)
     else:
         expected = "a list of strings or a '|'-separated string" if list_allowed else "a '|'-separated string"
-        raise ManifestError(f"{where}: {column} must be {expected}, got {type(value).__name__}: {value!r}")
+        raise ManifestError(f"{where}: {column} must be {expected}, got {type(value).__name__}: {shown(value)}")
     out: list[str] = []
     seen: set[str] = set()
     for item in items:
         if not isinstance(item, str):
             raise ManifestError(
-                f"{where}: {column} must contain only strings, got {type(item).__name__}: {item!r}"
+                f"{where}: {column} must contain only strings, got {type(item).__name__}: {shown(item)}"
             )
         name = normalize_label(item)
         if not name:
             raise ManifestError(
-                f"{where}: empty label in {column} {value!r} (check for a doubled or trailing '|')"
+                f"{where}: empty label in {column} {shown(value)} (check for a doubled or trailing '|')"
             )
         bad = _bad_text(name)
         if bad:
-            raise ManifestError(f"{where}: label {name!r} in {column} {bad}; fix the label's text")
+            raise ManifestError(f"{where}: label {shown(name)} in {column} {bad}; fix the label's text")
         if name not in seen:
             seen.add(name)
             out.append(name)
