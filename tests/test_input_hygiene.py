@@ -226,7 +226,8 @@ def test_float_settings_must_be_finite(key: str, value, tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(overrides={key: value})
     assert str(info.value) == f"command line: key '{key}' ({flag}) must be a finite number, got {float(value)}"
-    path = write(tmp_path / "c.yaml", f"{key}: {value if isinstance(value, str) else repr(value)}\n".replace("inf", ".inf").replace("nan", ".nan"))
+    text = value if isinstance(value, str) else repr(value)
+    path = write(tmp_path / "c.yaml", f"{key}: {text}\n".replace("inf", ".inf").replace("nan", ".nan"))
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value) == f"{path} line 1: key '{key}' must be a finite number, got {float(value)}"

@@ -72,6 +72,7 @@ def _check_bound(folder: Path, meta: dict[str, Any], name: str) -> None:
     if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
         raise IndexFolderError(f"{folder / 'index.json'} records no size and digest for {name}; rebuild the index")
     size = path.stat().st_size
+    what: str | None
     if size != entry["bytes"]:
         what = f"it has {size} bytes, index.json recorded {entry['bytes']}"
     elif "sha256" in entry:

@@ -10,6 +10,7 @@ graph is cached.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -112,10 +113,8 @@ def cached_session(path: Path, export: Callable[[Path], None], threads: int | No
                 problem = f"onnxruntime cannot load it ({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})"
             else:
                 if expected is None:
-                    try:
+                    with contextlib.suppress(OSError):  # a read-only cache: checked again next time
                         atomic_write_text(record, file_sha256(path) + "\n")
-                    except OSError:  # a read-only cache: checked again next time
-                        pass
                 return session
         else:
             problem = "not the file that was exported (its sha256 differs: truncated or corrupted)"
