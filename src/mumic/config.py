@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from mumic.errors import ConfigError
+from mumic.errors import ConfigError, cut, shown
 from mumic.io import atomic_write_text, read_yaml
 from mumic.losses import LOSS_NAMES, loss_spec
 
@@ -138,6 +139,7 @@ def absolute_backbone(spec: str) -> str:
 def check_type(name: str, value: Any, where: str) -> Any:
     """Coerce a YAML/CLI value to the field's type or raise a ConfigError naming the key."""
     f = FIELDS[name]
+    key = f"key '{name}' (--{name.replace('_', '-')})" if where == "command line" else f"key '{name}'"
     hint = typing.get_type_hints(TrainConfig)[name]
     args = typing.get_args(hint)
     optional = type(None) in args
@@ -147,55 +149,58 @@ def check_type(name: str, value: Any, where: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{where}: key '{name}' must not be empty")
+        raise ConfigError(f"{where}: {key} must not be empty")
     if typing.get_origin(base) is list:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: key '{name}' must be a list of strings, got {value!r}")
+            raise ConfigError(f"{where}: {key} must be a list of strings, got {shown(value)}")
         return list(value)
     if base is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: key '{name}' must be true or false, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be true or false, got {shown(value)}")
     if base is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{where}: key '{name}' must be an integer, got {value!r}")
+            raise ConfigError(f"{where}: {key} must be an integer, got {shown(value)}")
         try:
             value = int(value)
         except ValueError:
-            raise ConfigError(f"{where}: key '{name}' must be an integer, got {value!r}") from None
+            raise ConfigError(f"{where}: {key} must be an integer, got {shown(value)}") from None
     elif base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{where}: key '{name}' must be a number, got {value!r}")
+            raise ConfigError(f"{where}: {key} must be a number, got {shown(value)}")
         try:
             value = float(value)
         except ValueError:
-            raise ConfigError(f"{where}: key '{name}' must be a number, got {value!r}") from None
+            raise ConfigError(f"{where}: {key} must be a number, got {shown(value)}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: {key} must be a finite number, got {value}")
     elif base is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: key '{name}' must be a string, got {value!r}")
+            raise ConfigError(f"{where}: {key} must be a string, got {shown(value)}")
         value = str(value)
     choices = f.metadata.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"{where}: key '{name}' is {value!r}; choose one of {', '.join(choices)}")
+        raise ConfigError(f"{where}: {key} is {shown(value)}; choose one of {', '.join(choices)}")
     if base in (int, float) and name not in ("seed", "tau") and value is not None and value < 0:
-        raise ConfigError(f"{where}: key '{name}' must not be negative, got {value!r}")
+        raise ConfigError(f"{where}: {key} must not be negative, got {shown(value)}")
     if name in ("batch_size", "grad_accum", "eval_every", "epochs", "max_steps") and value == 0:
-        raise ConfigError(f"{where}: key '{name}' must be at least 1")
+        raise ConfigError(f"{where}: {key} must be at least 1")
     if name == "backbone" and not (value == "lite" or (value.startswith("hf:") and len(value) > 3)):
-        raise ConfigError(f"{where}: key 'backbone' is {value!r}; use 'lite' or 'hf:<hub name or local dir>'")
+        raise ConfigError(f"{where}: {key} is {shown(value)}; use 'lite' or 'hf:<hub name or local dir>'")
     if name == "backbone":
         value = absolute_backbone(value)
     if name == "tau" and value is not None and value <= 0:
-        raise ConfigError(f"{where}: key 'tau' must be > 0, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be > 0, got {shown(value)}")
     return value
 
 
-def unknown_key(key: str, where: str) -> ConfigError:
+def unknown_key(key: Any, where: str) -> ConfigError:
     """The error for a key that is not a setting, with the closest setting as a hint."""
+    key = cut(key) if isinstance(key, str) else shown(key)
     close = difflib.get_close_matches(key, FIELDS, n=1)
     hint = f"did you mean '{close[0]}'?" if close else "remove it; `mumic train --help` lists the keys"
     return ConfigError(f"{where}: unknown key '{key}' ({hint})")
@@ -223,9 +228,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: a config must be a mapping of key: value (one 'key: value' per line), got {type(data).__name__}")
         for k, v in data.items():
-            where = f"{p} line {key_lines[str(k)]}" if str(k) in key_lines else str(p)
+            where = f"{p} line {key_lines[str(k)]}" if str(k) in key_lines else str(p)  # keys are YAML scalars
             if not isinstance(k, str) or k not in FIELDS:
-                raise unknown_key(str(k), where)
+                raise unknown_key(k, where)
             values[k] = check_type(k, v, where)
     for k, v in (overrides or {}).items():
         if v is None:

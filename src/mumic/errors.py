@@ -1,5 +1,29 @@
 """Errors a user can act on. The CLI prints their message on one line and exits 2."""
 
+import reprlib
+from typing import Any
+
+SHOWN_CHARS = 80
+"""The most characters of a user's value that an error message repeats."""
+
+_repr = reprlib.Repr()
+_repr.maxlevel = 3
+_repr.maxstring = _repr.maxother = _repr.maxlong = 2 * SHOWN_CHARS + 8  # then cut at the end, by shown
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = _repr.maxfrozenset = 8
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters (cut with '…'):
+    a value from a file can be megabytes (or, through YAML aliases, far more), and its
+    repr is built only as far as it is shown."""
+    text = _repr.repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def cut(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` itself, cut to at most ``limit`` characters with '…'."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class MumicError(Exception):
     """Base class of every error mumic raises on purpose."""

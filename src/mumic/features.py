@@ -23,8 +23,8 @@ from mumic.backbones.base import TEXT_TOWER, Backbone
 from mumic.backbones.onnx import OnnxImageTower, resolve_engine
 from mumic.config import default_cache_dir
 from mumic.data.dataset import file_digest, pixel_batches
-from mumic.errors import ImageError
-from mumic.io import save_tensors
+from mumic.errors import ImageError, RunError
+from mumic.io import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,18 @@ def backbone_key(backbone: Backbone) -> str:
 
 
 class FeatureCache:
-    """digest -> feature vector, stored as safetensors shards under cache_dir/key/."""
+    """digest -> feature vector, stored as safetensors shards under cache_dir/key/.
+
+    A shard is read through io.load_tensors, so one whose tensors no longer match the
+    digest recorded when it was written (an edited or corrupted file) is never used: its
+    features count as missing (see :meth:`check`), are computed again and written anew."""
 
     def __init__(self, root: Path, key: str) -> None:
         self.dir = Path(root) / key
         self.index: dict[str, tuple[Path, int]] = {}
+        self._loaded: dict[Path, torch.Tensor] = {}
+        self._bad: set[Path] = set()
+        self._rows: dict[Path, int] = {}
         if self.dir.is_dir():
             for shard in sorted(self.dir.glob("shard-*.safetensors")):
                 try:
@@ -60,8 +67,33 @@ class FeatureCache:
                 except Exception as e:  # a broken shard is skipped, never trusted
                     log.warning("ignoring unreadable feature shard %s (%s)", shard, e)
                     continue
+                self._rows[shard] = len(digests)
                 for i, d in enumerate(digests):
                     self.index[d] = (shard, i)
+
+    def _features(self, shard: Path) -> torch.Tensor | None:
+        """The [rows, F] features of a shard, verified against its digest; None (and the
+        shard's entries dropped from the index, with a warning) when they fail."""
+        if shard in self._loaded:
+            return self._loaded[shard]
+        rows = self._rows.get(shard, 0)
+        try:
+            feats = load_tensors(shard).get("features")
+            if feats is None or feats.dim() != 2 or len(feats) != rows or not feats.is_floating_point():
+                raise RunError(f"{shard} holds no [rows, F] float 'features' tensor")
+        except RunError as e:
+            log.warning("feature cache shard %s is damaged (%s); computing its %d features again", shard, e, rows)
+            self.index = {d: v for d, v in self.index.items() if v[0] != shard}
+            self._bad.add(shard)
+            return None
+        self._loaded[shard] = feats
+        return feats
+
+    def check(self, digests: list[str | None]) -> None:
+        """Verify every shard holding one of ``digests``: a damaged shard's features leave
+        the index, so the caller computes them again."""
+        for shard in {self.index[d][0] for d in digests if d is not None and d in self.index}:
+            self._features(shard)
 
     def get(self, digests: list[str]) -> torch.Tensor:
         by_shard: dict[Path, list[tuple[int, int]]] = {}
@@ -70,8 +102,9 @@ class FeatureCache:
             by_shard.setdefault(shard, []).append((pos, row))
         out: torch.Tensor | None = None
         for shard, pairs in by_shard.items():
-            with safe_open(str(shard), framework="pt") as f:
-                feats = f.get_tensor("features")
+            feats = self._features(shard)
+            if feats is None:
+                raise RunError(f"feature cache shard {shard} is damaged; run the command again to compute its features anew")
             if out is None:
                 out = torch.empty((len(digests), feats.shape[1]), dtype=feats.dtype)
             at = torch.tensor([p for p, _ in pairs])
@@ -84,8 +117,13 @@ class FeatureCache:
         name = hashlib.blake2b("".join(digests).encode(), digest_size=8).hexdigest()
         shard = self.dir / f"shard-{name}.safetensors"
         save_tensors(shard, {"features": feats.float()}, metadata={"digests": json.dumps(digests)})
+        self._loaded.pop(shard, None)
+        self._rows[shard] = len(digests)
         for i, d in enumerate(digests):
             self.index[d] = (shard, i)
+        for bad in self._bad - {shard}:  # left the index when found damaged; their features are computed anew
+            bad.unlink(missing_ok=True)
+        self._bad.clear()
 
 
 Failure = tuple[int, str]  # (row in the paths given, reason)
@@ -156,6 +194,7 @@ def cached_features(
             failures.append((i, str(e)))
             digests.append(None)
     cache = FeatureCache(root, backbone_key(backbone))
+    cache.check(digests)
     missing: dict[str, Path] = {}
     for d, p in zip(digests, paths):
         if d is not None and d not in cache.index and d not in missing:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from mumic.errors import MumicError, RunError
+from mumic.errors import MumicError, RunError, cut, shown
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written, not at import
     import torch
@@ -122,6 +122,31 @@ def files_digest(named: Sequence[tuple[str, str | os.PathLike[str]]], algorithm:
     for name, path in named:
         h.update(name.encode("utf-8"))
         _feed(h, path)
+    return h.hexdigest()
+
+
+def sampled_sha256(path: str | os.PathLike[str], *, ends: int = 1 << 20, blocks: int = 256, block: int = 4096) -> str:
+    """sha256 over a file's size, its first and last ``ends`` bytes and ``blocks`` blocks of
+    ``block`` bytes at evenly spaced offsets between them (the whole file when it is no
+    larger than that): about 3 MB read whatever the size, so checking a file of hundreds
+    of megabytes costs milliseconds. It tells one file from another of the same size (a
+    copy from elsewhere, a truncated or regenerated one); a change confined to the bytes
+    in between is caught only by a full digest."""
+    h = hashlib.sha256()
+    size = os.path.getsize(path)
+    h.update(f"{size}|{ends}|{blocks}|{block}".encode("ascii"))
+    with open(path, "rb") as fh:
+        if size <= 2 * ends + blocks * block:
+            while data := fh.read(1 << 20):
+                h.update(data)
+            return h.hexdigest()
+        h.update(fh.read(ends))
+        span = size - 2 * ends - block
+        for i in range(blocks):
+            fh.seek(ends + span * i // max(1, blocks - 1))
+            h.update(fh.read(block))
+        fh.seek(size - ends)
+        h.update(fh.read(ends))
     return h.hexdigest()
 
 
@@ -243,31 +268,79 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue  # an unhashable key: the base constructor rejects it
             if first is not None:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice (first on line {first}); keep one", key_node.start_mark)
+                    None, None, f"key {shown(key)} is given twice (first on line {first}); keep one", key_node.start_mark)
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+YAML_ALIAS_LIMIT = 10_000
+"""How many values YAML aliases (``*name``) may add to a document beyond those written in
+it: enough to share a list of prompts between labels, far too few for an alias bomb (a
+few hundred bytes of nested aliases that expand to billions of values)."""
+
+
+def _alias_growth(root: yaml.Node) -> tuple[int, yaml.Node | None]:
+    """(values the document holds with every alias expanded, minus the nodes written in
+    it; an alias that refers to a value containing itself, or None), counted without
+    expanding anything: each node's expanded size is computed once."""
+    size: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+
+    def children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.SequenceNode):
+            return list(node.value)
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return []
+
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            open_.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children(node))
+        elif key in open_:
+            return 0, node
+        elif key not in size:
+            open_.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in children(node))
+    return size[id(root)] - len(size), None
 
 
 def read_yaml(path: str | os.PathLike[str], *, error: type[MumicError] = RunError) -> tuple[Any, dict[Any, int]]:
     """The document of a YAML file (safe loader; a key given twice is refused) and the line
     of each top-level key. Every problem is a one-line ``error`` naming the file and line:
-    bytes that are not UTF-8, a syntax error, a duplicate key, a tag that is not plain data."""
+    bytes that are not UTF-8, a syntax error, a duplicate key, a tag that is not plain data,
+    aliases that expand the document by more than YAML_ALIAS_LIMIT values."""
     path = Path(path)
     text = read_text(path, error=error)
+    loader = _UniqueKeyLoader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        value = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is not None:
+            growth, loop = _alias_growth(node)
+            if loop is not None:
+                raise error(f"{path} line {loop.start_mark.line + 1}: a YAML alias refers to a value that contains it; "
+                            "write the value out")
+            if growth > YAML_ALIAS_LIMIT:
+                raise error(f"{path}: YAML aliases (*name) expand this document by {growth} values, more than "
+                            f"{YAML_ALIAS_LIMIT}; write the values out instead of aliasing them")
+        value = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f" line {mark.line + 1}" if mark is not None else ""
         if e.problem and "is given twice" in e.problem:
             raise error(f"{path}{line}: {e.problem}") from None
         problem = " ".join(x for x in (e.context, e.problem) if x) or "syntax error"
-        raise error(f"{path}{line}: not valid YAML ({problem})") from None
+        raise error(f"{path}{line}: not valid YAML ({cut(problem, 160)})") from None
     except yaml.YAMLError as e:
-        raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise error(f"{path}: not valid YAML ({cut(str(e).splitlines()[0], 160)})") from None
     except RecursionError:
         raise error(f"{path}: not valid YAML (nested too deeply)") from None
+    finally:
+        loader.dispose()
     lines: dict[Any, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key_node, _ in node.value:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from mumic import heads
 from mumic.backbones.base import Backbone
-from mumic.data.labels import LabelSpec
+from mumic.data.labels import LabelSpec, normalize_label
 from mumic.errors import ConfigError, MumicError, RunError
 from mumic.losses import loss_spec
 
@@ -230,7 +230,7 @@ class MuMIC(nn.Module):
             if isinstance(l, LabelSpec):
                 out.append(l if l.name not in known or l.prompts else known[l.name])
                 continue
-            name = str(l).strip()
+            name = normalize_label(str(l))
             if not name:
                 raise MumicError("a label name must not be empty")
             out.append(known.get(name) or LabelSpec(name=name, seen=False))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mumic.config import load_config
-from mumic.data.labels import LabelSpec
+from mumic.data.labels import MAX_LABELS, LabelSpec, duplicates, normalize_label
 from mumic.errors import RunError
 from mumic.io import files_digest, load_tensors, read_json, save_tensors, tensors_digest
 
@@ -83,13 +83,17 @@ def _read_labels(path: Path) -> tuple[list[LabelSpec], list[str], dict[str, Any]
             raise _malformed(path, f"the key '{key}' is missing")
     if not isinstance(meta["labels"], list) or not meta["labels"]:
         raise _malformed(path, "'labels' must be a non-empty list")
+    if len(meta["labels"]) > MAX_LABELS:
+        raise RunError(f"{path} holds {len(meta['labels'])} labels; a run may hold at most {MAX_LABELS} "
+                       "(a labels.json this large was not written by mumic train): restore it from the original run")
     specs = []
     for k, entry in enumerate(meta["labels"]):
         if not isinstance(entry, dict):
             raise _malformed(path, f"label #{k + 1} must be an object, got {type(entry).__name__}")
         name = entry.get("name")
-        if not isinstance(name, str) or not name.strip():
+        if not isinstance(name, str) or not normalize_label(name):
             raise _malformed(path, f"label #{k + 1} has no name (a non-empty string)")
+        name = normalize_label(name)
         if not isinstance(entry.get("seen"), bool):
             raise _malformed(path, f"label {name!r}: 'seen' must be true or false, got {entry.get('seen')!r:.80}")
         description = entry.get("description")
@@ -97,9 +101,9 @@ def _read_labels(path: Path) -> tuple[list[LabelSpec], list[str], dict[str, Any]
             raise _malformed(path, f"label {name!r}: 'description' must be a string")
         specs.append(LabelSpec(name=name, prompts=_str_list(path, entry.get("prompts"), f"label {name!r}: 'prompts'"),
                                description=description, seen=entry["seen"]))
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise _malformed(path, f"duplicate label names ({', '.join(sorted({n for n in names if names.count(n) > 1})[:3])})")
+    dup = duplicates(s.name for s in specs)
+    if dup:
+        raise _malformed(path, f"duplicate label names ({', '.join(dup[:3])})")
     templates = _str_list(path, meta["templates"], "'templates'") or []
     model = meta["model"]
     if not isinstance(model, dict) or not isinstance(model.get("backbone"), dict):
@@ -140,6 +144,7 @@ def load_thresholds(run: Path, names: Sequence[str] = ()) -> dict[str, Any]:
         raise RunError(f"{path} is malformed: 'per_label' must map label names to numbers in [0, 1]")
     if isinstance(default, bool) or not isinstance(default, (int, float)) or not 0.0 <= default <= 1.0:
         raise RunError(f"{path} is malformed: 'default' must be a number in [0, 1], got {default!r:.80}")
+    data["per_label"] = {normalize_label(k): v for k, v in per_label.items()}  # keyed like the run's labels
     return data
 
 

@@ -11,6 +11,11 @@ writes an index folder:
       ann.faiss        HNSW graph over the same vectors (inner product), ids 0..N-1
                        (absent for backend "exact")
 
+index.json binds the other files to it: `file_digests` records each one's size and sha256
+(of the whole file up to FULL_DIGEST_BYTES, else of io.sampled_sha256's sample, so that
+loading a large index stays fast), checked on load, so that a file copied in from another
+index (or truncated, or regenerated) is refused with an error naming it.
+
 The metric is cosine similarity, computed as the inner product of normalised vectors.
 Exact search (one numpy matrix product) is the reference; the HNSW graph answers the same
 question approximately and much faster on large collections. Embeddings of one run are
@@ -30,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mumic.errors import ConfigError, IndexFolderError, MumicError, RunError
-from mumic.io import atomic_folder, check_output_folder
+from mumic.io import atomic_folder, check_output_folder, file_sha256, sampled_sha256
 from mumic.run import run_fingerprint
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,38 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128
 RESULT_FIELDS = ("rank", "score", "id")
+#: files up to this size are bound to index.json by the sha256 of all their bytes, larger
+#: ones by a sampled sha256 (about 3 MB read): size and sample catch a file of another index
+FULL_DIGEST_BYTES = 16 * 2**20
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    size = path.stat().st_size
+    if size <= FULL_DIGEST_BYTES:
+        return {"bytes": size, "sha256": file_sha256(path)}
+    return {"bytes": size, "sampled_sha256": sampled_sha256(path)}
+
+
+def _check_bound(folder: Path, meta: dict[str, Any], name: str) -> None:
+    """Refuse FOLDER/name when it is not the file index.json recorded at write time."""
+    records = meta.get("file_digests")
+    path = folder / name
+    if records is None or not path.is_file():
+        return  # an index of an older version (warned about on load); a missing file is named by its reader
+    entry = records.get(name) if isinstance(records, dict) else None
+    if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
+        raise IndexFolderError(f"{folder / 'index.json'} records no size and digest for {name}; rebuild the index")
+    size = path.stat().st_size
+    what: str | None
+    if size != entry["bytes"]:
+        what = f"it has {size} bytes, index.json recorded {entry['bytes']}"
+    elif "sha256" in entry:
+        what = None if file_sha256(path) == entry["sha256"] else "its sha256 differs from the one index.json recorded"
+    else:
+        what = None if sampled_sha256(path) == entry.get("sampled_sha256") else "its content differs from the digest index.json recorded"
+    if what:
+        raise IndexFolderError(f"{path} is not the file this index was written with ({what}): it was replaced (e.g. by "
+                               f"another index's) or changed; rebuild the index with `mumic index RUN MANIFEST --out {folder}`")
 
 
 def _faiss():
@@ -146,6 +183,10 @@ class Index:
         for key in ("run", "run_fingerprint", "dim", "count", "backend"):
             if key not in meta:
                 raise IndexFolderError(f"{meta_path} lacks '{key}'; rebuild the index")
+        if "file_digests" not in meta:
+            log.warning("%s records no file digests (written by an older mumic), so a file swapped in from another "
+                        "index would go unnoticed; rebuild the index to have its files checked", meta_path)
+        _check_bound(folder, meta, "embeddings.npy")
         try:
             emb = np.load(folder / "embeddings.npy", allow_pickle=False)
         except (OSError, ValueError) as e:
@@ -155,6 +196,7 @@ class Index:
                 f"{folder / 'embeddings.npy'} has shape {emb.shape} ({emb.dtype}); index.json says "
                 f"{meta['count']} x {meta['dim']} float32: rebuild the index"
             )
+        _check_bound(folder, meta, "items.parquet")
         try:
             frame = pd.read_parquet(folder / "items.parquet")
         except Exception as e:  # pyarrow raises several types for a missing or damaged file
@@ -167,6 +209,7 @@ class Index:
             ann_path = folder / ANN_FILE
             if not ann_path.is_file():
                 raise IndexFolderError(f"{ann_path} is missing; rebuild the index, or search with --exact")
+            _check_bound(folder, meta, ANN_FILE)
             try:
                 ann = faiss.read_index(str(ann_path))
             except RuntimeError as e:
@@ -299,6 +342,7 @@ def write_index(
             meta["files"]["ann"] = ANN_FILE
             meta["hnsw"] = {"library": "faiss", "M": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
             log.info("built an HNSW graph over %d vectors in %.1f s", len(emb), time.perf_counter() - t0)
+        meta["file_digests"] = {name: _file_record(tmp / name) for name in meta["files"].values()}
         (tmp / "index.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out
 

@@ -10,16 +10,18 @@ graph is cached.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mumic.config import default_cache_dir
-from mumic.errors import ConfigError, ExportError
-from mumic.io import atomic_path
+from mumic.errors import ConfigError, ExportError, MumicError
+from mumic.io import atomic_path, atomic_write_text, file_sha256, read_text
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,43 @@ def _session(path: Path, threads: int | None) -> Any:
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def _record(path: Path) -> Path:
+    """The file beside a cached graph that holds the sha256 of its bytes."""
+    return path.with_name(path.name + ".sha256")
+
+
+def cached_session(path: Path, export: Callable[[Path], None], threads: int | None, what: str) -> Any:
+    """An onnxruntime session of the cached graph at ``path``, exported first by
+    ``export(tmp_path)`` when it is missing, when its bytes differ from the sha256 recorded
+    at export (a truncated or corrupted file), or when onnxruntime cannot load it; a graph
+    cached before digests were recorded is trusted once it loads, and its digest recorded."""
+    record = _record(path)
+    if path.is_file():
+        try:
+            expected = read_text(record).strip() if record.is_file() else None
+        except MumicError:  # an unreadable record is as good as none
+            expected = None
+        if expected is None or file_sha256(path) == expected:
+            try:
+                session = _session(path, threads)
+            except Exception as e:  # onnxruntime raises InvalidProtobuf, Fail, ... (its own types)
+                problem = f"onnxruntime cannot load it ({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})"
+            else:
+                if expected is None:
+                    with contextlib.suppress(OSError):  # a read-only cache: checked again next time
+                        atomic_write_text(record, file_sha256(path) + "\n")
+                return session
+        else:
+            problem = "not the file that was exported (its sha256 differs: truncated or corrupted)"
+        log.warning("the cached %s graph %s is %s; exporting it again", what, path, problem)
+    with atomic_path(path) as tmp:
+        export(tmp)
+        digest = file_sha256(tmp)
+    atomic_write_text(record, digest + "\n")
+    log.info("exported the %s for onnxruntime to %s", what, path)
+    return _session(path, threads)
+
+
 class OnnxImageTower:
     """f_img (uint8 pixels [N, 3, S, S] -> float32 features) run by onnxruntime on the CPU.
 
@@ -101,28 +140,28 @@ class OnnxImageTower:
 
         self.image_size = backbone.image_size
         path = Path(cache_dir or default_cache_dir()) / "onnx" / f"image-tower-{image_tower_key(backbone)}.onnx"
-        if not path.is_file():
 
-            class Tower(nn.Module):
-                def __init__(self) -> None:
-                    super().__init__()
-                    self.backbone = backbone
+        class Tower(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.backbone = backbone
 
-                def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-                    return self.backbone.image_features(pixels)
+            def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+                return self.backbone.image_features(pixels)
 
+        def export(tmp: Path) -> None:
             example = torch.zeros((2, 3, self.image_size, self.image_size), dtype=torch.uint8)
             was_training = backbone.training
             backbone.eval()
             try:
-                with torch.no_grad(), atomic_path(path) as tmp:
+                with torch.no_grad():
                     dynamic = {"pixels": {0: "batch"}, "features": {0: "batch"}}
                     onnx_export(Tower().eval(), (example,), tmp, ["pixels"], ["features"], dynamic, DEFAULT_OPSET)
             finally:
                 backbone.train(was_training)
-            log.info("exported the image tower for onnxruntime to %s", path)
+
         self.path = path
-        self.session = _session(path, threads)
+        self.session = cached_session(path, export, threads, "image tower")
 
     def __call__(self, pixels: Any) -> Any:
         import numpy as np
@@ -155,13 +194,11 @@ class OnnxMiniLM:
         key = hashlib.blake2b(f"{weights_sha256}|{self.max_length}|{torch.__version__}|{onnxruntime.__version__}|{DEFAULT_OPSET}".encode(),
                               digest_size=12).hexdigest()
         path = Path(cache_dir or default_cache_dir()) / "onnx" / f"text-tower-minilm-{key}.onnx"
-        if not path.is_file():
-            self._export(build(), path)
         self.path = path
-        self.session = _session(path, threads)
+        self.session = cached_session(path, lambda tmp: self._export(build(), tmp), threads, "MiniLM text tower")
 
     @staticmethod
-    def _export(tower: Any, path: Path) -> None:
+    def _export(tower: Any, tmp: Path) -> None:
         import torch
         from torch import nn
 
@@ -176,11 +213,10 @@ class OnnxMiniLM:
                 return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
         ids = torch.ones((2, 8), dtype=torch.long)
-        with torch.no_grad(), atomic_path(path) as tmp:
+        with torch.no_grad():
             onnx_export(Pooled().eval(), (ids, torch.ones_like(ids)), tmp, ["input_ids", "attention_mask"], ["features"],
                         {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}, "features": {0: "batch"}},
                         DEFAULT_OPSET)
-        log.info("exported the MiniLM text tower for onnxruntime to %s", path)
 
     def __call__(self, texts: list[str]) -> Any:
         import numpy as np

@@ -7,18 +7,65 @@ for syntax errors and keys given twice).
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mumic.errors import ManifestError
+from mumic.errors import ManifestError, cut, shown
 from mumic.io import read_json, read_text, read_yaml
+
+log = logging.getLogger(__name__)
 
 SEPARATOR = "|"
 """Separator of several labels in one manifest CSV/TSV cell (and in a JSONL string), so
 never part of a label name."""
+
+MAX_LABELS = 100_000
+"""The most labels a labels file or a run may hold. Every label is one text-tower pass
+(its prompts) whenever a model is built from the run; a file of 10^6 labels would keep
+`predict` and `serve` embedding for hours. (The service's own limits are per request:
+``serve.limits.Limits.max_labels`` zero-shot labels, ``label_cache_size`` kept.)"""
+
+# format characters a label may keep: ZWNJ and ZWJ (spelling in Persian and Indic scripts,
+# emoji sequences) and the tag characters of flag emoji; every other one is invisible noise
+_KEPT_FORMAT = {"\u200c", "\u200d", *map(chr, range(0xE0020, 0xE0080))}
+
+
+def normalize_label(name: str) -> str:
+    """The canonical form of a label name, wherever labels enter (manifests, labels files,
+    runs, zero-shot labels): format characters (zero-width spaces, BOMs, bidi marks, soft
+    hyphens; ZWNJ/ZWJ kept) removed, Unicode NFC, runs of whitespace made one space,
+    leading and trailing whitespace dropped. So ``café`` typed precomposed or with a
+    combining accent, ``cat`` followed by a zero-width space, and ``black  cat`` with two
+    spaces each name one label."""
+    if name.isascii():  # the common case: only whitespace can change
+        return " ".join(name.split())
+    kept = "".join(c for c in name if c in _KEPT_FORMAT or unicodedata.category(c) != "Cf")
+    return " ".join(unicodedata.normalize("NFC", kept).split())
+
+
+def warn_case_clashes(names: Iterable[str], where: object) -> None:
+    """Log a warning for label names that differ only in case ("Cat" and "cat"): they stay
+    distinct labels, which is rarely what was meant."""
+    groups: dict[str, list[str]] = {}
+    for n in dict.fromkeys(names):
+        groups.setdefault(n.casefold(), []).append(n)
+    clashes = [g for g in groups.values() if len(g) > 1]
+    if clashes:
+        groups_text = "; ".join(" / ".join(shown(n) for n in g) for g in clashes[:5])
+        more = f" and {len(clashes) - 5} more" if len(clashes) > 5 else ""
+        log.warning("%s: %d group(s) of labels differ only in case (%s%s); they are distinct labels — "
+                    "rename them to one spelling if they mean the same", where, len(clashes), groups_text, more)
+
+
+def duplicates(names: Iterable[str]) -> list[str]:
+    """The names given more than once, sorted (linear in the number of names)."""
+    return sorted(n for n, c in Counter(names).items() if c > 1)
 
 
 @dataclass
@@ -74,14 +121,14 @@ def _load(path: Path) -> Any:
 def _label_name(path: Path, value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise ManifestError(
-            f"{path}: {what} is {value!r} ({type(value).__name__}), not a string; "
+            f"{path}: {what} is {shown(value)} ({type(value).__name__}), not a string; "
             "quote label names in YAML (e.g. \"no\", \"1\")"
         )
-    name = value.strip()
+    name = normalize_label(value)
     if not name:
         raise ManifestError(f"{path}: {what} is an empty label name")
     if SEPARATOR in name:
-        raise ManifestError(f"{path}: label {name!r} contains '|', which separates labels in manifests")
+        raise ManifestError(f"{path}: label {shown(name)} contains '|', which separates labels in manifests")
     return name
 
 
@@ -89,7 +136,7 @@ def _str_list(path: Path, value: Any, what: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ManifestError(f"{path}: {what} must be a list of strings, got {value!r}")
+        raise ManifestError(f"{path}: {what} must be a list of strings, got {shown(value)}")
     out = [v.strip() for v in value]
     if not out:
         raise ManifestError(f"{path}: {what} is empty; remove it or give at least one")
@@ -104,13 +151,13 @@ def _label_entry(path: Path, name: str, entry: Any) -> LabelSpec:
         return LabelSpec(name=name)
     if not isinstance(entry, dict):
         raise ManifestError(
-            f"{path}: label {name!r}: expected a mapping with keys prompts, description, seen "
+            f"{path}: label {shown(name)}: expected a mapping with keys prompts, description, seen "
             f"(or nothing), got {type(entry).__name__}"
         )
     for key in entry:
         if key not in _ENTRY_KEYS[1:]:
             raise ManifestError(
-                f"{path}: label {name!r}: unknown key {key!r}; allowed: {', '.join(_ENTRY_KEYS[1:])}"
+                f"{path}: label {shown(name)}: unknown key {shown(key)}; allowed: {', '.join(_ENTRY_KEYS[1:])}"
             )
     return _spec_from_fields(path, name, entry)
 
@@ -120,11 +167,11 @@ def _spec_from_fields(path: Path, name: str, entry: dict[str, Any]) -> LabelSpec
     description = entry.get("description")
     seen = entry.get("seen", True)
     if prompts is not None:
-        prompts = _str_list(path, prompts, f"label {name!r}: prompts")
+        prompts = _str_list(path, prompts, f"label {shown(name)}: prompts")
     if description is not None and not isinstance(description, str):
-        raise ManifestError(f"{path}: label {name!r}: description must be a string, got {description!r}")
+        raise ManifestError(f"{path}: label {shown(name)}: description must be a string, got {shown(description)}")
     if not isinstance(seen, bool):
-        raise ManifestError(f"{path}: label {name!r}: seen must be true or false, got {seen!r}")
+        raise ManifestError(f"{path}: label {shown(name)}: seen must be true or false, got {shown(seen)}")
     return LabelSpec(name=name, prompts=prompts, description=description, seen=seen)
 
 
@@ -135,7 +182,7 @@ def _labels_from_list(path: Path, items: list[Any]) -> list[LabelSpec]:
             for key in item:
                 if key not in _ENTRY_KEYS:
                     raise ManifestError(
-                        f"{path}: label #{k}: unknown key {key!r}; allowed: {', '.join(_ENTRY_KEYS)}"
+                        f"{path}: label #{k}: unknown key {shown(key)}; allowed: {', '.join(_ENTRY_KEYS)}"
                     )
             if "name" not in item:
                 raise ManifestError(f"{path}: label #{k} has no 'name'")
@@ -147,7 +194,7 @@ def _labels_from_list(path: Path, items: list[Any]) -> list[LabelSpec]:
 
 
 def _labels_from_mapping(path: Path, mapping: dict[Any, Any]) -> list[LabelSpec]:
-    return [_label_entry(path, _label_name(path, key, f"label key {key!r}"), entry) for key, entry in mapping.items()]
+    return [_label_entry(path, _label_name(path, key, f"label key {shown(key)}"), entry) for key, entry in mapping.items()]
 
 
 def _is_wrapped(data: dict[Any, Any]) -> bool:
@@ -170,7 +217,7 @@ def _templates(path: Path, value: Any) -> list[str] | None:
         t = t.replace("{label}", PLACEHOLDER)
         if t.count(PLACEHOLDER) != 1:
             raise ManifestError(
-                f"{path}: template {t!r} must contain the placeholder {{}} (or {{label}}) exactly once"
+                f"{path}: template {shown(t)} must contain the placeholder {{}} (or {{label}}) exactly once"
             )
         out.append(t)
     return out
@@ -190,7 +237,7 @@ def read_labels_file(path: str | os.PathLike[str]) -> tuple[list[LabelSpec], lis
     if isinstance(data, dict) and _is_wrapped(data):
         for key in data:
             if key not in _TOP_KEYS:
-                raise ManifestError(f"{path}: unknown key {key!r}; allowed: {', '.join(_TOP_KEYS)}")
+                raise ManifestError(f"{path}: unknown key {shown(key)}; allowed: {', '.join(_TOP_KEYS)}")
         templates = _templates(path, data.get("templates"))
         data = data["labels"]
     if isinstance(data, list):
@@ -205,8 +252,12 @@ def read_labels_file(path: str | os.PathLike[str]) -> tuple[list[LabelSpec], lis
         )
     if not specs:
         raise ManifestError(f"{path}: no labels")
+    if len(specs) > MAX_LABELS:
+        raise ManifestError(f"{path}: {len(specs)} labels; at most {MAX_LABELS} are supported (split the vocabulary)")
     names = [s.name for s in specs]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    dup = duplicates(names)
     if dup:
-        raise ManifestError(f"{path}: duplicate label name(s): {', '.join(dup)}")
+        listed = ", ".join(cut(n) for n in dup[:10]) + (f" and {len(dup) - 10} more" if len(dup) > 10 else "")
+        raise ManifestError(f"{path}: duplicate label name(s): {listed} (names are compared after normalising Unicode and whitespace)")
+    warn_case_clashes(names, path)
     return specs, templates

@@ -29,16 +29,20 @@ import numpy as np
 import pandas as pd
 
 from mumic.data.labels import (  # noqa: F401
+    MAX_LABELS,
     PLACEHOLDER,
     SEPARATOR,
     LabelSpec,
+    duplicates,
     fill_template,
+    normalize_label,
     read_labels_file,
+    warn_case_clashes,
 )
 from mumic.data.tables import FORMATS as _FORMATS
 from mumic.data.tables import read_table
 from mumic.data.tables import show as _show
-from mumic.errors import ConfigError, ImageError, ManifestError
+from mumic.errors import ConfigError, ImageError, ManifestError, shown
 
 __all__ = [
     "Manifest", "read_manifest",
@@ -174,7 +178,7 @@ class Manifest:
             raise ConfigError(f"unlisted must be one of {', '.join(_UNLISTED)}, got {unlisted!r}")
         index = {name: c for c, name in enumerate(label_names)}
         if len(index) != len(label_names):
-            dup = sorted({n for n in label_names if list(label_names).count(n) > 1})
+            dup = duplicates(label_names)
             raise ValueError(f"label_names has duplicates: {', '.join(dup)}")
         n, c = len(self), len(index)
         y = np.zeros((n, c), dtype=np.float32)
@@ -236,7 +240,7 @@ def _bad_text(text: str) -> str | None:
 
 
 def _parse_label_cell(value: Any, where: str, column: str, list_allowed: bool) -> list[str]:
-    """One labels/negatives cell -> stripped, de-duplicated labels (order kept)."""
+    """One labels/negatives cell -> normalised (see normalize_label), de-duplicated labels (order kept)."""
     if _is_missing(value):
         return []
     if isinstance(value, str):
@@ -246,22 +250,22 @@ def _parse_label_cell(value: Any, where: str, column: str, list_allowed: bool) -
         items = list(value)
     else:
         expected = "a list of strings or a '|'-separated string" if list_allowed else "a '|'-separated string"
-        raise ManifestError(f"{where}: {column} must be {expected}, got {type(value).__name__}: {value!r}")
+        raise ManifestError(f"{where}: {column} must be {expected}, got {type(value).__name__}: {shown(value)}")
     out: list[str] = []
     seen: set[str] = set()
     for item in items:
         if not isinstance(item, str):
             raise ManifestError(
-                f"{where}: {column} must contain only strings, got {type(item).__name__}: {item!r}"
+                f"{where}: {column} must contain only strings, got {type(item).__name__}: {shown(item)}"
             )
-        name = item.strip()
+        name = normalize_label(item)
         if not name:
             raise ManifestError(
-                f"{where}: empty label in {column} {value!r} (check for a doubled or trailing '|')"
+                f"{where}: empty label in {column} {shown(value)} (check for a doubled or trailing '|')"
             )
         bad = _bad_text(name)
         if bad:
-            raise ManifestError(f"{where}: label {name!r} in {column} {bad}; fix the label's text")
+            raise ManifestError(f"{where}: label {shown(name)} in {column} {bad}; fix the label's text")
         if name not in seen:
             seen.add(name)
             out.append(name)
@@ -457,5 +461,9 @@ def read_manifest(
         frame=frame,
         lines=lines,
     )
+    names = manifest.label_names()
+    if len(names) > MAX_LABELS:
+        raise ManifestError(f"{path}: {len(names)} distinct labels; at most {MAX_LABELS} are supported")
+    warn_case_clashes(names, path)
     log.debug("read %d rows from %s", len(manifest), path)
     return manifest
