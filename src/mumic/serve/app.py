@@ -51,6 +51,7 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
         ),
         lifespan=_lifespan(svc),
     )
+    app.state.service = svc
     app.state.batcher = svc.batcher
     app.state.model = svc.model
     app.state.limits = lim

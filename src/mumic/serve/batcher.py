@@ -90,7 +90,7 @@ class MicroBatcher:
         with self._lock:
             if self._stopped:
                 raise ServiceError(503, "the service is shutting down; retry on another instance")
-            if self._pending > 0 and self._pending + n > self.max_pending:
+            if n > 0 and self._pending > 0 and self._pending + n > self.max_pending:
                 raise ServiceError(503, f"the service is busy ({self._pending} images queued); retry shortly", {"Retry-After": "1"})
             self._pending += n
 
