@@ -170,6 +170,13 @@ def test_labels_are_embedded_only_after_the_images_decode(run, monkeypatch):
         assert computed == [] and len(svc.bank) == 0  # the garbage image was refused before any label was embedded
 
 
+def test_deeply_nested_json_is_a_422_not_a_server_error(run):
+    nested = b'{"texts": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    with client(run) as c:
+        r = c.post("/embed/text", content=nested, headers={"content-type": "application/json"})
+        assert_error(r, 422, "nested too deeply")
+
+
 def _block_model_thread(svc, cost=1):
     gate = threading.Event()
     job = svc.batcher.call(lambda: gate.wait(20), cost=cost)

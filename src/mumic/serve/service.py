@@ -4,6 +4,7 @@ label bank, the optional search index, and the handling of each kind of request.
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -176,8 +177,8 @@ class Service:
         with self.batcher.reserved(sum(costs)):  # 503 here when the queue is full
             for part in self._text_chunks(costs):
                 watch.check()
-                chunk = texts[part]
-                parts.append(np.asarray(await watch.result(self.batcher.call(lambda chunk=chunk: self._text_embeddings(chunk)))))
+                job = functools.partial(self._text_embeddings, texts[part])
+                parts.append(np.asarray(await watch.result(self.batcher.call(job))))
         return np.concatenate(parts)
 
     @contextlib.asynccontextmanager
@@ -246,7 +247,7 @@ class Service:
                 for part in self._text_chunks(costs):
                     watch.check()
                     chunk = todo[part]
-                    tv, tb = await watch.result(self.batcher.call(lambda chunk=chunk: bank.compute(chunk)))
+                    tv, tb = await watch.result(self.batcher.call(functools.partial(bank.compute, chunk)))
                     bank.put(chunk, tv, tb)
                     rows.update({s.name: (tv[i], tb[i]) for i, s in enumerate(chunk)})
         return bank.params(specs, rows)
