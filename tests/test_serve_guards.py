@@ -188,7 +188,7 @@ def test_text_and_label_work_is_admitted_by_its_cost(run, image):
         svc = c.app.state.service
         gate, job = _block_model_thread(svc)
         try:
-            # 2 texts of 500 characters cost 10 images: over the queue limit of 8 while anything waits
+            # 2 texts of 500 characters cost 10 images (100 characters each): over the queue limit of 8 while anything waits
             r = c.post("/embed/text", json={"texts": ["x" * 500] * 2})
             assert_error(r, 503, "busy")
             assert r.headers["retry-after"] == "1"

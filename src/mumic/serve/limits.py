@@ -35,9 +35,10 @@ class Limits:
     the bytes per pixel of its mode, after JPEG draft reduction; checked before decoding),
     and at most `decode_threads` uploads decode at once (by default one per usable CPU),
     so decoding holds at most about decode_threads x max_decoded_bytes (x 2 while it
-    converts to RGB). Model work is admitted in image-equivalents: an image counts 1, a
-    text (a prompt of a zero-shot label, or an /embed/text entry) 1 per started
-    `text_chars_per_image` characters; over `max_pending_images` queued, 503.
+    converts to RGB). Model work is admitted in image-equivalents: an image counts 1, texts
+    (the prompts of zero-shot labels, /embed/text entries) 1 per started
+    `text_chars_per_image` characters of a request's texts together; over
+    `max_pending_images` queued, 503.
     """
 
     max_request_bytes: int = 64 * 2**20

@@ -153,29 +153,30 @@ class Service:
         return await watch.result(self.batcher.submit(px))
 
     def text_cost(self, texts: list[str]) -> int:
-        """Image-equivalents of embedding `texts`: 1 per started text_chars_per_image characters of each."""
-        per = self.limits.text_chars_per_image
-        return sum(max(1, math.ceil(len(t) / per)) for t in texts)
+        """Image-equivalents of embedding `texts`: 1 per started text_chars_per_image characters
+        of them all (short prompts are much cheaper than an image; a text tower pads to the longest)."""
+        return max(1, math.ceil(sum(len(t) for t in texts) / self.limits.text_chars_per_image))
 
-    def _text_chunks(self, costs: list[int]) -> list[slice]:
-        """Consecutive slices of the items whose costs fill about one model batch each: long text
-        work runs as several jobs, so that other requests' batches run between them."""
+    def _text_chunks(self, chars: list[int]) -> list[slice]:
+        """Consecutive slices of the items (of `chars` characters each) that fill about one
+        model batch each (max_batch_size images' worth): long text work runs as several
+        jobs, so that other requests' batches run between them."""
+        per_job = self.limits.max_batch_size * self.limits.text_chars_per_image
         out, start, acc = [], 0, 0
-        for i, c in enumerate(costs):
-            if i > start and acc + c > self.limits.max_batch_size:
+        for i, c in enumerate(chars):
+            if i > start and acc + c > per_job:
                 out.append(slice(start, i))
                 start, acc = i, 0
             acc += c
-        if start < len(costs):
-            out.append(slice(start, len(costs)))
+        if start < len(chars):
+            out.append(slice(start, len(chars)))
         return out
 
     async def embed_text_list(self, texts: list[str], watch: ClientWatch) -> Any:
         """[n, D] normalised text embeddings, admitted by their cost and computed in batch-sized jobs."""
-        costs = [self.text_cost([t]) for t in texts]
         parts = []
-        with self.batcher.reserved(sum(costs)):  # 503 here when the queue is full
-            for part in self._text_chunks(costs):
+        with self.batcher.reserved(self.text_cost(texts)):  # 503 here when the queue is full
+            for part in self._text_chunks([len(t) for t in texts]):
                 watch.check()
                 job = functools.partial(self._text_embeddings, texts[part])
                 parts.append(np.asarray(await watch.result(self.batcher.call(job))))
@@ -241,10 +242,9 @@ class Service:
         rows = bank.known_rows(specs)
         todo = [s for s in specs if s.name not in rows]
         if todo:
-            templates = self.model.templates
-            costs = [self.text_cost(s.texts(templates)) for s in todo]
-            with self.batcher.reserved(sum(costs)):  # 503 here when the queue is full
-                for part in self._text_chunks(costs):
+            prompts = [s.texts(self.model.templates) for s in todo]
+            with self.batcher.reserved(self.text_cost([t for p in prompts for t in p])):  # 503 here when the queue is full
+                for part in self._text_chunks([sum(map(len, p)) for p in prompts]):
                     watch.check()
                     chunk = todo[part]
                     tv, tb = await watch.result(self.batcher.call(functools.partial(bank.compute, chunk)))
