@@ -8,15 +8,20 @@ client. First /health and /predict are timed on the idle server; then, for a bou
 and request count, good clients send /predict and /embed/text while abusive clients send
 bodies over the limit (declared and chunked), trickle bodies and request heads, open
 silent connections, hog the request-body memory, and upload garbage, truncated and
-decompression-bomb images, wrong content types, broken multipart and deeply nested JSON.
-A probe times GET /health throughout.
+decompression-bomb images, wrong content types, broken multipart and deeply nested JSON;
+and the costly-but-small attacks: decode amplification (a 7000x7000 float TIFF of a few
+hundred KB, and float / 16-bit images just under the decoded-bytes limit), label floods
+(the most new zero-shot labels a request may carry, with a garbage image, with a good
+one, and sent by clients that hang up at once) and text floods (/embed/text with the most
+and longest texts). A probe times GET /health throughout.
 
 Reports the requests sent and the answers per kind, the count of server errors (5xx other
 than 503 "busy": must be 0) and of requests left unanswered (must be 0), p50/p99 latency of
-/health and of good /predict (idle and under abuse), and the server's peak RSS (VmHWM from
-/proc/<pid>/status). The last line, `ratio=`, is the p99 latency of /health under abuse
-divided by its p99 on the idle server, measured in this run: how much slower a liveness
-check gets while the abuse goes on (1.0 = not at all).
+/health and of good /predict (idle and under abuse), and the server's RSS on the idle
+server and its peak (VmHWM from /proc/<pid>/status), with the targets: 0 server errors,
+good /predict p99 under abuse within 5x of idle, peak memory within 1.5x of idle. The
+ratios are against the idle baseline measured in the same run, on the same server; the
+last line, `ratio=`, is the /predict one.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import os
 import random
 import struct
@@ -38,10 +44,12 @@ from _common import ServeProcess, train_small_run
 
 HOST = "127.0.0.1"
 LIMITS = {
-    "--max-request-bytes": 2_000_000, "--max-image-bytes": 1_000_000, "--max-images": 4, "--max-pixels": 4_000_000,
-    "--max-buffered-bytes": 8_000_000, "--header-timeout": 2.0, "--body-timeout": 3.0, "--keep-alive-timeout": 2.0,
-    "--max-connections": 256,
+    "--max-request-bytes": 2_000_000, "--max-image-bytes": 1_000_000, "--max-images": 4, "--max-pixels": 50_000_000,
+    "--max-decoded-bytes": 16_000_000, "--max-buffered-bytes": 8_000_000, "--header-timeout": 2.0, "--body-timeout": 3.0,
+    "--keep-alive-timeout": 2.0, "--max-connections": 256,
 }
+MAX_LABELS = 64  # the service's default --max-labels
+TARGETS = {"server_errors": 0, "predict_p99_ratio": 5.0, "memory_ratio": 1.5}
 MAX_REQUEST = LIMITS["--max-request-bytes"]
 BODY_TIMEOUT = LIMITS["--body-timeout"]
 
@@ -140,12 +148,43 @@ def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def tiff(mode: str, width: int, height: int) -> bytes:
+    """A deflate-compressed TIFF of one value: a few hundred KB at most, however large."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, (width, height), 0.25 if mode == "F" else 300).save(buf, "TIFF", compression="tiff_adobe_deflate")
+    return buf.getvalue()
+
+
+def form_fields(name: str, values: list[str]) -> bytes:
+    return b"".join(f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{v}\r\n".encode() for v in values)
+
+
+def label_flood(image: bytes, rng: random.Random) -> bytes:
+    """/predict with the most new zero-shot labels allowed (never seen before: no cache helps) and `image`."""
+    labels = [f"flood label {rng.getrandbits(48):x} {i}" for i in range(MAX_LABELS)]
+    return form_fields("extra_labels", labels) + multipart(image)
+
+
+def text_flood() -> bytes:
+    texts = [f"{i} " + "a long text to embed " * 48 for i in range(64)]  # 64 texts of about 1000 characters
+    return json.dumps({"texts": [t[:1000] for t in texts]}).encode()
+
+
 def abusive_kinds(port: int, image: bytes) -> dict:
     """name -> (a coroutine factory, the answers that count as correct)."""
     slow_limit = BODY_TIMEOUT + 4
     trickle_head = [bytes([c]) for c in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100]
     nested = b'{"texts": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
     hog = MAX_REQUEST - 10
+    rng = random.Random(1)
+    float_bomb = tiff("F", 7000, 7000)
+    side = int((LIMITS["--max-decoded-bytes"] / 4) ** 0.5) - 8
+    float_large, sixteen_large = tiff("F", side, side), tiff("I;16", int(side * 1.41), int(side * 1.41))
+    texts = text_flood()
     return {
         "declared_oversize": (lambda: call(port, post_head("/predict", MULTIPART, 100 * MAX_REQUEST)), {413}),
         "chunked_oversize": (lambda: call(port, post_head("/predict", MULTIPART, None), chunked(2 * MAX_REQUEST)), {413, 503}),
@@ -159,7 +198,26 @@ def abusive_kinds(port: int, image: bytes) -> dict:
         "wrong_type": (lambda: call(port, post("/predict", b'{"images": ["/etc/passwd"]}', "application/json")), {415}),
         "broken_multipart": (lambda: call(port, post("/predict", b"--" + BOUNDARY.encode() + b"\r\ngarbage")), {400, 422, 503}),
         "nested_json": (lambda: call(port, post("/embed/text", nested, "application/json")), {400, 422, 503}),
+        # decode amplification: a few hundred KB that decode to 196 MB (refused from the header), and images just
+        # under the decoded-bytes limit (decoded, converted without a widened copy)
+        "float_tiff_bomb": (lambda: call(port, post("/predict", multipart(float_bomb, "bomb.tif"))), {413, 503}),
+        "float_tiff_large": (lambda: call(port, post("/predict", multipart(float_large, "f.tif")), limit=30), {200, 503}),
+        "tiff16_large": (lambda: call(port, post("/predict", multipart(sixteen_large, "i16.tif")), limit=30), {200, 503}),
+        # label and text floods: admitted by cost (503 when the queue is full), labels embedded after the images decode
+        "label_flood_bad": (lambda: call(port, post("/predict", label_flood(os.urandom(2000), rng)), limit=30), {422, 503}),
+        "label_flood": (lambda: call(port, post("/predict", label_flood(image, rng)), limit=30), {200, 503}),
+        "label_flood_left": (lambda: call(port, post("/predict", label_flood(image, rng)), limit=0.05), {None, 200, 503}),
+        "text_flood": (lambda: call(port, post("/embed/text", texts, "application/json"), limit=30), {200, 503}),
     }
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset the process's peak RSS (VmHWM) to its current RSS (Linux: clear_refs 5)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def percentiles(seconds: list[float]) -> tuple[float, float]:
@@ -275,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(idle_phase(server.port, images[0], 1.0))  # warm-up
             health_idle, predict_idle = asyncio.run(idle_phase(server.port, images[0], idle))
             rss_before = server.memory_mib("VmRSS")
+            peak_idle = server.memory_mib("VmHWM")
+            reset = reset_peak(server.proc.pid)  # from here VmHWM is the peak under abuse
             res = asyncio.run(abuse_phase(server.port, images, good, abusive, duration, a.max_requests))
             health_after = asyncio.run(call(server.port, get("/health")))[0]
             peak = server.memory_mib("VmHWM")
@@ -283,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         log = (work / "server.log").read_text(errors="replace")
     answers, wrong = res["answers"], res["wrong"]
     server_errors = sum(n for c in answers.values() for s, n in c.items() if s is not None and s >= 500 and s != 503)
-    unanswered = sum(c.get(None, 0) + c.get(0, 0) for c in answers.values())
+    hang_ups = {name for name, (_, ok) in abusive_kinds(0, b"").items() if None in ok}  # clients that leave on purpose
+    unanswered = sum(c.get(None, 0) + c.get(0, 0) for name, c in answers.items() if name not in hang_ups)
     busy = sum(c.get(503, 0) for c in answers.values())
     h_idle, h_abuse = percentiles(health_idle), percentiles(res["health"])
     p_idle, p_abuse = percentiles(predict_idle), percentiles(res["predict"])
@@ -305,11 +366,24 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(res['health'])} calls, {res['health_bad']} failed)")
     print(f"/predict idle: p50 {p_idle[0]:.1f} ms, p99 {p_idle[1]:.1f} ms ({len(predict_idle)} calls)   "
           f"under abuse: p50 {p_abuse[0]:.1f} ms, p99 {p_abuse[1]:.1f} ms ({len(res['predict'])} answered 200)")
-    print(f"server memory: RSS {rss_before:.0f} MiB before the abuse, peak (VmHWM) {peak:.0f} MiB; "
+    print(f"server memory: RSS {rss_before:.0f} MiB on the idle server (peak so far {peak_idle:.0f} MiB), "
+          f"peak under abuse (VmHWM{' reset before the abuse' if reset else ', since start'}) {peak:.0f} MiB; "
           f"health after the abuse: {health_after}; exit code on SIGINT: {code}; tracebacks in its log: {log.count('Traceback')}")
     print(f"total time {time.perf_counter() - t_start:.0f} s")
-    print("ratio = p99 latency of GET /health under abuse / p99 on the idle server (same server, this run)")
-    print(f"ratio={h_abuse[1] / h_idle[1]:.2f}")
+    p_ratio, m_ratio, h_ratio = p_abuse[1] / p_idle[1], peak / rss_before, h_abuse[1] / h_idle[1]
+    checks = [
+        ("server errors (5xx other than 503)", f"{server_errors}", f"{TARGETS['server_errors']}",
+         server_errors <= TARGETS["server_errors"]),
+        ("good /predict p99 under abuse / idle", f"{p_ratio:.2f}", f"<= {TARGETS['predict_p99_ratio']:g}",
+         p_ratio <= TARGETS["predict_p99_ratio"]),
+        ("peak server RSS under abuse / idle RSS", f"{m_ratio:.2f}", f"<= {TARGETS['memory_ratio']:g}", m_ratio <= TARGETS["memory_ratio"]),
+    ]
+    for what, got, target, ok in checks:
+        print(f"target: {what:<40} {got:>8}  (target {target}): {'met' if ok else 'NOT met'}")
+    print(f"health_ratio={h_ratio:.2f}  (p99 of GET /health under abuse / idle)")
+    print(f"memory_ratio={m_ratio:.2f}")
+    print("ratio = p99 latency of a good POST /predict under abuse / p99 on the idle server (same server, this run)")
+    print(f"ratio={p_ratio:.2f}")
     return 0 if server_errors == 0 and unanswered == 0 and res["health_bad"] == 0 else 1
 
 

@@ -179,7 +179,7 @@ def test_search_without_an_index_says_how_to_get_one(serve_run):
 
     from mumic.serve import create_app
 
-    with TestClient(create_app(serve_run, device="cpu")) as client:
+    with TestClient(create_app(serve_run, device="cpu"), base_url="http://localhost") as client:
         for kw in ({"json": {"text": "red"}}, {"data": {"text": "red"}}):
             assert_error(client.post("/search", **kw), 409, "this service has no index", "mumic serve RUN --index INDEX")
         assert "/search" in client.get("/openapi.json").json()["paths"] and client.get("/health").json()["index_items"] is None
@@ -222,7 +222,7 @@ def test_search_by_text_and_image(server, test_images):
     hits = r.json()["results"]
     assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
     assert all(hits[i]["score"] >= hits[i + 1]["score"] for i in range(4))
-    assert {"image", "labels", "split", "id"} <= set(hits[0])
+    assert set(hits[0]) == {"rank", "score", "id", "image"}  # by default no manifest column, no server path
     r = httpx.post(server.url + "/search", json={"text": "a drawing of a red shape.", "k": 5})  # JSON, as /embed/text takes
     assert r.status_code == 200, r.text
     assert r.json()["results"] == hits
@@ -232,7 +232,7 @@ def test_search_by_text_and_image(server, test_images):
         r = httpx.post(server.url + "/search", files=query, data={"k": "3", "exact": exact})
         assert r.status_code == 200, r.text
         top = r.json()["results"][0]
-        assert top["image"] == str(test_images[0]) and top["score"] == pytest.approx(1.0, abs=1e-4)
+        assert top["image"] == Path(test_images[0]).name and top["score"] == pytest.approx(1.0, abs=1e-4)
         assert r.json()["exact"] is (exact == "true")
 
 
@@ -398,7 +398,7 @@ def test_linear_head_run_scores_only_its_trained_labels(serve_shapes, tmp_path, 
         "eval_every": 2, "max_steps": 2, "warmup_steps": 1, "patience": 100, "majority_n": 3,
     })
     run = fit(cfg, progress=False)
-    with TestClient(create_app(run, device="cpu")) as client:
+    with TestClient(create_app(run, device="cpu"), base_url="http://localhost") as client:
         r = client.post("/predict", files=files_of(test_images[:1]))
         assert r.status_code == 200, r.text
         assert "yellow" not in r.json()["labels"] and len(r.json()["labels"]) == 7  # the unseen label has no classifier row

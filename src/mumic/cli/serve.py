@@ -14,6 +14,7 @@ log = logging.getLogger("mumic.serve")
 
 def register(sub: typing.Any) -> argparse.ArgumentParser:
     from mumic.serve import Limits
+    from mumic.serve.exposure import LOOPBACK_HOSTS, TOKEN_ENV
 
     p = sub.add_parser(
         "serve", help="serve a run over HTTP (predict, embed, labels, search)",
@@ -24,6 +25,17 @@ def register(sub: typing.Any) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--index", help="index folder from `mumic index` (enables POST /search)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help=f"a Host header name to answer for (repeatable); always: {', '.join(LOOPBACK_HOSTS)} and --host "
+                        "unless it is 0.0.0.0 or ::; '*' answers any name (only behind a proxy that checks Host)")
+    p.add_argument("--token", help=f"require `Authorization: Bearer TOKEN` on every request (default: ${TOKEN_ENV} if set; "
+                                   "prefer the variable: a command line is visible to other users)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin (https://app.example.com) whose pages may call the service (repeatable); "
+                        "default: none, and cross-site POSTs from web pages are refused")
+    p.add_argument("--expose-columns", default="", metavar="A,B",
+                   help="index manifest columns that /search returns besides rank, score, id and the image's name "
+                        "relative to the indexed folder (default: none)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     add_engine_option(p)
     p.add_argument("--no-batching", action="store_true", help="run each request alone (baseline for benchmarks)")
@@ -36,6 +48,14 @@ def register(sub: typing.Any) -> argparse.ArgumentParser:
     p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes, help=f"bytes per image (default: {d.max_image_bytes})")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help=f"bytes per request (default: {d.max_request_bytes})")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help=f"pixels per image (default: {d.max_pixels})")
+    p.add_argument("--max-decoded-bytes", type=int, default=d.max_decoded_bytes,
+                   help="bytes an image may decode to (width x height x bytes per pixel of its mode: 4 for RGB or float, "
+                        f"2 for 16-bit), checked before decoding (default: {d.max_decoded_bytes})")
+    p.add_argument("--decode-threads", type=int, default=None,
+                   help="images decoded at once, all requests together (default: one per usable CPU)")
+    p.add_argument("--max-pending", type=int, default=d.max_pending_images,
+                   help="model work queued, in images (a text counts 1 per started "
+                        f"{d.text_chars_per_image} characters); beyond it 503 (default: {d.max_pending_images})")
     p.add_argument("--max-connections", type=int, default=256, help="concurrent connections before answering 503 (default: 256)")
     p.add_argument("--max-buffered-bytes", type=int, default=d.max_buffered_bytes,
                    help="request-body bytes held in memory at once, all requests together; "
@@ -56,10 +76,27 @@ def _limits(args: argparse.Namespace) -> dict[str, typing.Any]:
     return {
         "batching": not args.no_batching, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
         "max_images": args.max_images, "max_labels": args.max_labels, "max_image_bytes": args.max_image_bytes,
-        "max_request_bytes": args.max_request_bytes, "max_pixels": args.max_pixels,
+        "max_request_bytes": args.max_request_bytes, "max_pixels": args.max_pixels, "max_decoded_bytes": args.max_decoded_bytes,
+        "max_pending_images": args.max_pending, **({"decode_threads": args.decode_threads} if args.decode_threads is not None else {}),
         "max_buffered_bytes": args.max_buffered_bytes, "header_timeout_s": args.header_timeout,
         "body_timeout_s": args.body_timeout, "keep_alive_s": args.keep_alive_timeout,
     }
+
+
+def _exposure(args: argparse.Namespace) -> typing.Any:
+    """Exposure from the flags: loopback names, the bound host unless it is a wildcard
+    address, --allowed-host; the token from --token or the environment."""
+    import os
+
+    from mumic.serve.exposure import LOOPBACK_HOSTS, TOKEN_ENV, Exposure
+
+    hosts = list(LOOPBACK_HOSTS)
+    if args.host not in ("0.0.0.0", "::", ""):
+        hosts.append(args.host)
+    hosts += args.allowed_host
+    token = args.token if args.token is not None else (os.environ.get(TOKEN_ENV) or None)
+    columns = tuple(c for c in args.expose_columns.split(",") if c.strip())
+    return Exposure(allowed_hosts=tuple(hosts), token=token, cors_origins=tuple(args.cors_origin), expose_columns=columns)
 
 
 def _is_loopback(host: str) -> bool:
@@ -84,9 +121,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
     if args.max_connections < 1:
         raise ConfigError(f"--max-connections must be at least 1, got {args.max_connections}")
+    exposure = _exposure(args)  # checked before the model loads
     if not _is_loopback(args.host):
-        log.warning("binding %s: the service is reachable from other machines and has no authentication", args.host)
-    app = create_app(args.run, index=args.index, device=args.device, engine=args.engine, **_limits(args))  # limits checked first
+        if exposure.token is None:
+            log.warning("binding %s: the service is reachable from other machines and has no authentication "
+                        "(set MUMIC_TOKEN, and put it behind a TLS proxy: see the README)", args.host)
+        if args.host in ("0.0.0.0", "::") and not args.allowed_host:
+            log.warning("binding %s: only requests naming %s in their Host header are answered; add --allowed-host "
+                        "for each name or address clients use", args.host, ", ".join(exposure.allowed_hosts))
+    app = create_app(args.run, index=args.index, device=args.device, engine=args.engine, exposure=exposure,
+                     **_limits(args))  # limits checked first
     uvicorn.run(
         app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_connections,
         http=protocol_class(args.header_timeout), timeout_keep_alive=args.keep_alive_timeout,

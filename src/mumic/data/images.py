@@ -20,6 +20,7 @@ import math
 import os
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from mumic.data.preprocess import REDUCING_GAP, as_chw, crop_resize, decode_rgb,
 from mumic.errors import ImageError, UploadError
 
 __all__ = [
-    "ALLOWED_FORMATS", "MAX_PIXELS", "REDUCING_GAP", "REFUSED_FORMATS", "decode_image", "image_pixels", "load_image",
+    "ALLOWED_FORMATS", "MAX_PIXELS", "REDUCING_GAP", "REFUSED_FORMATS", "decode_image", "decoded_bytes", "image_pixels", "load_image",
     "random_resized_crop", "resize_center_crop", "to_rgb",
 ]
 
@@ -46,6 +47,16 @@ header is read, before anything is decoded)."""
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 """Pillow formats ``decode_image`` accepts from clients; others (EPS, PDF, ...) are
 refused before anything is decoded."""
+
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+"""Bytes Pillow holds per pixel of a decoded image, by mode; every other mode takes 4
+(Pillow stores RGB, YCbCr and LAB in 4 bytes, and I and F are 32-bit)."""
+
+
+def decoded_bytes(width: int, height: int, mode: str) -> int:
+    """Bytes a decoded ``width`` x ``height`` image of ``mode`` holds in Pillow."""
+    return width * height * _BYTES_PER_PIXEL.get(mode, 4)
+
 
 _BOMB_SIZE = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+) pixels")
 
@@ -100,24 +111,33 @@ def load_image(
     return _decode(path, str(path), upload=False, size_hint=size_hint, max_pixels=max_pixels)
 
 
-def decode_image(data: bytes, *, max_pixels: int, size_hint: int | None = None, name: str = "image") -> Image.Image:
+def decode_image(
+    data: bytes, *, max_pixels: int, size_hint: int | None = None, name: str = "image", max_decoded_bytes: int | None = None
+) -> Image.Image:
     """Uploaded bytes -> RGB image, decoded as ``load_image`` decodes files.
 
-    Only ``ALLOWED_FORMATS`` are opened. Raises UploadError: 413 over ``max_pixels``,
-    422 when the bytes are empty or not a supported image; ``name`` starts the message.
+    Only ``ALLOWED_FORMATS`` are opened. Raises UploadError: 413 over ``max_pixels``, or
+    when the decoded image would hold more than ``max_decoded_bytes`` (``decoded_bytes``
+    of its size and mode, after JPEG draft reduction; checked from the header, before
+    decoding: a small float or 16-bit file can decode to far more bytes than its pixel
+    count suggests); 422 when the bytes are empty or not a supported image; ``name``
+    starts the message.
     """
     if not data:
         raise UploadError(422, f"{name}: empty upload (0 bytes)")
-    return _decode(io.BytesIO(data), name, upload=True, size_hint=size_hint, max_pixels=max_pixels)
+    return _decode(io.BytesIO(data), name, upload=True, size_hint=size_hint, max_pixels=max_pixels,
+                   max_decoded_bytes=max_decoded_bytes)
 
 
-def image_pixels(data: bytes, size: int, *, max_pixels: int, name: str = "image") -> np.ndarray:
+def image_pixels(data: bytes, size: int, *, max_pixels: int, name: str = "image", max_decoded_bytes: int | None = None) -> np.ndarray:
     """Uploaded bytes -> uint8 array [3, size, size] (resize shorter side, center crop)."""
-    return resize_center_crop(decode_image(data, max_pixels=max_pixels, size_hint=size, name=name), size)
+    img = decode_image(data, max_pixels=max_pixels, size_hint=size, name=name, max_decoded_bytes=max_decoded_bytes)
+    return resize_center_crop(img, size)
 
 
 def _decode(
-    source: Path | io.BytesIO, where: str, *, upload: bool, size_hint: int | None, max_pixels: int
+    source: Path | io.BytesIO, where: str, *, upload: bool, size_hint: int | None, max_pixels: int,
+    max_decoded_bytes: int | None = None,
 ) -> Image.Image:
     """The one decoder of files and uploads. ``where`` (a path or an upload's name) starts
     every message; an upload fails with UploadError (413 too large, 422 undecodable), a
@@ -143,6 +163,8 @@ def _decode(
             refused = REFUSED_FORMATS.get(img.format or "")
             if refused:
                 raise fail(f"{where}: {img.format} files are not accepted ({refused}); convert it to PNG or JPEG")
+            if max_decoded_bytes is not None:
+                _check_decoded_bytes(img, where, size_hint, max_decoded_bytes, fail)
             rgb = decode_rgb(img, size_hint, on_exif_error)
     except ImageError:
         raise
@@ -163,6 +185,19 @@ def _decode(
     except Exception as e:  # decoders raise OSError, EOFError, SyntaxError, ValueError, struct.error, ...
         raise fail(_decode_failure(where, e, upload=upload)) from None
     return rgb
+
+
+def _check_decoded_bytes(img: Image.Image, where: str, size_hint: int | None, limit: int, fail: Callable[..., ImageError]) -> None:
+    """Refuse (413) an opened image whose decoded pixels would hold more than ``limit``
+    bytes. A JPEG is first set to decode at its reduced scale (as decode_rgb would), so a
+    large photo costs what its reduced size costs."""
+    if size_hint is not None and img.format == "JPEG":
+        img.draft("RGB", (size_hint, size_hint))  # decode_rgb's own draft call is then a no-op
+    width, height = img.size
+    need = decoded_bytes(width, height, img.mode)
+    if need > limit:
+        raise fail(f"{where}: a {width}x{height} {img.mode} image decodes to {need:,} bytes, over the limit of {limit:,}; "
+                   "send it as 8-bit RGB or downscale it", too_large=True)
 
 
 def _decode_failure(where: str, e: Exception, *, upload: bool) -> str:

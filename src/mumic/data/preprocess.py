@@ -28,19 +28,52 @@ def _composite_on_white(img: Image.Image) -> Image.Image:
     return out
 
 
+_CHUNK_PIXELS = 1 << 20
+"""High-bit-depth images are converted this many pixels at a time, so that the float
+arithmetic never holds a widened copy of the whole image."""
+
+
+def _row_chunks(img: Image.Image):
+    """(top, rows as a numpy array) of ``img``, about _CHUNK_PIXELS pixels at a time."""
+    width, height = img.size
+    step = max(1, _CHUNK_PIXELS // max(width, 1))
+    for top in range(0, height, step):
+        yield top, np.asarray(img.crop((0, top, width, min(top + step, height))))
+
+
+def _grey8_to_rgb(grey: np.ndarray) -> Image.Image:
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
 def _int_to_rgb(img: Image.Image) -> Image.Image:
-    """16/32-bit integer grey -> 8-bit RGB, scaling the 16-bit range (Pillow would clip)."""
-    arr = np.asarray(img).astype(np.float64)
-    arr = np.clip(arr, 0, 65535) / 257.0
-    return Image.fromarray(np.round(arr).astype(np.uint8), mode="L").convert("RGB")
+    """16/32-bit integer grey -> 8-bit RGB, scaling the 16-bit range (Pillow would clip).
+
+    round(clip(v, 0, 65535) / 257) in integers, chunk by chunk: never a float64 copy of
+    the image (v / 257 is never exactly halfway, so this equals the float rounding)."""
+    width, height = img.size
+    out = np.empty((height, width), dtype=np.uint8)
+    for top, chunk in _row_chunks(img):
+        v = np.clip(chunk.astype(np.int64), 0, 65535)
+        out[top : top + len(v)] = (2 * v + 257) // 514
+    return _grey8_to_rgb(out)
 
 
 def _float_to_rgb(img: Image.Image) -> Image.Image:
-    """Float grey -> 8-bit RGB; values in [0, 1] are taken as fractions, else as 0..255."""
-    arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
-    if arr.size and arr.max() <= 1.0:
-        arr = arr * 255.0
-    return Image.fromarray(np.round(np.clip(arr, 0, 255)).astype(np.uint8), mode="L").convert("RGB")
+    """Float grey -> 8-bit RGB; values in [0, 1] are taken as fractions, else as 0..255
+    (NaN as 0). Converted chunk by chunk: the float64 arithmetic holds one chunk at a time."""
+    width, height = img.size
+    peak = -np.inf
+    for _, chunk in _row_chunks(img):
+        if chunk.size:
+            peak = max(peak, float(np.nan_to_num(chunk.astype(np.float64)).max()))
+    scale = 255.0 if width * height and peak <= 1.0 else 1.0
+    out = np.empty((height, width), dtype=np.uint8)
+    for top, chunk in _row_chunks(img):
+        arr = np.nan_to_num(chunk.astype(np.float64))
+        if scale != 1.0:
+            arr *= scale
+        out[top : top + len(arr)] = np.round(np.clip(arr, 0, 255))
+    return _grey8_to_rgb(out)
 
 
 def _lab_to_rgb(img: Image.Image) -> Image.Image:

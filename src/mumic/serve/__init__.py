@@ -19,17 +19,29 @@ company), so concurrent clients share forward passes. `labels` means what it mea
 start; zero-shot labels are embedded on first use and kept in a bounded LRU cache.
 
 The service reads only the bytes clients upload: it never opens a file or URL a client
-names. Limits answer with JSON {"detail": ...}: 408 for a body that does not arrive in
-time, 409 for /search without an index, 413 for a body, image or pixel count over its
+names. Limits answer with JSON {"detail": ...}: 400 for a Host header it does not answer
+for, 401 without the bearer token (when one is set), 403 for a cross-site POST from a web
+page whose origin is not allowed, 408 for a body that does not arrive in time, 409 for
+/search without an index, 413 for a body, image, pixel count or decoded size over its
 limit or too many images, 415 for a wrong content type, 422 for an undecodable image or
-invalid fields, 503 when the queue or the memory for request bodies is full.
+invalid fields, 503 (with Retry-After) when the model queue or the memory for request
+bodies is full. The host, token and origin checks (`exposure`) are middleware: they cover
+every route.
+
+Model work is admitted by its cost: images count one each, texts (the prompts of new
+zero-shot labels, /embed/text entries) one per `text_chars_per_image` characters; a
+request's images are decoded before any of its labels is embedded, text work runs in
+batch-sized jobs, and the queued work of a client that hangs up is dropped. Decoding
+holds at most `max_decoded_bytes` per image (checked from the header) and runs at most
+`decode_threads` at a time.
 
 Slow or abusive clients are bounded in time and memory: a connection must deliver each
 request head within `header_timeout_s` (uvicorn itself never times out a request head),
 an idle keep-alive connection is closed after `keep_alive_s`, a body must arrive within
 `body_timeout_s`, and all request bodies held at once share `max_buffered_bytes`.
 
-Modules: `limits` (Limits and the guards against slow or abusive clients), `batcher`
+Modules: `limits` (Limits and the guards against slow or abusive clients), `exposure`
+(allowed hosts, bearer token, cross-site requests, the columns /search shows), `batcher`
 (the model thread), `labels` (class embeddings and scoring), `schemas` (request and
 response bodies), `bodies` (bodies read as JSON or form fields), `service` (the loaded run and the handling of requests), `app` (the
 FastAPI routes). Importing this package stays cheap (no torch, FastAPI or Pillow): the

@@ -16,23 +16,27 @@ import mumic
 from mumic.errors import MumicError, ServiceError, UploadError
 from mumic.serve import schemas
 from mumic.serve.bodies import parsed_body, request_body
+from mumic.serve.exposure import AccessGuard, Exposure, HostGuard
 from mumic.serve.limits import JSON_TYPE, MULTIPART, URLENCODED, BodyBudget, Limits, RequestGuard
 from mumic.serve.schemas import ERROR_RESPONSES, SEARCH_RESPONSES
 from mumic.serve.service import Service
 
 
 def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: str = "auto", engine: str = "auto",
-               **limits: Any) -> Any:
+               exposure: Exposure | None = None, **limits: Any) -> Any:
     """The FastAPI app serving `run_dir` (and the index folder `index`, for /search).
     `engine` runs the image tower (see Predictor.set_engine: onnxruntime on CPUs by default).
 
-    `limits` are the fields of Limits (sizes, counts, batching). The model, the run's class
-    embeddings and the index are loaded here, so a bad run or index fails before serving.
-    The documentation pages (/docs, /redoc) load their scripts from the service itself,
-    so they work offline.
+    `exposure` says who may use it (allowed Host names, a bearer token, CORS origins) and
+    which index columns /search shows; by default: loopback names only, no token, no
+    CORS, no manifest columns. `limits` are the fields of Limits (sizes, counts,
+    batching). The model, the run's class embeddings and the index are loaded here, so a
+    bad run or index fails before serving. The documentation pages (/docs, /redoc) load
+    their scripts from the service itself, so they work offline.
     """
     lim = Limits.from_kwargs(**limits)
-    svc = Service(run_dir, index, device=device, engine=engine, limits=lim)
+    exposure = exposure or Exposure()
+    svc = Service(run_dir, index, device=device, engine=engine, limits=lim, expose_columns=exposure.expose_columns)
     # FastAPI with /docs and /redoc served from the package's own copy of Swagger UI and ReDoc
     app: FastAPI = FastAPIOffline(
         title="mumic",
@@ -42,10 +46,12 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
             f"Run `{Path(run_dir).name}`: {len(svc.bank.run_names)} labels, {svc.size} px images, {svc.dim}-d embeddings. "
             f"Limits: {lim.max_images} images and {lim.max_labels} labels per request, "
             f"{lim.max_image_bytes:,} bytes per image, {lim.max_pixels:,} pixels per image, "
+            f"{lim.max_decoded_bytes:,} decoded bytes per image, "
             f"{lim.max_request_bytes:,} bytes per request."
         ),
         lifespan=_lifespan(svc),
     )
+    app.state.service = svc
     app.state.batcher = svc.batcher
     app.state.model = svc.model
     app.state.limits = lim
@@ -57,9 +63,20 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
     _add_search_route(app, svc)
     fields = (JSON_TYPE, MULTIPART, URLENCODED)
     content_types = {"/predict": (MULTIPART,), "/embed/image": (MULTIPART,), "/embed/text": fields, "/search": fields}
-    # outermost user middleware; the app stays a FastAPI instance (routes, state, OpenAPI)
+    # middleware, innermost first (each one added wraps the ones before); every route is
+    # behind all of them, pages and routes added later included:
+    # HostGuard -> CORS (only when origins are allowed) -> AccessGuard -> RequestGuard -> routes
     app.add_middleware(RequestGuard, max_bytes=lim.max_request_bytes, content_types=content_types, budget=body_budget,
                        body_timeout_s=lim.body_timeout_s)
+    drain = 4 * lim.max_request_bytes
+    app.add_middleware(AccessGuard, exposure=exposure, drain_bytes=drain)
+    if exposure.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(exposure.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"], max_age=600)
+    app.add_middleware(HostGuard, exposure=exposure, drain_bytes=drain)
+    app.state.exposure = exposure
     return app
 
 
@@ -114,6 +131,7 @@ def _add_image_routes(app: Any, svc: Service) -> None:
     @app.post("/predict", response_model=schemas.PredictResponse, responses=ERROR_RESPONSES,
               summary="Label probabilities of uploaded images")
     async def predict(
+        request: Request,
         images: list[UploadFile] = File(description=f"image files (JPEG, PNG, GIF, BMP, WebP, TIFF), at most {lim.max_images}"),
         labels: list[str] | None = Form(None, description=(
             "score exactly these labels, in this order (repeated field; by default the run's labels): names in the run "
@@ -127,14 +145,15 @@ def _add_image_routes(app: Any, svc: Service) -> None:
         apply_thresholds: bool = Form(True, description="decide with the run's calibrated thresholds (false: at 0.5)"),
         return_embedding: bool = Form(False, description="also return each image's normalised embedding"),
     ) -> Any:
-        return await svc.predict(images, labels, extra_labels, top_k, apply_thresholds, return_embedding)
+        return await svc.predict(images, labels, extra_labels, top_k, apply_thresholds, return_embedding, request.receive)
 
     @app.post("/embed/image", response_model=schemas.EmbeddingsResponse, responses=ERROR_RESPONSES,
               summary="Normalised embeddings of uploaded images")
     async def embed_image(
+        request: Request,
         images: list[UploadFile] = File(description=f"image files, at most {lim.max_images}"),
     ) -> Any:
-        return await svc.embed_images(images)
+        return await svc.embed_images(images, request.receive)
 
 
 def _add_text_route(app: Any, svc: Service) -> None:
@@ -145,7 +164,7 @@ def _add_text_route(app: Any, svc: Service) -> None:
               openapi_extra=request_body(TextsRequest, description='JSON {"texts": [...]}, or a form with a repeated `texts` field'))
     async def embed_text(request: Request) -> Any:
         async with parsed_body(request, TextsRequest) as (body, _):
-            return await svc.embed_texts(body.texts)
+            return await svc.embed_texts(body.texts, request.receive)
 
 
 def _add_info_routes(app: Any, svc: Service) -> None:
@@ -168,4 +187,4 @@ def _add_search_route(app: Any, svc: Service) -> None:
     async def search(request: Request) -> Any:
         svc.check_index()
         async with parsed_body(request, SearchRequest, files=("image",)) as (body, uploads):
-            return await svc.search(body.text, uploads.get("image"), body.k, body.exact)
+            return await svc.search(body.text, uploads.get("image"), body.k, body.exact, request.receive)

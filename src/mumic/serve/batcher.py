@@ -2,11 +2,12 @@
 forward pass, other model work runs between batches."""
 
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from mumic.errors import ServiceError
@@ -34,8 +35,11 @@ class MicroBatcher:
     of at most max_batch_size images; the first job of a batch waits at most max_wait_ms
     for others. Other model work (text embeddings) runs on the same thread between
     batches, so the model is never used from two threads. With enabled=False every job
-    runs alone (the one-at-a-time baseline). At most max_pending images wait; beyond that
-    submit raises ServiceError 503.
+    runs alone (the one-at-a-time baseline). Admission counts image-equivalents: an
+    image job its images, other work the cost it is given. While any work is queued or
+    running, a job that would take the total past max_pending is refused: submit and
+    call raise ServiceError 503 with Retry-After. A job whose future is cancelled before
+    its turn (its client left) is skipped.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class MicroBatcher:
         self.batches = 0
         self.images = 0
         self.largest_batch = 0
+        self.skipped = 0  # jobs cancelled before their turn
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def start(self) -> None:
@@ -78,13 +83,14 @@ class MicroBatcher:
         return {
             "enabled": self.enabled, "max_batch_size": self.max_batch_size, "max_wait_ms": self.max_wait * 1000.0,
             "batches": self.batches, "images": self.images, "largest_batch": self.largest_batch, "pending_images": self._pending,
+            "skipped": self.skipped,
         }
 
     def _admit(self, n: int) -> None:
         with self._lock:
             if self._stopped:
                 raise ServiceError(503, "the service is shutting down; retry on another instance")
-            if self._pending > 0 and self._pending + n > self.max_pending:
+            if n > 0 and self._pending > 0 and self._pending + n > self.max_pending:
                 raise ServiceError(503, f"the service is busy ({self._pending} images queued); retry shortly", {"Retry-After": "1"})
             self._pending += n
 
@@ -96,10 +102,24 @@ class MicroBatcher:
         self._queue.put(job)
         return job.future
 
-    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        """Run fn() on the model thread (between batches)."""
-        self._admit(0)
-        job = _Job(None, fn, 0)
+    @contextlib.contextmanager
+    def reserved(self, cost: int) -> Iterator[None]:
+        """Hold `cost` image-equivalents of the queue for the block (503 when they do not
+        fit): work submitted in several steps is admitted, or refused, once."""
+        cost = max(0, int(cost))
+        self._admit(cost)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pending -= cost
+
+    def call(self, fn: Callable[[], Any], cost: int = 0) -> concurrent.futures.Future:
+        """Run fn() on the model thread (between batches); `cost` (image-equivalents)
+        counts against max_pending until it has run."""
+        cost = max(0, int(cost))
+        self._admit(cost)
+        job = _Job(None, fn, cost)
         self._queue.put(job)
         return job.future
 
@@ -136,18 +156,24 @@ class MicroBatcher:
         self._fail_leftovers()
 
     def _run_call(self, job: _Job) -> None:
-        if not job.future.set_running_or_notify_cancel():
-            return
-        assert job.fn is not None  # _loop hands only call jobs here
         try:
-            job.future.set_result(job.fn())
-        except BaseException as e:  # handed to the waiting request
-            job.future.set_exception(e)
+            if not job.future.set_running_or_notify_cancel():
+                self.skipped += 1
+                return
+            assert job.fn is not None  # _loop hands only call jobs here
+            try:
+                job.future.set_result(job.fn())
+            except BaseException as e:  # handed to the waiting request
+                job.future.set_exception(e)
+        finally:
+            with self._lock:
+                self._pending -= job.n
 
     def _run_batch(self, batch: list[_Job]) -> None:
         import torch
 
         live = [j for j in batch if j.future.set_running_or_notify_cancel()]  # skip requests whose client left
+        self.skipped += len(batch) - len(live)
         try:
             if live:
                 px = live[0].pixels if len(live) == 1 else torch.cat([j.pixels for j in live])

@@ -58,6 +58,8 @@ async def parsed_body(request: Request, model: type[BaseModel], files: tuple[str
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise _invalid((getattr(e, "pos", 0),), "JSON decode error", "json_invalid") from None
+        except RecursionError:  # arrays or objects nested thousands deep
+            raise _invalid((), "JSON nested too deeply", "json_invalid") from None
         yield _validate(model, data), {}
         return
     if ctype not in (MULTIPART, URLENCODED):  # RequestGuard answers 415 before this

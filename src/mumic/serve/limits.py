@@ -8,6 +8,7 @@ Torch- and FastAPI-free: the CLI reads `Limits` while building its --help.
 import asyncio
 import dataclasses
 import json
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,13 +19,32 @@ URLENCODED = "application/x-www-form-urlencoded"
 JSON_TYPE = "application/json"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Request limits and batching settings of the service (all per request unless noted)."""
+    """Request limits and batching settings of the service (all per request unless noted).
+
+    Decoding an upload holds at most `max_decoded_bytes` of pixels (its width x height x
+    the bytes per pixel of its mode, after JPEG draft reduction; checked before decoding),
+    and at most `decode_threads` uploads decode at once (by default one per usable CPU),
+    so decoding holds at most about decode_threads x max_decoded_bytes (x 2 while it
+    converts to RGB). Model work is admitted in image-equivalents: an image counts 1, texts
+    (the prompts of zero-shot labels, /embed/text entries) 1 per started
+    `text_chars_per_image` characters of a request's texts together; over
+    `max_pending_images` queued, 503.
+    """
 
     max_request_bytes: int = 64 * 2**20
     max_image_bytes: int = 16 * 2**20
     max_pixels: int = 50_000_000
+    max_decoded_bytes: int = 128 * 2**20
     max_images: int = 16
     max_labels: int = 64
     max_label_chars: int = 200
@@ -36,8 +56,9 @@ class Limits:
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
     max_pending_images: int = 512
+    text_chars_per_image: int = 256
     label_cache_size: int = 4096
-    decode_threads: int = 4
+    decode_threads: int = dataclasses.field(default_factory=usable_cpus)
     #: slow and abusive clients (whole service: bodies held in memory at once; per connection: timeouts)
     max_buffered_bytes: int = 256 * 2**20
     header_timeout_s: float = 10.0
@@ -127,26 +148,13 @@ class RequestGuard:
 
     async def _drain(self, receive: Callable) -> None:
         """Read and drop what is left of the body, within DRAIN_S / DRAIN_IDLE_S / DRAIN_FACTOR."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + self.DRAIN_S
-        dropped = 0
-        while dropped <= self.DRAIN_FACTOR * self.max_bytes:
-            wait = min(end - loop.time(), self.DRAIN_IDLE_S)
-            if wait <= 0:
-                return
-            try:
-                message = await asyncio.wait_for(receive(), wait)
-            except asyncio.TimeoutError:
-                return
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                return
-            dropped += len(message.get("body", b""))
+        await drain_body(receive, self.DRAIN_FACTOR * self.max_bytes, self.DRAIN_S, self.DRAIN_IDLE_S)
 
     async def _refuse(self, receive: Callable, send: Callable, status: int, detail: str, *, drain: bool,
                       headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         if drain:
             await self._drain(receive)
-        await _send_json(send, status, detail, headers)
+        await send_json(send, status, detail, headers)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -171,7 +179,7 @@ class RequestGuard:
             except ValueError:
                 size = -1
             if size < 0:
-                await _send_json(send, 400, "malformed Content-Length header")
+                await send_json(send, 400, "malformed Content-Length header")
                 return
             if size > self.max_bytes:
                 await self._refuse(receive, send, 413, f"request body of {size:,} bytes is over the limit of {self.max_bytes:,} bytes",
@@ -191,7 +199,7 @@ class RequestGuard:
                 try:
                     message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
                 except asyncio.TimeoutError:
-                    await _send_json(send, 408, f"the request body did not arrive within {self.body_timeout_s:g} s "
+                    await send_json(send, 408, f"the request body did not arrive within {self.body_timeout_s:g} s "
                                                 f"({received:,} bytes came); send it faster, or a smaller one")
                     return
                 if message["type"] == "http.disconnect":
@@ -232,12 +240,32 @@ class RequestGuard:
             self.budget.give(reserved)
 
 
+async def drain_body(receive: Callable, max_bytes: int, seconds: float = 1.0, idle_s: float = 0.25) -> None:
+    """Read and drop what is left of a refused request's body: at most `max_bytes`, for at
+    most `seconds`, and no longer than `idle_s` without data (so that the client reads
+    the refusal instead of a connection reset)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    dropped = 0
+    while dropped <= max_bytes:
+        wait = min(end - loop.time(), idle_s)
+        if wait <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), wait)
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        dropped += len(message.get("body", b""))
+
+
 def _busy(budget: BodyBudget) -> str:
     return (f"the service is busy receiving other requests ({budget.used:,} of {budget.limit:,} bytes of request "
             "bodies in memory); retry shortly")
 
 
-async def _send_json(send: Callable, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+async def send_json(send: Callable, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), (b"connection", b"close"),

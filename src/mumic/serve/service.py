@@ -2,9 +2,13 @@
 label bank, the optional search index, and the handling of each kind of request."""
 
 import asyncio
+import concurrent.futures
+import contextlib
+import functools
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +20,9 @@ from fastapi.concurrency import run_in_threadpool
 
 import mumic
 from mumic.data.images import image_pixels
-from mumic.errors import MumicError, ServiceError
+from mumic.errors import ConfigError, MumicError, ServiceError
 from mumic.serve.batcher import MicroBatcher
+from mumic.serve.exposure import SearchHits
 from mumic.serve.labels import LabelBank
 from mumic.serve.limits import Limits
 
@@ -37,13 +42,70 @@ def load_index(index: str | Path | None, run_dir: str | Path, dim: int) -> Any:
     return search_index
 
 
+class ClientGone(ServiceError):
+    """The client closed its connection: the rest of its work is dropped."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "the client closed the connection before its answer was ready")
+
+
+class ClientWatch:
+    """Watches a request's connection once its body has been read: `gone` is set when
+    the client disconnects, so that the service stops the work done for it (queued model
+    jobs are cancelled, and the batcher skips them). Without a request it watches nothing."""
+
+    def __init__(self, receive: Callable[[], Any] | None) -> None:
+        self.receive = receive
+        self.gone = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def _watch(self) -> None:
+        assert self.receive is not None
+        while True:
+            message = await self.receive()
+            if message.get("type") == "http.disconnect":
+                self.gone.set()
+                return
+            await asyncio.sleep(0.05)  # nothing else is expected once the body is read
+
+    def start(self) -> None:
+        if self.receive is not None and self._task is None:
+            self._task = asyncio.ensure_future(self._watch())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def check(self) -> None:
+        """Raise ClientGone if the client has left (called before each expensive step)."""
+        if self.gone.is_set():
+            raise ClientGone()
+
+    async def result(self, job: concurrent.futures.Future) -> Any:
+        """The result of a model job, or ClientGone (and the job cancelled) if the client leaves first."""
+        fut = asyncio.wrap_future(job)
+        gone = asyncio.ensure_future(self.gone.wait())
+        try:
+            await asyncio.wait({fut, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not fut.done():
+            job.cancel()  # skipped by the batcher if it has not started
+            fut.cancel()
+            raise ClientGone()
+        return fut.result()
+
+
 class Service:
     """A run loaded for serving. Loading fails here, before serving, for a bad run or index.
 
     `engine` runs the image tower (see Predictor.set_engine: onnxruntime on CPUs by default).
     """
 
-    def __init__(self, run_dir: str | Path, index: str | Path | None, *, device: str, engine: str, limits: Limits) -> None:
+    def __init__(self, run_dir: str | Path, index: str | Path | None, *, device: str, engine: str, limits: Limits,
+                 expose_columns: tuple[str, ...] = ()) -> None:
         from mumic.predictor import Predictor
 
         lim = self.limits = limits
@@ -56,6 +118,9 @@ class Service:
         self.dim = model.backbone.embed_dim
         self.bank = LabelBank(model, lim.label_cache_size)
         self.index = load_index(index, run_dir, self.dim)
+        self.hits = SearchHits(self.index, expose_columns) if self.index is not None else None
+        if expose_columns and self.index is None:
+            raise ConfigError("--expose-columns names index columns: give --index too")
         self.batcher = MicroBatcher(
             self._run_images, enabled=lim.batching, max_batch_size=lim.max_batch_size, max_wait_ms=lim.max_wait_ms,
             max_pending=lim.max_pending_images,
@@ -82,15 +147,52 @@ class Service:
         finally:
             self.model.clear_text_cache()
 
-    async def embed_pixels(self, px: Any) -> Any:
+    async def embed_pixels(self, px: Any, watch: ClientWatch) -> Any:
         """Unnormalised image embeddings [n, D] of uint8 pixels [n, 3, S, S], batched with other requests'."""
-        return await asyncio.wrap_future(self.batcher.submit(px))
+        watch.check()
+        return await watch.result(self.batcher.submit(px))
 
-    async def on_model_thread(self, fn: Callable[[], Any]) -> Any:
-        return await asyncio.wrap_future(self.batcher.call(fn))
+    def text_cost(self, texts: list[str]) -> int:
+        """Image-equivalents of embedding `texts`: 1 per started text_chars_per_image characters
+        of them all (short prompts are much cheaper than an image; a text tower pads to the longest)."""
+        return max(1, math.ceil(sum(len(t) for t in texts) / self.limits.text_chars_per_image))
+
+    def _text_chunks(self, chars: list[int]) -> list[slice]:
+        """Consecutive slices of the items (of `chars` characters each) that fill about one
+        model batch each (max_batch_size images' worth): long text work runs as several
+        jobs, so that other requests' batches run between them."""
+        per_job = self.limits.max_batch_size * self.limits.text_chars_per_image
+        out, start, acc = [], 0, 0
+        for i, c in enumerate(chars):
+            if i > start and acc + c > per_job:
+                out.append(slice(start, i))
+                start, acc = i, 0
+            acc += c
+        if start < len(chars):
+            out.append(slice(start, len(chars)))
+        return out
+
+    async def embed_text_list(self, texts: list[str], watch: ClientWatch) -> Any:
+        """[n, D] normalised text embeddings, admitted by their cost and computed in batch-sized jobs."""
+        parts = []
+        with self.batcher.reserved(self.text_cost(texts)):  # 503 here when the queue is full
+            for part in self._text_chunks([len(t) for t in texts]):
+                watch.check()
+                job = functools.partial(self._text_embeddings, texts[part])
+                parts.append(np.asarray(await watch.result(self.batcher.call(job))))
+        return np.concatenate(parts)
+
+    @contextlib.asynccontextmanager
+    async def watching(self, receive: Callable[[], Any] | None) -> AsyncIterator[ClientWatch]:
+        watch = ClientWatch(receive)
+        watch.start()
+        try:
+            yield watch
+        finally:
+            await watch.stop()
 
     # ------------------------------------------------------------------ request parts
-    async def read_images(self, images: list[UploadFile]) -> tuple[Any, list[str | None]]:
+    async def read_images(self, images: list[UploadFile], watch: ClientWatch | None = None) -> tuple[Any, list[str | None]]:
         """Uploads -> uint8 pixels [n, 3, S, S] and the file names, within the limits."""
         lim = self.limits
         if len(images) > lim.max_images:
@@ -105,8 +207,11 @@ class Service:
             blobs.append((label, data))
         arrays = []
         for label, data in blobs:
-            async with self.decode_slots:
-                arrays.append(await run_in_threadpool(image_pixels, data, self.size, max_pixels=lim.max_pixels, name=label))
+            async with self.decode_slots:  # at most decode_threads decodes at once, each within max_decoded_bytes
+                if watch is not None:
+                    watch.check()
+                arrays.append(await run_in_threadpool(image_pixels, data, self.size, max_pixels=lim.max_pixels, name=label,
+                                                      max_decoded_bytes=lim.max_decoded_bytes))
         return torch.from_numpy(np.stack(arrays)), names
 
     def clean_labels(self, labels: list[str] | None, extra_labels: list[str] | None) -> list[str]:
@@ -129,25 +234,34 @@ class Service:
             asked = run + [n for n in asked if n not in run]
         return asked
 
-    async def label_params(self, names: list[str]) -> tuple[list[Any], Any, Any]:
-        """Specs, [C, D] class embeddings and [C] biases of exactly `names` (zero-shot ones
-        are embedded on the model thread the first time they are asked for)."""
+    async def label_params(self, specs: list[Any], watch: ClientWatch) -> tuple[list[Any], Any, Any]:
+        """Specs, [C, D] class embeddings and [C] biases of `specs` (from LabelBank.requested):
+        zero-shot ones are embedded on the model thread the first time they are asked for,
+        admitted by the cost of their prompts and computed in batch-sized jobs."""
         bank = self.bank
-        specs = bank.requested(names)
         rows = bank.known_rows(specs)
         todo = [s for s in specs if s.name not in rows]
         if todo:
-            tv, tb = await self.on_model_thread(lambda: bank.compute(todo))
-            bank.put(todo, tv, tb)
-            rows.update({s.name: (tv[i], tb[i]) for i, s in enumerate(todo)})
+            prompts = [s.texts(self.model.templates) for s in todo]
+            with self.batcher.reserved(self.text_cost([t for p in prompts for t in p])):  # 503 here when the queue is full
+                for part in self._text_chunks([sum(map(len, p)) for p in prompts]):
+                    watch.check()
+                    chunk = todo[part]
+                    tv, tb = await watch.result(self.batcher.call(functools.partial(bank.compute, chunk)))
+                    bank.put(chunk, tv, tb)
+                    rows.update({s.name: (tv[i], tb[i]) for i, s in enumerate(chunk)})
         return bank.params(specs, rows)
 
     # ------------------------------------------------------------------ requests
     async def predict(self, images: list[UploadFile], labels: list[str] | None, extra_labels: list[str] | None,
-                      top_k: int | None, apply_thresholds: bool, return_embedding: bool) -> dict[str, Any]:
-        specs, v, b = await self.label_params(self.clean_labels(labels, extra_labels))
-        px, filenames = await self.read_images(images)
-        u_raw = await self.embed_pixels(px)
+                      top_k: int | None, apply_thresholds: bool, return_embedding: bool,
+                      receive: Callable[[], Any] | None = None) -> dict[str, Any]:
+        # cheap checks first, then the images are decoded; only then is any label embedded
+        asked = self.bank.requested(self.clean_labels(labels, extra_labels))
+        async with self.watching(receive) as watch:
+            px, filenames = await self.read_images(images, watch)
+            specs, v, b = await self.label_params(asked, watch)
+            u_raw = await self.embed_pixels(px, watch)
         probs = self.bank.probabilities(u_raw, specs, v, b)
         decided = self.bank.decide(probs, specs, apply_thresholds)
         u = F.normalize(u_raw, dim=-1).numpy() if return_embedding else None
@@ -165,35 +279,40 @@ class Service:
             })
         return {"labels": label_names, "thresholds": "calibrated" if apply_thresholds else "fixed-0.5", "results": results}
 
-    async def embed_images(self, images: list[UploadFile]) -> dict[str, Any]:
-        px, filenames = await self.read_images(images)
-        u = F.normalize(await self.embed_pixels(px), dim=-1)
+    async def embed_images(self, images: list[UploadFile], receive: Callable[[], Any] | None = None) -> dict[str, Any]:
+        async with self.watching(receive) as watch:
+            px, filenames = await self.read_images(images, watch)
+            u = F.normalize(await self.embed_pixels(px, watch), dim=-1)
         return {"dim": self.dim, "embeddings": u.numpy().tolist(), "filenames": filenames}
 
-    async def embed_texts(self, texts: list[str]) -> dict[str, Any]:
-        emb = await self.on_model_thread(lambda: self._text_embeddings(list(texts)))
-        return {"dim": self.dim, "embeddings": np.asarray(emb).tolist(), "filenames": None}
+    async def embed_texts(self, texts: list[str], receive: Callable[[], Any] | None = None) -> dict[str, Any]:
+        async with self.watching(receive) as watch:
+            emb = await self.embed_text_list(list(texts), watch)
+        return {"dim": self.dim, "embeddings": emb.tolist(), "filenames": None}
 
     def check_index(self) -> None:
         if self.index is None:
             raise ServiceError(409, "this service has no index: start it with `mumic serve RUN --index INDEX` "
                                     "(build one with `mumic index`)")
 
-    async def search(self, text: str | None, image: UploadFile | None, k: int, exact: bool) -> dict[str, Any]:
+    async def search(self, text: str | None, image: UploadFile | None, k: int, exact: bool,
+                     receive: Callable[[], Any] | None = None) -> dict[str, Any]:
         self.check_index()
         has_text = text is not None and text.strip() != ""
         if has_text == (image is not None):
             raise ServiceError(422, "give exactly one query: a non-empty 'text' or one 'image'")
-        if has_text:
-            assert text is not None
-            q = np.asarray(await self.on_model_thread(lambda: self._text_embeddings([text])), dtype=np.float32)
-        else:
-            assert image is not None
-            px, _ = await self.read_images([image])
-            q = F.normalize(await self.embed_pixels(px), dim=-1).numpy()
+        async with self.watching(receive) as watch:
+            if has_text:
+                assert text is not None
+                q = np.asarray(await self.embed_text_list([text], watch), dtype=np.float32)
+            else:
+                assert image is not None
+                px, _ = await self.read_images([image], watch)
+                q = F.normalize(await self.embed_pixels(px, watch), dim=-1).numpy()
+            watch.check()
         scores, ids = await run_in_threadpool(self.index.search, q, k, exact=exact)
         return {"query": "text" if has_text else "image", "exact": bool(exact or self.index.ann is None),
-                "results": self.index.results(scores[0], ids[0])}
+                "results": self.hits.records(scores[0], ids[0]) if self.hits else []}
 
     def labels_info(self) -> dict[str, Any]:
         from mumic.export import public_spec
