@@ -48,7 +48,7 @@ def client(page_run, catalogue):
 
 
 def packaged(name: str) -> bytes:
-    return resources.files("mumic.serve").joinpath("static", name).read_bytes()
+    return resources.files("mumic.serve").joinpath("static").joinpath(name).read_bytes()
 
 
 def test_page_and_its_files_are_served_from_the_package(client):

@@ -57,7 +57,7 @@ GALLERY_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def static_file(name: str) -> bytes:
     """A file of the page, from the installed package."""
-    return resources.files("mumic.serve").joinpath("static", name).read_bytes()
+    return resources.files("mumic.serve").joinpath("static").joinpath(name).read_bytes()
 
 
 def encode_jpeg(img: Any, side: int, quality: int) -> bytes:

@@ -11,10 +11,13 @@ const state = {
   defaultThreshold: 0.5,
   extra: [],           // zero-shot labels added on the page, in order
   predictSeq: 0,       // only the answer to the latest request is shown
+  lastResult: null,
+  showAll: false,      // every label, or the best SHOWN ones, the decided ones and the zero-shot ones
   searchSeq: 0,
 };
 
 const $ = (id) => document.getElementById(id);
+const SHOWN = 15;
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -114,6 +117,10 @@ function wireTagging() {
   // a file dropped beside the zone must not navigate away from the page
   window.addEventListener("dragover", (ev) => ev.preventDefault());
   window.addEventListener("drop", (ev) => ev.preventDefault());
+  $("tags-toggle").addEventListener("click", () => {
+    state.showAll = !state.showAll;
+    if (state.lastResult) renderTags(...state.lastResult);
+  });
   $("zero-shot").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const input = $("zs-input");
@@ -165,7 +172,7 @@ async function predict(added) {
     const body = await (await call("predict", { method: "POST", body: form })).json();
     if (seq !== state.predictSeq) return;
     showError("tag-error", "");
-    renderTags(body.results[0]);
+    renderTags(body.results[0], body.labels);
   } catch (e) {
     if (seq !== state.predictSeq) return;
     if (added) {
@@ -178,12 +185,21 @@ async function predict(added) {
   }
 }
 
-function renderTags(result) {
+function renderTags(result, labels) {
+  state.lastResult = [result, labels];
   const decided = new Set(result.predicted);
   const list = $("tags");
   list.replaceChildren();
-  for (const [name, p] of Object.entries(result.scores)) {
+  // highest first, ties in the order of the answer's labels (a JSON object's own order is not kept for names like "143")
+  const order = new Map(labels.map((name, i) => [name, i]));
+  const scores = Object.entries(result.scores).sort((a, b) => b[1] - a[1] || order.get(a[0]) - order.get(b[0]));
+  let hidden = 0;
+  scores.forEach(([name, p], rank) => {
     const zeroShot = !(name in state.thresholds);
+    if (!state.showAll && rank >= SHOWN && !decided.has(name) && !zeroShot) {
+      hidden += 1;
+      return;
+    }
     const t = zeroShot ? state.defaultThreshold : state.thresholds[name];
     const yes = decided.has(name);
     const fill = el("span", { class: "fill" });
@@ -199,7 +215,11 @@ function renderTags(result) {
     const value = el("span", { class: "tag-value" }, el("span", { class: "p", text: fmt(p) }),
       el("span", { class: "t", text: `${yes ? "\u2265" : "<"} ${fmt(t)}` }));
     list.append(el("li", { class: `tag${yes ? " decided" : ""}${zeroShot ? " zero-shot" : ""}`, "data-label": name }, title, bar, value));
-  }
+  });
+  const toggle = $("tags-toggle");
+  toggle.hidden = !state.showAll && hidden === 0;
+  toggle.textContent = state.showAll ? "Show fewer labels" : `Show all ${scores.length} labels (${hidden} more)`;
+  toggle.setAttribute("aria-expanded", String(state.showAll));
 }
 
 // ------------------------------------------------------------------ search
