@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 ZERO_SHOT = ("purple star", "7")  # a name like "7" is where a JSON object's key order differs from the answer's
 QUERY = "a red circle"
-K = 12
+K = 10  # the page's default number of results
 
 
 def _browser() -> tuple[str, str]:
@@ -224,6 +224,7 @@ def test_the_page_tags_an_image_scores_zero_shot_labels_and_searches(browser, pa
     index = Index.load(page_index)
     drv.find_element(By.ID, "search-input").send_keys(QUERY, Keys.ENTER)
     page.until("the gallery's results", lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery li")) == K)
+    drv.execute_script("document.getElementById('gallery').lastElementChild.scrollIntoView()")  # the images load lazily
     page.until("every gallery image loaded", lambda d: all(h["loaded"] for h in shown_hits(d)))
     scores, ids = index.search(model.embed_texts([QUERY]), K)
     hits = shown_hits(drv)
@@ -239,12 +240,25 @@ def test_the_page_tags_an_image_scores_zero_shot_labels_and_searches(browser, pa
 
     # more like the third result: the catalogue image goes back to /search as it is, so it finds itself first
     third = hits[2]
-    drv.find_elements(By.CSS_SELECTOR, "#gallery button.more")[2].click()
+    drv.find_elements(By.CSS_SELECTOR, "#gallery button.more")[2].send_keys(Keys.ENTER)  # from the keyboard
     more_status = f"{K} nearest catalogue images of {third['alt']}"
     page.until("the results of more like this", lambda d: d.find_element(By.ID, "search-status").text.startswith(more_status))
     again = shown_hits(drv)
     assert again[0]["id"] == third["id"] and again[0]["score"] == pytest.approx(1.0, abs=1e-3)
     assert not drv.find_element(By.ID, "search-error").is_displayed()
+
+    # an image dropped on the zone is tagged like a picked one (dropped from within the page: WebDriver cannot drag files)
+    drv.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        fetch('gallery/0').then((r) => r.blob()).then((b) => {
+          const dt = new DataTransfer();
+          dt.items.add(new File([b], 'dropped.png', {type: 'image/png'}));
+          document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+          done();
+        });""")
+    page.until("the dropped image's tags", lambda d: d.find_element(By.ID, "tags").get_attribute("data-image") == "dropped.png")
+    check_tags(shown_tags(drv), model, Path(index.items.iloc[0]["image"]), names + list(ZERO_SHOT), page_run, set(ZERO_SHOT))
+    assert drv.find_element(By.ID, "preview-name").text == "dropped.png"
     assert not re.search(r"error|exception", drv.find_element(By.TAG_NAME, "body").text, re.I)
     refused = "/predict - Failed to load resource: the server responded with a status of 422"  # the second label, above
     errors = [e for e in drv.get_log("browser") if e["level"] == "SEVERE" and refused not in e["message"]]

@@ -17,13 +17,13 @@ def register(sub: typing.Any) -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve", help="serve a run over HTTP (predict, embed, labels, search)",
-        description="Serve a run over HTTP with micro-batching; OpenAPI docs at /docs.",
+        description="Serve a run over HTTP with micro-batching; a page to try it at /, OpenAPI docs at /docs.",
     )
     d = Limits()
     p.add_argument("run", help="run directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--index", help="index folder from `mumic index` (enables POST /search)")
+    p.add_argument("--index", help="index folder from `mumic index` (enables POST /search and the page's catalogue search)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     add_engine_option(p)
     p.add_argument("--no-batching", action="store_true", help="run each request alone (baseline for benchmarks)")

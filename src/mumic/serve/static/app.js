@@ -190,6 +190,7 @@ function renderTags(result, labels) {
   const decided = new Set(result.predicted);
   const list = $("tags");
   list.replaceChildren();
+  list.dataset.image = result.filename || "";
   // highest first, ties in the order of the answer's labels (a JSON object's own order is not kept for names like "143")
   const order = new Map(labels.map((name, i) => [name, i]));
   const scores = Object.entries(result.scores).sort((a, b) => b[1] - a[1] || order.get(a[0]) - order.get(b[0]));
