@@ -108,3 +108,35 @@ def tiny_siglip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer.save_pretrained(folder)
     _write_preprocessor(folder, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # as SigLIP's own
     return folder
+
+
+@pytest.fixture(scope="session")
+def page_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small Shapes set (images/, manifest.csv, labels.yaml) for the served page."""
+    from mumic.data.synthetic import make_shapes
+
+    return make_shapes(tmp_path_factory.mktemp("page_shapes"), n=40, size=48, seed=5).parent
+
+
+@pytest.fixture(scope="session")
+def page_run(page_shapes: Path, tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> Path:
+    """A tiny trained run (a few steps of the tiny CLIP) over page_shapes."""
+    from mumic.config import load_config
+    from mumic.train import fit
+
+    tmp = tmp_path_factory.mktemp("page_run")
+    cfg = load_config(overrides={
+        "manifest": str(page_shapes / "manifest.csv"), "labels_file": str(page_shapes / "labels.yaml"), "out": str(tmp / "run"),
+        "cache_dir": str(tmp / "cache"), "backbone": f"hf:{tiny_clip_dir}", "batch_size": 16, "eval_every": 2, "max_steps": 4,
+        "warmup_steps": 1, "patience": 100, "majority_n": 3,
+    })
+    return fit(cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def page_index(page_run: Path, page_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An index of every page_shapes image, built with page_run (mumic.search)."""
+    from mumic.search import build_index
+
+    return build_index(page_run, page_shapes / "manifest.csv", tmp_path_factory.mktemp("page_index") / "index",
+                       progress=False, device="cpu")

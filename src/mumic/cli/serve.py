@@ -18,13 +18,13 @@ def register(sub: typing.Any) -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve", help="serve a run over HTTP (predict, embed, labels, search)",
-        description="Serve a run over HTTP with micro-batching; OpenAPI docs at /docs.",
+        description="Serve a run over HTTP with micro-batching; a page to try it at /, OpenAPI docs at /docs.",
     )
     d = Limits()
     p.add_argument("run", help="run directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--index", help="index folder from `mumic index` (enables POST /search)")
+    p.add_argument("--index", help="index folder from `mumic index` (enables POST /search and the page's catalogue search)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help=f"a Host header name to answer for (repeatable); always: {', '.join(LOOPBACK_HOSTS)} and --host "
                         "unless it is 0.0.0.0 or ::; '*' answers any name (only behind a proxy that checks Host)")

@@ -10,6 +10,8 @@
     POST /search         a text or image query -> nearest indexed images (409 without --index)
     GET  /labels         the run's labels, seen / unseen, thresholds
     GET  /health         liveness and batching counters
+    GET  /               a page over this API (tags, zero-shot labels, catalogue search)
+    GET  /gallery/{row}  a catalogue image of the index, by its row (the page's gallery)
 
 One model thread owns the model. Image requests are queued and run together
 (micro-batching: up to `max_batch_size` images, waiting at most `max_wait_ms` for
@@ -44,8 +46,9 @@ Modules: `limits` (Limits and the guards against slow or abusive clients), `expo
 (allowed hosts, bearer token, cross-site requests, the columns /search shows), `batcher`
 (the model thread), `labels` (class embeddings and scoring), `schemas` (request and
 response bodies), `bodies` (bodies read as JSON or form fields), `service` (the loaded run and the handling of requests), `app` (the
-FastAPI routes). Importing this package stays cheap (no torch, FastAPI or Pillow): the
-CLI reads `Limits` while building its --help; `create_app` loads the rest when called.
+FastAPI routes), `page` (the page, its files in static/, and the gallery). Importing this
+package stays cheap (no torch, FastAPI or Pillow): the CLI reads `Limits` while building its
+--help; `create_app` loads the rest when called.
 """
 
 from typing import Any

@@ -18,6 +18,7 @@ from mumic.serve import schemas
 from mumic.serve.bodies import parsed_body, request_body
 from mumic.serve.exposure import AccessGuard, Exposure, HostGuard
 from mumic.serve.limits import JSON_TYPE, MULTIPART, URLENCODED, BodyBudget, Limits, RequestGuard
+from mumic.serve.page import page_router
 from mumic.serve.schemas import ERROR_RESPONSES, SEARCH_RESPONSES
 from mumic.serve.service import Service
 
@@ -61,6 +62,7 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
     _add_text_route(app, svc)
     _add_info_routes(app, svc)
     _add_search_route(app, svc)
+    app.include_router(page_router(svc))  # GET /: the page, its files, and /gallery/{row}
     fields = (JSON_TYPE, MULTIPART, URLENCODED)
     content_types = {"/predict": (MULTIPART,), "/embed/image": (MULTIPART,), "/embed/text": fields, "/search": fields}
     # middleware, innermost first (each one added wraps the ones before); every route is
