@@ -43,7 +43,7 @@ def client(page_run, catalogue):
     from mumic.serve import create_app
 
     app = create_app(page_run, catalogue[0], device="cpu", max_image_bytes=MAX_IMAGE_BYTES)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         yield c
 
 
@@ -118,6 +118,6 @@ def test_gallery_is_documented_and_the_page_is_not(client):
 def test_gallery_without_an_index_is_a_409(page_run):
     from mumic.serve import create_app
 
-    with TestClient(create_app(page_run, device="cpu")) as c:
+    with TestClient(create_app(page_run, device="cpu"), base_url="http://localhost") as c:
         assert_error(c.get("/gallery/0"), 409, "this service has no index")
         assert c.get("/").status_code == 200  # the page itself works without an index (no search box)
