@@ -140,3 +140,14 @@ def test_fixes_file_and_corrected_manifest_never_replace_the_original(tmp_path):
 def test_command_line_names_a_missing_source(tmp_path, capsys):
     assert main(["audit", str(tmp_path / "nope"), "--out", str(tmp_path / "a")]) == 2
     assert "is neither a run directory nor a config file" in capsys.readouterr().err
+
+
+def test_detection_figures_by_hand():
+    from mumic.study.noise_audit import detection
+
+    # candidates ranked 0.9, 0.8, 0.7, 0.1 (NaN is no candidate); errors at 0.9 and 0.1, and one outside the candidates
+    score = np.array([[0.9, np.nan], [0.8, 0.7], [0.1, np.nan]])
+    truth = np.array([[True, True], [False, False], [True, False]])
+    d = detection(score, truth)
+    assert d["ap"] == pytest.approx((1 / 1 + 2 / 4) / 2) and d["errors"] == 3 and d["candidates"] == 4
+    assert d["p@100"] == pytest.approx(2 / 100) and d["r@100"] == pytest.approx(2 / 3)
