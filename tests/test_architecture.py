@@ -92,7 +92,8 @@ STARTUP_COMMANDS = {  # label -> argv after `mumic`; the first runs as `python -
     "mumic serve --help": ["serve", "--help"],
     "mumic predict --help": ["predict", "--help"],
     **{f"mumic {v} --help": [*v.split(), "--help"] for v in (
-        "evaluate", "embed", "data emoji", "data shapes", "data import", "demo", "ablate", "index", "search", "export", "card")},
+        "evaluate", "embed", "data emoji", "data shapes", "data import", "demo", "ablate", "index", "search", "export", "card",
+        "audit")},
 }
 
 # Violations present today, by check. Each entry is the exact text the check reports; delete

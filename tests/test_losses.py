@@ -88,6 +88,13 @@ def _brute_force(name, z, y, known):
     if name in ("tempered_sigmoid", "tempered_sigmoid_fixed", "linear_bce"):
         per = [-(y[i][j] * math.log(sig(z[i][j])) + (1 - y[i][j]) * math.log(1 - sig(z[i][j]))) for i, j in cells]
         return sum(per) / len(cells)
+    if name in ("tempered_sigmoid_bootstrap", "linear_bce_bootstrap"):  # a negative's target is 0.5 x p
+        per = []
+        for i, j in cells:
+            p = sig(z[i][j])
+            t = 1.0 if y[i][j] else 0.5 * p
+            per.append(-(t * math.log(p) + (1 - t) * math.log(1 - p)))
+        return sum(per) / len(cells)
     if name == "asl":  # gamma_neg 4, gamma_pos 0, clip 0.05
         per = []
         for i, j in cells:
@@ -117,7 +124,7 @@ def test_each_registered_loss_matches_a_brute_force_reference(name):
 
 def test_registry_says_what_each_loss_needs():
     assert tuple(LOSSES) == LOSS_NAMES and all(LOSSES[n].name == n for n in LOSS_NAMES)
-    assert [n for n in LOSS_NAMES if LOSSES[n].head == "linear"] == ["linear_bce"]
+    assert [n for n in LOSS_NAMES if LOSSES[n].head == "linear"] == ["linear_bce", "linear_bce_bootstrap"]
     assert [n for n in LOSS_NAMES if not LOSSES[n].learns_tau] == ["tempered_sigmoid_fixed"]
     assert loss_spec("tempered_sigmoid_fixed").tau == 1.0 and loss_spec("tempered_sigmoid").tau is None
     assert [n for n in LOSS_NAMES if not LOSSES[n].prior_bias] == ["softmax_ce"]

@@ -90,6 +90,25 @@ def asl(
     return (cell * k).sum() / k.sum().clamp_min(1)
 
 
+def bootstrap_bce(logits: torch.Tensor, y: torch.Tensor, known: torch.Tensor | None = None, beta: float = 0.5) -> torch.Tensor:
+    """BCE whose negative cells are softly bootstrapped toward the model's own belief
+    (Reed et al., 2015, applied to negatives only): a negative's target is beta x sg(p).
+
+    A missing tag is an unlisted positive; where the model is confident it is there, its
+    negative target rises with p and the push to suppress it shrinks (the gradient of a
+    negative cell is p - beta x sg(p) = (1 - beta) p instead of p). Listed positives keep target 1,
+    so added false positives are not helped: the option targets missing tags, the common noise.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    k = _known(y, known)
+    yy = y.to(logits.dtype)
+    target = yy + (1 - yy) * beta * torch.sigmoid(logits.detach())
+    cell = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (cell * k).sum() / k.sum().clamp_min(1)
+
+
 Head = Literal["prompt", "linear"]
 
 
@@ -119,6 +138,11 @@ LOSSES: Mapping[str, LossSpec] = types.MappingProxyType({s.name: s for s in (
              summary="CLIP-style softmax over classes, multi-positive targets"),
     LossSpec("asl", asl, "prompt", learns_tau=True, prior_bias=True, tau=None,
              summary="Asymmetric Loss (Ridnik et al., 2021) on cosine / tau + b"),
+    # noise-robust options: the same heads with negatives bootstrapped toward the model's belief
+    LossSpec("tempered_sigmoid_bootstrap", bootstrap_bce, "prompt", learns_tau=True, prior_bias=True, tau=None,
+             summary="MuMIC's BCE with unlisted negatives softly bootstrapped (target 0.5 x p): for missing tags"),
+    LossSpec("linear_bce_bootstrap", bootstrap_bce, "linear", learns_tau=True, prior_bias=True, tau=None,
+             summary="the linear baseline with the same bootstrapped negatives"),
 )})
 LOSS_NAMES = tuple(LOSSES)
 

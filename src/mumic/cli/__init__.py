@@ -7,10 +7,10 @@ import argparse
 import logging
 import sys
 
-from mumic.cli import data, export, infer, search, serve, study, train
+from mumic.cli import audit, data, export, infer, search, serve, study, train
 from mumic.errors import MumicError
 
-VERB_GROUPS = (train, infer, data, study, serve, search, export)
+VERB_GROUPS = (train, infer, data, study, serve, search, export, audit)
 
 
 def build_parser() -> argparse.ArgumentParser:
