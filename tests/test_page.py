@@ -121,3 +121,25 @@ def test_gallery_without_an_index_is_a_409(page_run):
     with TestClient(create_app(page_run, device="cpu"), base_url="http://localhost") as c:
         assert_error(c.get("/gallery/0"), 409, "this service has no index")
         assert c.get("/").status_code == 200  # the page itself works without an index (no search box)
+
+
+def test_with_a_token_the_page_loads_and_everything_with_data_needs_the_token(page_run, catalogue):
+    from mumic.serve import create_app
+    from mumic.serve.exposure import Exposure
+
+    app = create_app(page_run, catalogue[0], device="cpu", exposure=Exposure(token="s3cret"))
+    with TestClient(app, base_url="http://localhost") as c:
+        for path, name in (("/", "index.html"), ("/static/app.js", "app.js"), ("/static/style.css", "style.css"),
+                           ("/static/icon.svg", "icon.svg")):  # no data: the page loads, then asks for the token
+            r = c.get(path)
+            assert r.status_code == 200 and r.content == packaged(name)
+        for method, path in (("GET", "/gallery/0"), ("GET", "/gallery/0?thumb=true"), ("GET", "/health"), ("GET", "/labels"),
+                             ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/static/page.py"), ("GET", "/static/"),
+                             ("GET", "/static/app.js/"), ("POST", "/"), ("POST", "/static/app.js")):
+            r = c.request(method, path)
+            assert_error(r, 401, "this service needs `Authorization: Bearer TOKEN`")
+            assert r.headers["www-authenticate"] == 'Bearer realm="mumic"', (method, path)
+        ok = {"authorization": "Bearer s3cret"}
+        r = c.get("/gallery/0", headers=ok)
+        assert r.status_code == 200 and r.content == catalogue[1][0].read_bytes()
+        assert_error(c.get("/static/page.py", headers=ok), 404, "no static file 'page.py'")

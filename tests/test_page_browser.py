@@ -1,8 +1,9 @@
 """The page of `mumic serve` in a real browser: the service of a run and an index on uvicorn, headless
 Chromium (Debian's chromium and chromium-driver, which `make test` installs when it runs as root)
-driven by selenium. The test uploads a PNG it draws, waits for the tags, adds zero-shot labels
+driven by selenium. The first test uploads a PNG it draws, waits for the tags, adds zero-shot labels
 from the keyboard, searches the catalogue and asks for more like a result, and checks what the
-page shows against the library's own answers.
+page shows against the library's own answers. The second one does it on a service with a bearer
+token: the page asks for the token, and sends it on every call.
 
 MUMIC_SCREENSHOT=PATH saves a screenshot of the page at the end (docs/page.png is one).
 """
@@ -24,6 +25,7 @@ CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 ZERO_SHOT = ("purple star", "7")  # a name like "7" is where a JSON object's key order differs from the answer's
 QUERY = "a red circle"
 K = 10  # the page's default number of results
+TOKEN = "s3cret"
 
 
 def _browser() -> tuple[str, str]:
@@ -263,3 +265,79 @@ def test_the_page_tags_an_image_scores_zero_shot_labels_and_searches(browser, pa
     refused = "/predict - Failed to load resource: the server responded with a status of 422"  # the second label, above
     errors = [e for e in drv.get_log("browser") if e["level"] == "SEVERE" and refused not in e["message"]]
     assert not errors, errors  # no script errors, no other failed loads
+
+
+@pytest.fixture(scope="module")
+def token_server(page_run, page_index):
+    from mumic.serve import create_app
+    from mumic.serve.exposure import Exposure
+
+    app = create_app(page_run, page_index, device="cpu", engine="torch", exposure=Exposure(token=TOKEN), max_wait_ms=1.0)
+    srv = ThreadServer(app)
+    yield srv
+    srv.stop()
+
+
+def test_the_page_asks_for_the_access_token_and_sends_it_on_every_call(browser, token_server, page_run, page_index, model, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from mumic.search import Index
+
+    drv = browser
+    page = Page(drv)
+    drv.get(token_server.url + "/")  # another port, another origin: nothing kept from the test above
+    page.until("the access token form", lambda d: d.find_element(By.ID, "token-form").is_displayed())
+    assert drv.find_element(By.ID, "token-message").text == "this service needs `Authorization: Bearer TOKEN`"
+    assert drv.find_element(By.ID, "run-info").text == "The service needs an access token."
+    box = drv.find_element(By.ID, "token-input")
+    assert box.get_attribute("type") == "password" and drv.switch_to.active_element == box  # focused, for the keyboard
+    assert drv.find_element(By.CSS_SELECTOR, "label[for=token-input]").text == "Access token"
+
+    box.send_keys("s3creT", Keys.ENTER)  # wrong: the API's refusal again
+    wrong = "this service needs `Authorization: Bearer TOKEN`: the token given is wrong"
+    page.until("the refusal of a wrong token", lambda d: d.find_element(By.ID, "token-message").text == wrong)
+    assert drv.find_element(By.ID, "token-form").is_displayed()
+
+    box.clear()
+    box.send_keys(TOKEN, Keys.ENTER)
+    page.until("the run's description", lambda d: d.find_element(By.ID, "run-info").text.startswith("Run "))
+    assert drv.find_element(By.ID, "run-info").text == f"Run {page_run.name}: 8 labels, 32 px images, a catalogue of 40 images."
+    assert not drv.find_element(By.ID, "token-form").is_displayed() and box.get_attribute("value") == ""
+    kept = drv.execute_script("return [sessionStorage.getItem('mumic-token'), localStorage.length, location.href]")
+    assert kept == [TOKEN, 0, token_server.url + "/"]  # this tab only, never in the URL
+
+    image = drawn_image(tmp_path / "red-circle-blue-square.png")
+    drv.find_element(By.ID, "file").send_keys(str(image))
+    page.until("the image's 8 tags", lambda d: len(d.find_elements(By.CSS_SELECTOR, "#tags li")) == 8)
+    check_tags(shown_tags(drv), model, image, [l.name for l in model.labels], page_run, set())
+
+    # the thumbnails are fetched with the token and shown through blob: URLs
+    drv.find_element(By.ID, "search-input").send_keys(QUERY, Keys.ENTER)
+    page.until("the gallery's results", lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery li")) == K)
+    drv.execute_script("document.getElementById('gallery').lastElementChild.scrollIntoView()")
+    page.until("every gallery image loaded", lambda d: all(h["loaded"] for h in shown_hits(d)))
+    hits = shown_hits(drv)
+    _, ids = Index.load(page_index).search(model.embed_texts([QUERY]), K)
+    assert sorted(h["id"] for h in hits) == sorted(ids[0].tolist())
+    assert all(h["src"].startswith("blob:") for h in hits), hits
+
+    # more like the first one (its full image, fetched with the token): the old thumbnails' URLs are revoked
+    drv.find_elements(By.CSS_SELECTOR, "#gallery button.more")[0].send_keys(Keys.ENTER)
+    page.until("the results of more like this",
+               lambda d: d.find_element(By.ID, "search-status").text.startswith(f"{K} nearest catalogue images of {hits[0]['alt']}"))
+    page.until("every new gallery image loaded", lambda d: all(h["loaded"] for h in shown_hits(d)[:3]))
+    again = shown_hits(drv)
+    assert again[0]["id"] == hits[0]["id"] and again[0]["src"].startswith("blob:")
+    assert not drv.find_element(By.ID, "search-error").is_displayed() and not drv.find_element(By.ID, "tag-error").is_displayed()
+    refused = "Failed to load resource: the server responded with a status of 401"  # before the token, and the wrong one
+    errors = [e for e in drv.get_log("browser") if e["level"] == "SEVERE" and refused not in e["message"]]
+    assert not errors, errors
+    loads = drv.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const load = (u) => new Promise((ok) => {
+          const i = new Image(); i.onload = () => ok(true); i.onerror = () => ok(false); i.src = u;
+        });
+        Promise.all(arguments[0].map(load)).then(done);""", [h["src"] for h in hits + again[:3]])
+    assert loads == [False] * K + [True] * 3  # the replaced gallery's URLs no longer load, the shown ones do
+    assert [e["level"] for e in drv.get_log("browser")] == ["SEVERE"] * K  # those K failed loads only

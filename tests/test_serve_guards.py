@@ -294,7 +294,7 @@ def test_bearer_token_guards_every_route(run):
     from mumic.serve.exposure import Exposure
 
     with client(run, exposure=Exposure(token="s3cret-token")) as c:
-        for method, path in (("GET", "/labels"), ("GET", "/health"), ("GET", "/docs"), ("GET", "/"), ("POST", "/embed/text")):
+        for method, path in (("GET", "/labels"), ("GET", "/health"), ("GET", "/docs"), ("GET", "/gallery/0"), ("POST", "/embed/text")):
             r = c.request(method, path, json={"texts": ["a"]})
             assert_error(r, 401, "Authorization: Bearer")
             assert r.headers["www-authenticate"] == 'Bearer realm="mumic"'
@@ -304,7 +304,8 @@ def test_bearer_token_guards_every_route(run):
         ok = {"authorization": "Bearer s3cret-token"}
         assert c.get("/labels", headers=ok).status_code == 200
         assert c.post("/embed/text", json={"texts": ["a"]}, headers=ok).status_code == 200
-        assert c.get("/", headers=ok).status_code == 404  # past the guard
+        assert c.get("/gallery/0", headers=ok).status_code == 409  # past the guard (no index)
+        assert c.get("/").status_code == 200  # the page's shell holds no data: it loads, then asks for the token
     with pytest.raises(ConfigError, match="token"):
         Exposure(token="two words")
 

@@ -18,7 +18,7 @@ from mumic.serve import schemas
 from mumic.serve.bodies import parsed_body, request_body
 from mumic.serve.exposure import AccessGuard, Exposure, HostGuard
 from mumic.serve.limits import JSON_TYPE, MULTIPART, URLENCODED, BodyBudget, Limits, RequestGuard
-from mumic.serve.page import page_router
+from mumic.serve.page import PUBLIC_PATHS, page_router
 from mumic.serve.schemas import ERROR_RESPONSES, SEARCH_RESPONSES
 from mumic.serve.service import Service
 
@@ -71,7 +71,7 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
     app.add_middleware(RequestGuard, max_bytes=lim.max_request_bytes, content_types=content_types, budget=body_budget,
                        body_timeout_s=lim.body_timeout_s)
     drain = 4 * lim.max_request_bytes
-    app.add_middleware(AccessGuard, exposure=exposure, drain_bytes=drain)
+    app.add_middleware(AccessGuard, exposure=exposure, drain_bytes=drain, public_paths=PUBLIC_PATHS)
     if exposure.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 

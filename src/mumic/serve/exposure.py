@@ -44,7 +44,9 @@ class Exposure:
 
     allowed_hosts: the Host header names answered (others get 400, against DNS
       rebinding); "*" answers any (only behind a proxy that checks Host itself).
-    token: when set, every request must carry `Authorization: Bearer TOKEN` (else 401).
+    token: when set, every request must carry `Authorization: Bearer TOKEN` (else 401),
+      but a GET of the page's shell and its static files (AccessGuard's public_paths),
+      which carry no data: the page asks for the token itself.
     cors_origins: web origins ("https://app.example.com") whose pages may call the
       service from a browser; none by default: no CORS headers, and a cross-site POST
       (a form on another site) is refused with 403. "*" allows every origin.
@@ -121,12 +123,15 @@ class AccessGuard:
     cost work (any method but GET/HEAD/OPTIONS from a page whose origin is not allowed:
     403), and, with a token, every request without `Authorization: Bearer TOKEN` (401
     with WWW-Authenticate; the token is compared in constant time). A CORS preflight
-    (OPTIONS) carries no credentials and passes to the CORS middleware outside."""
+    (OPTIONS) carries no credentials and passes to the CORS middleware outside, and so does
+    a GET of one of `public_paths` (exact paths: the page and its script, which hold
+    no data and must load before the page can ask for the token)."""
 
-    def __init__(self, app: Any, *, exposure: Exposure, drain_bytes: int) -> None:
+    def __init__(self, app: Any, *, exposure: Exposure, drain_bytes: int, public_paths: Sequence[str] = ()) -> None:
         self.app = app
         self.exposure = exposure
         self.drain_bytes = drain_bytes
+        self.public_paths = frozenset(public_paths)
         self._token = exposure.token.encode() if exposure.token else None
 
     def _cross_site(self, method: str, headers: dict[str, str]) -> bool:
@@ -156,7 +161,8 @@ class AccessGuard:
             await _refuse(receive, send, 403, "cross-site requests from web pages are refused; allow the page's origin "
                                               "with --cors-origin", drain_bytes=self.drain_bytes)
             return
-        if self._token is not None and method != "OPTIONS":
+        public = method == "GET" and scope.get("path") in self.public_paths
+        if self._token is not None and method != "OPTIONS" and not public:
             ok = self._authorized(headers)
             if not ok:
                 challenge = b'Bearer realm="mumic"' + (b', error="invalid_token"' if ok is False else b"")

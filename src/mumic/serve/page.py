@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 STATIC_TYPES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8", "icon.svg": "image/svg+xml"}
 #: formats a browser shows and /search accepts, answered as the file's own bytes
 PASS_THROUGH = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
+#: the page's shell and files: no data in them, so they load without the bearer token (the page then asks for it)
+PUBLIC_PATHS = ("/", *(f"/static/{name}" for name in STATIC_TYPES))
 THUMB_SIDE = 256
 GALLERY_SIDE = 1024
 THUMB_CACHE = 512

@@ -1,7 +1,12 @@
 // The page of `mumic serve`: tags of an image (POST predict), zero-shot labels scored with
 // them (extra_labels), and the nearest catalogue images of a text or image (POST search,
 // GET gallery/ROW). Only the service's own API is called; its error messages are shown as sent.
+// A service started with --token answers 401 without the token: the page then asks for it, keeps
+// it in sessionStorage (this tab only: never in the URL or localStorage), sends it as
+// `Authorization: Bearer ...` on every call, and shows catalogue images through blob: URLs.
 "use strict";
+
+const TOKEN_KEY = "mumic-token";
 
 const state = {
   file: null,          // the image being tagged (a File or Blob)
@@ -14,6 +19,10 @@ const state = {
   lastResult: null,
   showAll: false,      // every label, or the best SHOWN ones, the decided ones and the zero-shot ones
   searchSeq: 0,
+  token: "",           // the access token entered on the page, "" without one
+  gallerySeq: 0,       // a thumbnail fetched for a gallery since replaced is dropped
+  galleryUrls: [],     // object URLs of the gallery's thumbnails (with a token), revoked when it is replaced
+  galleryObserver: null,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -50,14 +59,23 @@ async function errorText(resp) {
   return `the service answered ${resp.status} ${resp.statusText}`;
 }
 
-async function call(path, init) {
+// A call to the API, with the access token when there is one; a refusal throws the API's message
+// (with its status), and a 401 asks for the token.
+async function call(path, init = {}) {
+  const headers = new Headers(init.headers || {});
+  if (state.token) headers.set("Authorization", `Bearer ${state.token}`);
   let resp;
   try {
-    resp = await fetch(path, init);
+    resp = await fetch(path, { ...init, headers });
   } catch (e) {
     throw new Error(`the service cannot be reached (${e.message})`);
   }
-  if (!resp.ok) throw new Error(await errorText(resp));
+  if (!resp.ok) {
+    const error = new Error(await errorText(resp));
+    error.status = resp.status;
+    if (resp.status === 401) askToken(error.message);
+    throw error;
+  }
   return resp;
 }
 
@@ -70,8 +88,15 @@ function showError(id, message) {
 // ------------------------------------------------------------------ start
 
 async function start() {
+  try { state.token = sessionStorage.getItem(TOKEN_KEY) || ""; } catch (_) { /* storage off: asked for again */ }
+  wireToken();
   wireTagging();
   wireSearch();
+  await loadRun();
+}
+
+// The run's description and thresholds (GET health, labels): true when the service answered.
+async function loadRun() {
   try {
     const [health, labels] = await Promise.all([
       call("health").then((r) => r.json()),
@@ -90,9 +115,39 @@ async function start() {
       $("zero-shot").querySelector("button").disabled = true;
       $("zero-shot").querySelector("label").textContent = "Zero-shot labels (not available: this run has a linear head)";
     }
+    $("token-form").hidden = true;
+    $("token-input").value = "";
+    return true;
   } catch (e) {
-    $("run-info").textContent = `The service did not answer: ${e.message}`;
+    $("run-info").textContent = e.status === 401 ? "The service needs an access token." : `The service did not answer: ${e.message}`;
+    return false;
   }
+}
+
+// ------------------------------------------------------------------ access token
+
+function askToken(message) {
+  $("token-message").textContent = message;
+  $("token-form").hidden = false;
+  const input = $("token-input");
+  if (document.activeElement !== input) {
+    input.focus();
+    input.select();
+  }
+}
+
+function wireToken() {
+  $("token-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const token = $("token-input").value.trim();
+    if (!/^[\x21-\x7e]+$/.test(token)) {  // what an HTTP header carries as the service compares it
+      $("token-message").textContent = token ? "An access token is printable ASCII, without spaces." : "Enter the access token first.";
+      return;
+    }
+    state.token = token;
+    try { sessionStorage.setItem(TOKEN_KEY, token); } catch (_) { /* kept for this page only */ }
+    if (await loadRun() && state.file) predict(null);  // the image refused without the token, tagged now
+  });
 }
 
 // ------------------------------------------------------------------ tagging
@@ -290,12 +345,48 @@ function labelsText(value) {
   return "";
 }
 
+// Without a token an <img> loads its thumbnail itself (lazily); with one, the thumbnail is fetched
+// with the token when it nears the view and shown through a blob: URL.
+function clearGallery() {
+  state.gallerySeq += 1;
+  if (state.galleryObserver) state.galleryObserver.disconnect();
+  state.galleryObserver = null;
+  for (const url of state.galleryUrls) URL.revokeObjectURL(url);
+  state.galleryUrls = [];
+  $("gallery").replaceChildren();
+}
+
+async function showThumb(img, path, seq) {
+  try {
+    const blob = await (await call(path)).blob();
+    if (seq !== state.gallerySeq) return;
+    const url = URL.createObjectURL(blob);
+    state.galleryUrls.push(url);
+    img.src = url;
+  } catch (e) {
+    if (seq === state.gallerySeq) img.title = e.message;
+  }
+}
+
+function thumbObserver(seq) {
+  return new IntersectionObserver((entries, observer) => {
+    for (const entry of entries) {
+      if (!entry.isIntersecting) continue;
+      observer.unobserve(entry.target);
+      showThumb(entry.target, entry.target.dataset.thumb, seq);
+    }
+  }, { rootMargin: "200px" });
+}
+
 function renderGallery(hits) {
+  clearGallery();
   const list = $("gallery");
-  list.replaceChildren();
+  const observer = state.token ? (state.galleryObserver = thumbObserver(state.gallerySeq)) : null;
   for (const hit of hits) {
     const name = itemName(hit);
-    const img = el("img", { src: `gallery/${hit.id}?thumb=true`, alt: name, loading: "lazy", width: "160", height: "160" });
+    const thumb = `gallery/${hit.id}?thumb=true`;
+    const img = observer ? el("img", { alt: name, width: "160", height: "160", "data-thumb": thumb })
+      : el("img", { src: thumb, alt: name, loading: "lazy", width: "160", height: "160" });
     const more = el("button", { type: "button", class: "more", "aria-label": `More like ${name}`, text: "More like this" });
     more.addEventListener("click", () => moreLikeThis(hit));
     const tag = el("button", { type: "button", class: "tag-this", "aria-label": `Tag ${name}`, text: "Tag it" });
@@ -306,6 +397,7 @@ function renderGallery(hits) {
     if (labels) caption.append(el("span", { class: "item-labels", text: labels }));
     list.append(el("li", { class: "hit", "data-id": String(hit.id), "data-score": String(hit.score) },
       el("figure", {}, img, caption), el("div", { class: "actions" }, more, tag)));
+    if (observer) observer.observe(img);
   }
 }
 
