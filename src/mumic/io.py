@@ -11,8 +11,10 @@ catches corruption and naive tampering; it is not a signature.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from mumic.errors import MumicError, RunError
+from mumic.errors import MumicError, OutputError, RunError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written, not at import
     import torch
@@ -43,22 +47,84 @@ def _file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+DENIED_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+WRITE_ERRNOS = FULL_ERRNOS | DENIED_ERRNOS
+"""The errors of a write that the user, not mumic, can fix: a full disk or quota, a file
+system that is read-only or a folder that is not theirs to write."""
+
+
+def write_failure(e: BaseException) -> tuple[int | None, str] | None:
+    """(errno, reason) when `e` is a write that failed for one of WRITE_ERRNOS (or a short
+    write, as numpy reports a full disk), else None. safetensors reports the OS error in
+    its message ("... (os error 28)")."""
+    import re
+
+    if isinstance(e, OSError):
+        if e.errno in WRITE_ERRNOS:
+            return e.errno, os.strerror(e.errno)
+        if e.errno is None and re.search(r"requested and \d+ written", str(e)):
+            return errno.ENOSPC, f"short write ({e})"
+        return None
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    if found and int(found.group(1)) in WRITE_ERRNOS:
+        return int(found.group(1)), os.strerror(int(found.group(1)))
+    return None
+
+
+def output_error(path: str | os.PathLike[str], e: BaseException) -> OutputError | None:
+    """The one-line OutputError for a failed write of `path` (see write_failure), or None
+    when `e` is some other error."""
+    failure = write_failure(e)
+    if failure is None:
+        return None
+    code, reason = failure
+    fix = "free some space and run again" if code in FULL_ERRNOS else "choose a writable --out"
+    return OutputError(f"cannot write {path}: {reason}; {fix}")
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a failed write of `path` inside the block (a full disk, a read-only folder) into
+    an OutputError naming it; other errors pass unchanged."""
+    try:
+        yield
+    except Exception as e:
+        err = output_error(path, e)
+        if err is None:
+            raise
+        raise err from e
+
+
+def check_writable(folder: str | os.PathLike[str]) -> None:
+    """An OutputError now, before any work, when no file can be made in `folder` (made if
+    missing): a read-only file system or a folder that is not the user's to write."""
+    folder = Path(folder)
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".mumic-probe.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that needs a file name (safetensors,
     onnx, faiss, pyarrow); renamed onto ``path`` when the block succeeds, removed when it
-    fails, so ``path`` is the old file or the whole new one, never a half-written one."""
+    fails, so ``path`` is the old file or the whole new one, never a half-written one. A
+    write that fails for a full disk or a read-only folder is an OutputError naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.chmod(tmp, _file_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _atomic(path: Path, write: Callable[[Any], Any]) -> None:
@@ -293,27 +359,66 @@ def check_output_folder(out: Path, overwrite: bool, *, marker: str, what: str) -
         raise RunError(f"{out} already holds {what}; pass --overwrite to replace it")
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE):
+    a reader sees one or the other at each name, never nothing. False where the system
+    or the file system has no such call (then nothing was moved)."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def replace_folder(new: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
+    """Put the folder `new` at `out`, the old `out` (if any) removed after: where the file
+    system can swap folders (exchange_paths) `out` is the old folder or the new one at
+    every instant; elsewhere it is missing for the moment between two renames."""
+    new, out = Path(new), Path(out)
+    if not out.exists() and not out.is_symlink():
+        new.rename(out)
+        return
+    if exchange_paths(new, out):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now names the old folder
+        return
+    log.warning("%s: this file system cannot swap folders atomically; replacing it with two renames", out)
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    out.replace(old / out.name)
+    new.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(out: Path) -> Iterator[Path]:
     """Build a folder in a temporary sibling and swap it in only when the block succeeds,
-    so readers see the old folder or the whole new one, never a half-written one. Each
-    writer gets its own temporary folder, so two writers never wipe each other's."""
+    so readers see the old folder or the whole new one, never a half-written one (see
+    replace_folder). Each writer gets its own temporary folder, so two writers never wipe
+    each other's. A write that fails for a full disk or a read-only folder is an
+    OutputError naming ``out``."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        out.replace(old / out.name)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+        try:
+            yield tmp
+            replace_folder(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 LOCK_NAME = ".lock"
@@ -339,10 +444,12 @@ def folder_lock(folder: str | os.PathLike[str], *, error: type[MumicError] = Run
     import fcntl
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _file_mode())
+        with writing(folder):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _file_mode())
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
