@@ -316,6 +316,9 @@ def install_staged(stage: Path, run: Path) -> None:
     user's own files of RUN carried over (mumic's outputs of the old run are not: they
     describe other weights), then remove the old run. Called by the holder of both locks."""
     real = Path(run).resolve()
+    for tmp in stage.glob(".*.tmp"):  # a temporary file of a killed writer of the staged run (only this job writes it)
+        if tmp.is_file():
+            tmp.unlink()
     with writing(real):
         for entry in real.iterdir() if real.is_dir() else ():
             own = entry.name in RUN_FILES or entry.name == LOCK_NAME or (entry.name.startswith("eval-") and entry.name.endswith(".json"))
