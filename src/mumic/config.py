@@ -189,8 +189,8 @@ def check_type(name: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: key 'backbone' is {value!r}; use 'lite' or 'hf:<hub name or local dir>'")
     if name == "backbone":
         value = absolute_backbone(value)
-    if name == "tau" and value is not None and value <= 0:
-        raise ConfigError(f"{where}: key 'tau' must be > 0, got {value!r}")
+    if name == "tau" and value is not None and not 0 < value < float("inf"):  # nan fails both comparisons
+        raise ConfigError(f"{where}: key 'tau' must be > 0 and finite, got {value!r}")
     return value
 
 

@@ -365,7 +365,13 @@ def run_writer(run: Path, *, overwrite: bool = False, resume: bool = False) -> I
             raise refused
         if message:
             raise RunError(message)
-        yield Path(folder)
+        try:
+            yield Path(folder)
+        except BaseException:
+            if dist.is_main() and Path(folder) != run:
+                log.warning("%s still holds the previous run; `mumic train --resume %s` continues the new one from its last "
+                            "checkpoint, `--overwrite` starts it again", run, run)
+            raise
         if dist.is_main() and Path(folder) != run:
             install_staged(Path(folder), run)
 
