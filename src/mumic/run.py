@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mumic import distributed as dist
 from mumic.config import load_config
 from mumic.data.labels import LabelSpec
 from mumic.errors import MumicError, RunError
@@ -349,6 +348,8 @@ def run_writer(run: Path, *, overwrite: bool = False, resume: bool = False) -> I
     stop together if not) and which folder to write. Yields that folder: RUN, or its
     staging folder (prepare_run_dir; with `resume`, an interrupted overwrite's), which rank
     0 swaps in when the block succeeds. A failed or killed job leaves RUN as it was."""
+    from mumic import distributed as dist  # torch: not at import (`mumic --help` reads this module)
+
     with contextlib.ExitStack() as held:
         refused: BaseException | None = None
         folder = None
