@@ -51,6 +51,7 @@ LAYER_OF = {
     "mumic.config": "base",
     "mumic.errors": "base",
     "mumic.io": "base",
+    "mumic.readers": "base",
     "mumic.distributed": "base",
     "mumic.heads": "base",
     "mumic.data": "data",

@@ -1,6 +1,7 @@
 """`predict` and `embed` on manifests: streamed in shards, complete, ordered, resumable."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -174,3 +175,77 @@ def test_progress_moves_batch_by_batch_even_in_one_shard(run_and_manifest, tmp_p
     assert not bar.disable and bar.total == 70 and bar.updates == [10] * 7
     ev.predict_manifest(model, m, tmp_path / "q.jsonl", progress=False)
     assert bars[-1].disable
+
+
+# ----------------------------------------------------------------- resume trusts only its own shards
+
+
+def _embeddings(path):
+    t = pq.read_table(path)
+    return t.column("image").to_pylist(), np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+
+
+def test_a_rerun_with_another_shard_size_writes_every_row(run_and_manifest, tmp_path, monkeypatch, caplog):
+    model, m = run_and_manifest
+    out = tmp_path / "e.parquet"
+    _interrupt_after(monkeypatch, 2)
+    with pytest.raises(Boom):
+        ev.embed_manifest(model, m, out, shard_rows=20, progress=False)  # parts 0 and 1 of 4 written
+    monkeypatch.undo()
+    # with 50 rows a shard there are 2 shards: parts 0 and 1 exist, but hold 20 rows each
+    assert ev.embed_manifest(model, m, out, shard_rows=50, progress=False) == len(m)
+    images, emb = _embeddings(out)
+    assert images == [str(p) for p in m.images]
+    ev.embed_manifest(model, m, tmp_path / "fresh.parquet", shard_rows=1000, progress=False)
+    np.testing.assert_allclose(emb, _embeddings(tmp_path / "fresh.parquet")[1], atol=1e-6)
+    assert "discarding the shards" in caplog.text and "shard_rows differ" in caplog.text
+
+
+def test_new_weights_at_the_same_run_path_restart_the_job(run_and_manifest, tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from mumic.io import load_tensors, save_tensors
+
+    model, m = run_and_manifest
+    run = Path(shutil.copytree(model.run_dir, tmp_path / "run"))
+    old = Predictor.from_run(run, device="cpu")
+    out = tmp_path / "e.parquet"
+    _interrupt_after(monkeypatch, 2)
+    with pytest.raises(Boom):
+        ev.embed_manifest(old, m, out, shard_rows=20, progress=False)
+    monkeypatch.undo()
+    weights = load_tensors(run / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    save_tensors(run / "model.safetensors", {k: v + 0.5 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                                             for k, v in weights.items()})
+    new = Predictor.from_run(run, device="cpu")
+    ev.embed_manifest(new, m, out, shard_rows=20, progress=False)
+    ev.embed_manifest(new, m, tmp_path / "fresh.parquet", shard_rows=1000, progress=False)
+    ev.embed_manifest(old, m, tmp_path / "old.parquet", shard_rows=1000, progress=False)
+    got, fresh, before = (_embeddings(p)[1] for p in (out, tmp_path / "fresh.parquet", tmp_path / "old.parquet"))
+    assert np.abs(fresh - before).max() > 0.05  # the new weights embed differently
+    np.testing.assert_allclose(got, fresh, atol=1e-6)  # every row from the new weights
+
+
+def test_new_manifest_content_at_the_same_path_restarts_the_job(run_and_manifest, tmp_path, monkeypatch):
+    model, m = run_and_manifest
+    lines = m.path.read_text().splitlines()
+    header, first, middle, last = lines[0], lines[1], lines[2:-1], lines[-1]
+    path = m.path.with_name(f"m-{tmp_path.name}.csv")  # beside the images, as the original
+    path.write_text("\n".join([header, first, *middle, last]) + "\n")
+    out = tmp_path / "p.jsonl"
+    _interrupt_after(monkeypatch, 2)
+    with pytest.raises(Boom):
+        ev.predict_manifest(model, read_manifest(path), out, shard_rows=20, progress=False)
+    monkeypatch.undo()
+    # same path, same row count, same first and last image: only the order inside differs
+    path.write_text("\n".join([header, first, *reversed(middle), last]) + "\n")
+    changed = read_manifest(path)
+    ev.predict_manifest(model, changed, out, shard_rows=20, progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["image"] for r in rows] == [str(p) for p in changed.images]
+    direct = model.predict_proba(changed.images)
+    names = [s.name for s in model.scored_labels]
+    np.testing.assert_allclose([[r["scores"][n] for n in names] for r in rows], direct, atol=1e-5)

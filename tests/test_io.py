@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from mumic.errors import ConfigError, RunError
-from mumic.io import atomic_folder, atomic_write_text, file_digest, file_sha256, read_json, read_text, read_yaml, save_tensors
+from mumic.io import atomic_folder, atomic_write_text, file_digest, file_sha256, save_tensors
+from mumic.readers import read_json, read_text, read_yaml
 
 
 def _mode(path):

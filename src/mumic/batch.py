@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,8 +20,9 @@ from mumic.data.inputs import InputsManifest
 from mumic.data.manifest import Manifest
 from mumic.errors import ConfigError
 from mumic.evaluate import manifest_embeddings
-from mumic.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from mumic.io import atomic_path, atomic_write_json, atomic_write_text, check_writable, tensors_digest
 from mumic.predictor import Predictor
+from mumic.readers import read_json
 from mumic.run import RUN_FILES, run_fingerprint
 
 log = logging.getLogger(__name__)
@@ -40,12 +42,17 @@ def _sharded(out: Path, n: int, fingerprint: dict[str, Any], shard_rows: int, su
     import shutil
 
 
+    fingerprint = {**fingerprint, "shard_rows": shard_rows}
     parts_dir = out.with_name(out.name + ".parts")
     meta = parts_dir / "meta.json"
     if dist.is_main():
-        if parts_dir.is_dir() and (not meta.is_file() or read_json(meta) != fingerprint):
-            log.info("discarding parts of a different job in %s", parts_dir)
-            shutil.rmtree(parts_dir)
+        if parts_dir.is_dir():
+            old = read_json(meta) if meta.is_file() else {}
+            changed = [k for k in fingerprint if not isinstance(old, dict) or old.get(k) != fingerprint[k]]
+            if changed:
+                log.warning("discarding the shards in %s: they were written by another job (its %s differ); starting over",
+                            parts_dir, ", ".join(changed))
+                shutil.rmtree(parts_dir)
         parts_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(meta, fingerprint)
     dist.barrier()
@@ -73,7 +80,8 @@ def _sharded(out: Path, n: int, fingerprint: dict[str, Any], shard_rows: int, su
 
 def check_output(out_path: str | Path, manifest: Manifest, *, run_dir: str | Path | None = None, overwrite: bool = False) -> None:
     """Refuse an output file that is one of the job's inputs (a manifest, an image, a file
-    of the run), even with `overwrite`, and a finished output unless `overwrite`. An
+    of the run), even with `overwrite`, a finished output unless `overwrite`, and a folder
+    where no file can be written (OutputError). An
     interrupted job's shards (OUT.parts/) are no finished output: a rerun resumes them."""
     out = Path(out_path)
     if out.is_dir():
@@ -92,11 +100,31 @@ def check_output(out_path: str | Path, manifest: Manifest, *, run_dir: str | Pat
             raise ConfigError(f"--out {out} is a file of the run {run_dir}; choose another output file (a run is never replaced)")
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    check_writable(out.parent)  # a read-only --out fails now, not after the work
+
+
+def _model_digest(model: Predictor) -> str:
+    """sha256 of what decides a job's rows, as loaded: the trained weights, the labels and
+    their prompts, the templates, tau, the backbone's settings and the thresholds."""
+    h = hashlib.sha256(tensors_digest(model.trained_state()).encode("ascii"))
+    h.update(json.dumps({"labels": [[s.name, s.prompts, s.description, s.seen] for s in model.labels], "templates": model.templates,
+                         "tau": model.tau, "backbone": model.backbone.config(), "thresholds": getattr(model, "thresholds", None)},
+                        sort_keys=True, default=str).encode("utf-8"))
+    return h.hexdigest()
+
+
+def _manifest_digest(manifest: Manifest) -> str:
+    """sha256 of a manifest's content (its images and every column), not of its path."""
+    h = hashlib.sha256(json.dumps([str(p) for p in manifest.images]).encode("utf-8"))
+    h.update(manifest.frame.to_json(orient="split", index=False, default_handler=str).encode("utf-8"))
+    return h.hexdigest()
 
 
 def _fingerprint(model: Predictor, manifest: Manifest, **extra: Any) -> dict[str, Any]:
-    return {"run": str(getattr(model, "run_dir", "")), "manifest": str(manifest.path), "rows": len(manifest),
-            "first": str(manifest.images[0]) if len(manifest) else "", "last": str(manifest.images[-1]) if len(manifest) else "", **extra}
+    """What a job's shards depend on; shards written under another fingerprint are discarded."""
+    run_dir = getattr(model, "run_dir", None)
+    return {"run": str(Path(run_dir).resolve()) if run_dir else "", "model": _model_digest(model), "manifest": str(manifest.path),
+            "manifest_sha256": _manifest_digest(manifest), "rows": len(manifest), **extra}
 
 
 def _records(manifest: Manifest, start: int, end: int) -> list[dict[str, Any]]:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from mumic.errors import RunError
-from mumic.io import atomic_write_text, read_json
+from mumic.io import atomic_write_text
+from mumic.readers import read_json
 
 log = logging.getLogger(__name__)
 

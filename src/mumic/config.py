@@ -20,8 +20,9 @@ from typing import Any
 import yaml
 
 from mumic.errors import ConfigError, cut, shown
-from mumic.io import atomic_write_text, read_yaml
+from mumic.io import atomic_write_text
 from mumic.losses import LOSS_NAMES, loss_spec
+from mumic.readers import read_yaml
 
 DEFAULT_TEMPLATES = ["a photo of {}.", "a picture of {}.", "an image showing {}."]
 

@@ -20,9 +20,10 @@ from mumic.data.emoji import build_emoji
 from mumic.data.manifest import read_manifest
 from mumic.errors import RunError
 from mumic.evaluate import model_probs
-from mumic.io import atomic_write_text, read_json
+from mumic.io import atomic_write_text
 from mumic.metrics import average_precision_per_label
 from mumic.predictor import Predictor
+from mumic.readers import read_json
 from mumic.report import plot_examples, plot_per_label_ap, plot_precision_recall
 from mumic.train import fit
 

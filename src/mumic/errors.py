@@ -49,6 +49,11 @@ class RunError(MumicError):
     """A run directory is missing, incomplete, tampered with, or would be overwritten."""
 
 
+class OutputError(MumicError):
+    """An output could not be written (a full disk, a read-only or foreign folder); the
+    message names the path and the system's reason. Nothing old was replaced."""
+
+
 class ExportError(MumicError):
     """A model could not be exported to ONNX, or the exported graphs disagree with PyTorch."""
 

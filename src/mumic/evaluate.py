@@ -168,8 +168,11 @@ def evaluate_model_scores(
 def evaluate_run(run_dir: str | Path, manifest_path: str | Path, *, split: str | None = None, out: str | Path | None = None,
                  batch_size: int = 64, num_workers: int = 0, device: str = "auto", progress: bool = True,
                  allow_outside: bool = False, allow_duplicates: bool = False, decode: str = "cpu",
-                 engine: str = "torch", per_label: bool = False, overwrite: bool = True) -> dict[str, Any]:
+                 engine: str = "torch", per_label: bool = False, overwrite: bool = True,
+                 on_result: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
     """`mumic evaluate`: metrics of a run on a manifest (or one split of it), written as JSON.
+    `on_result` gets the result before the JSON is written, so a write that fails (a full
+    disk, a read-only run) does not lose what was computed.
     With `per_label`, the result (and the JSON) also hold "per_label": one row per label
     (see report.per_label_rows: positives, AP, threshold, whether it is the global one).
     Without `overwrite` an existing output file is refused before anything is computed."""
@@ -192,6 +195,8 @@ def evaluate_run(run_dir: str | Path, manifest_path: str | Path, *, split: str |
         y, _ = scored.targets(names, ignore_unknown=True)
         rows = per_label_rows(names, [s.seen for s in specs], np.asarray(y), probs, model.thresholds, counts)
         result["per_label"] = doc["per_label"] = rows
+    if on_result is not None:
+        on_result(result)
     atomic_write_json(target, doc)
     return result
 

@@ -40,7 +40,7 @@ from mumic.backbones.onnx import DEFAULT_OPSET
 from mumic.backbones.onnx import onnx_export as _export
 from mumic.card import public_spec, write_card
 from mumic.errors import ConfigError, ExportError
-from mumic.io import atomic_folder, check_output_folder
+from mumic.io import atomic_folder, check_output_folder, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +299,7 @@ def export_onnx(
 
     out = Path(out)
     check_output_folder(out, overwrite, marker="README.json", what="an export")
+    check_writable(out.parent)  # a read-only --out fails now, not after the export
     model = Predictor.from_run(run_dir, device="cpu", lazy_text=False)
     model.eval()
     check_zero_shot(model, run_dir)

@@ -1,4 +1,4 @@
-"""The one place that writes files, hashes them and reads JSON, YAML and safetensors.
+"""The one place that writes files and hashes them, and reads safetensors (text, JSON and YAML: mumic.readers).
 
 Every file of a run is written to a temporary file in the same folder and renamed into
 place, so a crash never leaves a half-written file that a later run would trust.
@@ -11,8 +11,10 @@ catches corruption and naive tampering; it is not a signature.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,9 +22,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
+from mumic.errors import MumicError, OutputError, RunError
 
-from mumic.errors import MumicError, RunError, cut, shown
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written, not at import
     import torch
@@ -43,22 +45,84 @@ def _file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+DENIED_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+WRITE_ERRNOS = FULL_ERRNOS | DENIED_ERRNOS
+"""The errors of a write that the user, not mumic, can fix: a full disk or quota, a file
+system that is read-only or a folder that is not theirs to write."""
+
+
+def write_failure(e: BaseException) -> tuple[int | None, str] | None:
+    """(errno, reason) when `e` is a write that failed for one of WRITE_ERRNOS (or a short
+    write, as numpy reports a full disk), else None. safetensors reports the OS error in
+    its message ("... (os error 28)")."""
+    import re
+
+    if isinstance(e, OSError):
+        if e.errno in WRITE_ERRNOS:
+            return e.errno, os.strerror(e.errno)
+        if e.errno is None and re.search(r"requested and \d+ written", str(e)):
+            return errno.ENOSPC, f"short write ({e})"
+        return None
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    if found and int(found.group(1)) in WRITE_ERRNOS:
+        return int(found.group(1)), os.strerror(int(found.group(1)))
+    return None
+
+
+def output_error(path: str | os.PathLike[str], e: BaseException) -> OutputError | None:
+    """The one-line OutputError for a failed write of `path` (see write_failure), or None
+    when `e` is some other error."""
+    failure = write_failure(e)
+    if failure is None:
+        return None
+    code, reason = failure
+    fix = "free some space and run again" if code in FULL_ERRNOS else "choose a writable --out"
+    return OutputError(f"cannot write {path}: {reason}; {fix}")
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a failed write of `path` inside the block (a full disk, a read-only folder) into
+    an OutputError naming it; other errors pass unchanged."""
+    try:
+        yield
+    except Exception as e:
+        err = output_error(path, e)
+        if err is None:
+            raise
+        raise err from e
+
+
+def check_writable(folder: str | os.PathLike[str]) -> None:
+    """An OutputError now, before any work, when no file can be made in `folder` (made if
+    missing): a read-only file system or a folder that is not the user's to write."""
+    folder = Path(folder)
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".mumic-probe.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that needs a file name (safetensors,
     onnx, faiss, pyarrow); renamed onto ``path`` when the block succeeds, removed when it
-    fails, so ``path`` is the old file or the whole new one, never a half-written one."""
+    fails, so ``path`` is the old file or the whole new one, never a half-written one. A
+    write that fails for a full disk or a read-only folder is an OutputError naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.chmod(tmp, _file_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _atomic(path: Path, write: Callable[[Any], Any]) -> None:
@@ -210,145 +274,6 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-RUN_HINT = "restore the file from the original run"
-
-
-def read_text(path: str | os.PathLike[str], *, error: type[MumicError] = RunError) -> str:
-    """A UTF-8 text file (a BOM is dropped); unreadable or non-UTF-8 bytes are an ``error``
-    naming the file and line."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise error(f"{path} does not exist") from None
-    except OSError as e:
-        raise error(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # e.start counts from after a BOM
-        line = data.count(b"\n", 0, start) + 1
-        raise error(f"{path} line {line}: not valid UTF-8 (byte 0x{data[start]:02x}); save the file as UTF-8") from None
-
-
-def read_json(path: str | os.PathLike[str], *, error: type[MumicError] = RunError, hint: str | None = RUN_HINT,
-              unique_keys: bool = False) -> Any:
-    """Parse a JSON file; a missing or malformed file is an ``error`` naming it (and the
-    line), ending with ``hint``. ``unique_keys`` refuses an object that gives a key twice."""
-    path = Path(path)
-    tail = f"; {hint}" if hint else ""
-    text = read_text(path, error=error)
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in items:
-            if k in out:
-                raise error(f"{path}: duplicate key {k!r}; keep one{tail}")
-            out[k] = v
-        return out
-
-    try:
-        return json.loads(text, object_pairs_hook=pairs if unique_keys else None)
-    except json.JSONDecodeError as e:
-        raise error(f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}){tail}") from None
-    except (ValueError, RecursionError) as e:
-        raise error(f"{path} is not valid JSON ({type(e).__name__}: {e}){tail}") from None
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a mapping key given twice (plain YAML keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                first = seen.get(key)
-            except TypeError:
-                continue  # an unhashable key: the base constructor rejects it
-            if first is not None:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {shown(key)} is given twice (first on line {first}); keep one", key_node.start_mark)
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-YAML_ALIAS_LIMIT = 10_000
-"""How many values YAML aliases (``*name``) may add to a document beyond those written in
-it: enough to share a list of prompts between labels, far too few for an alias bomb (a
-few hundred bytes of nested aliases that expand to billions of values)."""
-
-
-def _alias_growth(root: yaml.Node) -> tuple[int, yaml.Node | None]:
-    """(values the document holds with every alias expanded, minus the nodes written in
-    it; an alias that refers to a value containing itself, or None), counted without
-    expanding anything: each node's expanded size is computed once."""
-    size: dict[int, int] = {}
-    open_: set[int] = set()
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-
-    def children(node: yaml.Node) -> list[yaml.Node]:
-        if isinstance(node, yaml.SequenceNode):
-            return list(node.value)
-        if isinstance(node, yaml.MappingNode):
-            return [n for pair in node.value for n in pair]
-        return []
-
-    while stack:
-        node, done = stack.pop()
-        key = id(node)
-        if done:
-            open_.discard(key)
-            size[key] = 1 + sum(size[id(c)] for c in children(node))
-        elif key in open_:
-            return 0, node
-        elif key not in size:
-            open_.add(key)
-            stack.append((node, True))
-            stack.extend((c, False) for c in children(node))
-    return size[id(root)] - len(size), None
-
-
-def read_yaml(path: str | os.PathLike[str], *, error: type[MumicError] = RunError) -> tuple[Any, dict[Any, int]]:
-    """The document of a YAML file (safe loader; a key given twice is refused) and the line
-    of each top-level key. Every problem is a one-line ``error`` naming the file and line:
-    bytes that are not UTF-8, a syntax error, a duplicate key, a tag that is not plain data,
-    aliases that expand the document by more than YAML_ALIAS_LIMIT values."""
-    path = Path(path)
-    text = read_text(path, error=error)
-    loader = _UniqueKeyLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is not None:
-            growth, loop = _alias_growth(node)
-            if loop is not None:
-                raise error(f"{path} line {loop.start_mark.line + 1}: a YAML alias refers to a value that contains it; "
-                            "write the value out")
-            if growth > YAML_ALIAS_LIMIT:
-                raise error(f"{path}: YAML aliases (*name) expand this document by {growth} values, more than "
-                            f"{YAML_ALIAS_LIMIT}; write the values out instead of aliasing them")
-        value = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        if e.problem and "is given twice" in e.problem:
-            raise error(f"{path}{line}: {e.problem}") from None
-        problem = " ".join(x for x in (e.context, e.problem) if x) or "syntax error"
-        raise error(f"{path}{line}: not valid YAML ({cut(problem, 160)})") from None
-    except yaml.YAMLError as e:
-        raise error(f"{path}: not valid YAML ({cut(str(e).splitlines()[0], 160)})") from None
-    except RecursionError:
-        raise error(f"{path}: not valid YAML (nested too deeply)") from None
-    finally:
-        loader.dispose()
-    lines: dict[Any, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                lines.setdefault(key_node.value, key_node.start_mark.line + 1)
-    return value, lines
-
-
 def check_output_folder(out: Path, overwrite: bool, *, marker: str, what: str) -> None:
     """Refuse to write into a folder that is not empty, unless it holds `what` (recognised
     by its `marker` file) and `overwrite` is set: a folder of other files is never replaced."""
@@ -366,27 +291,66 @@ def check_output_folder(out: Path, overwrite: bool, *, marker: str, what: str) -
         raise RunError(f"{out} already holds {what}; pass --overwrite to replace it")
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE):
+    a reader sees one or the other at each name, never nothing. False where the system
+    or the file system has no such call (then nothing was moved)."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def replace_folder(new: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
+    """Put the folder `new` at `out`, the old `out` (if any) removed after: where the file
+    system can swap folders (exchange_paths) `out` is the old folder or the new one at
+    every instant; elsewhere it is missing for the moment between two renames."""
+    new, out = Path(new), Path(out)
+    if not out.exists() and not out.is_symlink():
+        new.rename(out)
+        return
+    if exchange_paths(new, out):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now names the old folder
+        return
+    log.warning("%s: this file system cannot swap folders atomically; replacing it with two renames", out)
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    out.replace(old / out.name)
+    new.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(out: Path) -> Iterator[Path]:
     """Build a folder in a temporary sibling and swap it in only when the block succeeds,
-    so readers see the old folder or the whole new one, never a half-written one. Each
-    writer gets its own temporary folder, so two writers never wipe each other's."""
+    so readers see the old folder or the whole new one, never a half-written one (see
+    replace_folder). Each writer gets its own temporary folder, so two writers never wipe
+    each other's. A write that fails for a full disk or a read-only folder is an
+    OutputError naming ``out``."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        out.replace(old / out.name)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+        try:
+            yield tmp
+            replace_folder(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 LOCK_NAME = ".lock"
@@ -412,10 +376,12 @@ def folder_lock(folder: str | os.PathLike[str], *, error: type[MumicError] = Run
     import fcntl
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _file_mode())
+        with writing(folder):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _file_mode())
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

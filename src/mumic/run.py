@@ -11,18 +11,32 @@ tower; it is bound to the weights by their digest and ignored when they differ.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+import os
+import shutil
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mumic.config import load_config
 from mumic.data.labels import MAX_LABELS, LabelSpec, duplicates, normalize_label
-from mumic.errors import RunError
-from mumic.io import files_digest, load_tensors, read_json, save_tensors, tensors_digest
+from mumic.errors import MumicError, RunError
+from mumic.io import (
+    LOCK_NAME,
+    atomic_write_json,
+    files_digest,
+    folder_lock,
+    load_tensors,
+    replace_folder,
+    save_tensors,
+    tensors_digest,
+    writing,
+)
+from mumic.readers import read_json
 
 if TYPE_CHECKING:
     import torch
@@ -34,11 +48,13 @@ log = logging.getLogger(__name__)
 FORMAT = "mumic-run-1"
 REQUIRED = ("config.yaml", "labels.json", "model.safetensors")
 CLASS_EMBEDDINGS = "class_embeddings.safetensors"
-RUN_FILES = (  # every file mumic writes into a run folder
-
+RUN_FILES = (  # every file mumic writes into a run folder (the plots are report.py's)
     "config.yaml", "labels.json", "model.safetensors", CLASS_EMBEDDINGS, "thresholds.json", "metrics.json",
-    "log.csv", "report.md", "checkpoint.safetensors", "best.safetensors",
+    "log.csv", "report.md", "checkpoint.safetensors", "best.safetensors", "skipped.csv",
+    "curve.png", "precision_recall.png", "examples.png",
 )
+STAGED = "staged.json"
+"""Beside a run staged by `train --overwrite` (see staging_folder): which folder it is."""
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npz")
 BACKBONE_KEYS = ("spec", "image_size", "image_head", "seed")
 
@@ -231,17 +247,139 @@ def read_class_embeddings(run: Path, model: Any, weights: dict[str, torch.Tensor
     return v
 
 
-def prepare_run_dir(run: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to overwrite a run's results unless asked; clear only mumic's own files."""
+def staging_folder(run: str | Path) -> Path:
+    """Where `train --overwrite` trains the new run of RUN while RUN keeps the old one:
+    PARENT/.NAME.overwrite/NAME (the same name, so the report names the run; the same file
+    system, so the two folders can be swapped)."""
+    real = Path(run).resolve()
+    return real.parent / f".{real.name}.overwrite" / real.name
+
+
+def _begin_staging(run: Path) -> Path:
+    stage = staging_folder(run)
+    stage.mkdir(parents=True)
+    st = stage.stat()  # the folder's identity: after the swap this name holds the old run, another folder
+    atomic_write_json(stage.parent / STAGED, {"run": str(Path(run).resolve()), "device": st.st_dev, "inode": st.st_ino})
+    return stage
+
+
+def pending_overwrite(run: str | Path) -> Path | None:
+    """The new run of an interrupted `train --overwrite` of RUN, or None. What else is left
+    in its place (the old run of a swap that was not cleaned up) is removed. Called only by
+    the holder of RUN/.lock."""
+    stage = staging_folder(run)
+    if not stage.parent.exists():
+        return None
+    try:
+        meta, st = read_json(stage.parent / STAGED), stage.stat()
+        if isinstance(meta, dict) and (meta.get("device"), meta.get("inode")) == (st.st_dev, st.st_ino):
+            return stage
+    except (RunError, OSError):
+        pass
+    log.info("removing %s, left by a finished --overwrite of %s", stage.parent, run)
+    shutil.rmtree(stage.parent)
+    return None
+
+
+def prepare_run_dir(run: Path, *, overwrite: bool) -> Path:
+    """The folder a new run of RUN trains in (the caller holds RUN/.lock). A folder without
+    results is trained in directly. A run's results are replaced only with `overwrite`, and
+    never before the new run is complete: it trains in staging_folder(RUN), which
+    install_staged swaps in at the end, so RUN holds the whole old run or the whole new one."""
     present = [f for f in RUN_FILES if (run / f).exists()]
-    if resume:
-        return
     # a run that failed before its first checkpoint holds only its config: nothing to lose
     if present and present != ["config.yaml"] and not overwrite:
         raise RunError(f"{run} already holds a run ({', '.join(present[:3])}); pass --overwrite to replace it or --resume to continue it")
-    for f in present:
-        (run / f).unlink()
-    run.mkdir(parents=True, exist_ok=True)
+    if staging_folder(run).parent.exists():
+        log.warning("removing %s, left by an interrupted --overwrite of %s (a new one starts over)", staging_folder(run).parent, run)
+        shutil.rmtree(staging_folder(run).parent)
+    if present in ([], ["config.yaml"]):
+        for f in present:
+            (run / f).unlink()
+        run.mkdir(parents=True, exist_ok=True)
+        return run
+    return _begin_staging(run)
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """Hard-link (else copy) a file or folder of the user's into the new run."""
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(a, b, follow_symlinks=False)
+
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    else:
+        link(str(src), str(dst))
+
+
+def install_staged(stage: Path, run: Path) -> None:
+    """Put the finished new run `stage` in place of RUN in one step (io.replace_folder), the
+    user's own files of RUN carried over (mumic's outputs of the old run are not: they
+    describe other weights), then remove the old run. Called by the holder of both locks."""
+    real = Path(run).resolve()
+    for tmp in stage.glob(".*.tmp"):  # a temporary file of a killed writer of the staged run (only this job writes it)
+        if tmp.is_file():
+            tmp.unlink()
+    with writing(real):
+        for entry in real.iterdir() if real.is_dir() else ():
+            own = entry.name in RUN_FILES or entry.name == LOCK_NAME or (entry.name.startswith("eval-") and entry.name.endswith(".json"))
+            if not own and not (stage / entry.name).exists():
+                _carry(entry, stage / entry.name)
+        replace_folder(stage, real)
+    shutil.rmtree(stage.parent, ignore_errors=True)
+    log.info("%s now holds the new run (the previous one is removed)", run)
+
+
+def _resume_folder(run: Path) -> Path:
+    stage = pending_overwrite(run)
+    if stage is None:
+        return run
+    if not (stage / "checkpoint.safetensors").is_file() and not (stage / "model.safetensors").is_file():
+        raise RunError(f"the interrupted --overwrite of {run} stopped before its first checkpoint; start it again with --overwrite "
+                       f"({run} still holds the previous run)")
+    log.info("continuing the interrupted --overwrite of %s (in %s); %s keeps the previous run until the new one is complete",
+             run, stage, run)
+    return stage
+
+
+@contextlib.contextmanager
+def run_writer(run: Path, *, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+    """The one writer of a run folder for the whole job: rank 0 holds RUN/.lock
+    (io.folder_lock) and, for a staged run, the staging folder's lock too, so that RUN/.lock
+    stays held across the swap; under torchrun every rank learns whether it got them (all
+    stop together if not) and which folder to write. Yields that folder: RUN, or its
+    staging folder (prepare_run_dir; with `resume`, an interrupted overwrite's), which rank
+    0 swaps in when the block succeeds. A failed or killed job leaves RUN as it was."""
+    from mumic import distributed as dist  # torch: not at import (`mumic --help` reads this module)
+
+    with contextlib.ExitStack() as held:
+        refused: BaseException | None = None
+        folder = None
+        if dist.is_main():
+            try:
+                held.enter_context(folder_lock(run))
+                folder = _resume_folder(run) if resume else prepare_run_dir(run, overwrite=overwrite)
+                if folder != run:
+                    held.enter_context(folder_lock(folder))
+            except MumicError as e:
+                refused = e
+        message, folder = dist.broadcast((str(refused) if refused else None, str(folder) if folder else None))
+        if refused is not None:
+            raise refused
+        if message:
+            raise RunError(message)
+        try:
+            yield Path(folder)
+        except BaseException:
+            if dist.is_main() and Path(folder) != run:
+                log.warning("%s still holds the previous run; `mumic train --resume %s` continues the new one from its last "
+                            "checkpoint, `--overwrite` starts it again", run, run)
+            raise
+        if dist.is_main() and Path(folder) != run:
+            install_staged(Path(folder), run)
 
 
 def save_checkpoint(path: Path, model: Any, opt: Any, sched: Any, state: dict[str, Any]) -> None:

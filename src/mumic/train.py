@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,12 +34,12 @@ from mumic.data.training import resolve_labels, saved_config, split_manifests
 from mumic.errors import ConfigError, ManifestError, RunError
 from mumic.evaluate import evaluate_model_scores, evaluate_probs, manifest_embeddings
 from mumic.features import cached_features
-from mumic.io import atomic_write_csv, atomic_write_json, folder_lock, load_tensors, save_tensors
+from mumic.io import atomic_write_csv, atomic_write_json, load_tensors, save_tensors
 from mumic.losses import loss_spec
 from mumic.metrics import fit_thresholds, gap, global_fallback
 from mumic.model import MuMIC, resolve_device
 from mumic.report import write_run_report
-from mumic.run import labels_meta, load_checkpoint, prepare_run_dir, save_checkpoint, write_class_embeddings
+from mumic.run import labels_meta, load_checkpoint, run_writer, save_checkpoint, staging_folder, write_class_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -172,42 +172,29 @@ def fit(
     inputs = _load_inputs(cfg)  # bad data fails here, before anything is written
     cfg = saved_config(cfg, inputs.templates)  # what the run uses, as config.yaml records it
     dist.init()
-    with _writer_lock(run):
+    with run_writer(run, overwrite=overwrite) as folder:  # an old run is replaced only once the new one is complete
         if dist.is_main():
-            prepare_run_dir(run, overwrite=overwrite, resume=False)
-            save_config(cfg, run / "config.yaml")
+            save_config(cfg, folder / "config.yaml")
         dist.barrier()
-        return Trainer(cfg, run, inputs, progress=progress, on_step=on_step).run(resume=False)
+        Trainer(cfg, folder, inputs, progress=progress, on_step=on_step).run(resume=False)
+    return run
 
 
 def resume(run_dir: str | Path, *, progress: bool = True, on_step: Callable[[int], None] | None = None) -> Path:
-    """Continue an interrupted run from its last checkpoint, with its saved config."""
+    """Continue an interrupted run from its last checkpoint, with its saved config; for an
+    interrupted `--overwrite`, the new run (RUN keeps the old one until it is complete)."""
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
+    if not (run / "config.yaml").is_file() and not staging_folder(run).parent.is_dir():
         raise RunError(f"{run} is not a run directory (config.yaml is missing)")
     dist.init()
-    with _writer_lock(run):  # checked under the lock: a writer that just finished is seen finished
-        if (run / "model.safetensors").is_file() and not (run / "checkpoint.safetensors").is_file():
-            raise RunError(f"{run} has already finished; nothing to resume")
-        cfg = load_config(run / "config.yaml")
-        return Trainer(cfg, run, _load_inputs(cfg), progress=progress, on_step=on_step).run(resume=True)
-
-
-@contextlib.contextmanager
-def _writer_lock(run: Path) -> Iterator[None]:
-    """One writer per run folder: rank 0 holds RUN/.lock for the whole job (io.folder_lock);
-    under torchrun every rank learns whether it got it, so all stop together if not."""
-    with contextlib.ExitStack() as held:
-        refused = None
-        if dist.is_main():
-            try:
-                held.enter_context(folder_lock(run))
-            except RunError as e:
-                refused = str(e)
-        refused = dist.broadcast(refused)
-        if refused:
-            raise RunError(refused)
-        yield
+    with run_writer(run, resume=True) as folder:  # checked under the lock: a writer that just finished is seen finished
+        if (folder / "model.safetensors").is_file() and not (folder / "checkpoint.safetensors").is_file():
+            if folder == run:
+                raise RunError(f"{run} has already finished; nothing to resume")
+            return run  # the new run was complete but not yet in place: run_writer swaps it in
+        cfg = load_config(folder / "config.yaml")
+        Trainer(cfg, folder, _load_inputs(cfg), progress=progress, on_step=on_step).run(resume=True)
+    return run
 
 
 class Inputs(NamedTuple):

@@ -17,7 +17,8 @@ from typing import Any
 
 from mumic.data.manifest import SEPARATOR, Manifest
 from mumic.errors import ManifestError
-from mumic.io import atomic_write_text, read_text
+from mumic.io import atomic_write_text
+from mumic.readers import read_text
 
 ACTIONS = {"add": "add", "remove": "remove", "missing": "add", "wrong": "remove"}
 

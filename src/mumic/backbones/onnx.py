@@ -21,7 +21,8 @@ from typing import Any
 
 from mumic.config import default_cache_dir
 from mumic.errors import ConfigError, ExportError, MumicError
-from mumic.io import atomic_path, atomic_write_text, file_sha256, read_text
+from mumic.io import atomic_path, atomic_write_text, file_sha256
+from mumic.readers import read_text
 
 log = logging.getLogger(__name__)
 

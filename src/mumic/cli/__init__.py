@@ -43,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     except MumicError as e:
         sys.stderr.write(f"mumic: error: {e}\n")
         return 2
+    except OSError as e:  # a write outside mumic.io that the user can fix: one line, not a traceback
+        from mumic.io import output_error
+
+        err = output_error(e.filename if e.filename is not None else "an output", e)
+        if err is None:
+            raise
+        sys.stderr.write(f"mumic: error: {err}\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write("mumic: interrupted\n")
         return 130

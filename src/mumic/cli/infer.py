@@ -61,12 +61,15 @@ def evaluate(a: argparse.Namespace) -> int:
     from mumic.evaluate import evaluate_run, format_metrics
     from mumic.report import per_label_markdown
 
-    m = evaluate_run(a.run, a.manifest, split=a.split, out=a.out, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device,
-                     allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows, decode=a.decode,
-                     engine=a.engine, per_label=a.per_label, overwrite=a.overwrite)
-    sys.stdout.write(format_metrics(m) + "\n")
-    if a.per_label:
-        sys.stdout.write("\n" + "\n".join(per_label_markdown(m["per_label"])) + "\n")
+    def show(m: dict[str, typing.Any]) -> None:  # before the JSON is written: a failed write keeps the metrics
+        sys.stdout.write(format_metrics(m) + "\n")
+        if a.per_label:
+            sys.stdout.write("\n" + "\n".join(per_label_markdown(m["per_label"])) + "\n")
+        sys.stdout.flush()
+
+    evaluate_run(a.run, a.manifest, split=a.split, out=a.out, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device,
+                 allow_outside=a.allow_outside_paths, allow_duplicates=a.allow_duplicate_rows, decode=a.decode,
+                 engine=a.engine, per_label=a.per_label, overwrite=a.overwrite, on_result=show)
     return 0
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mumic.errors import ManifestError, cut, shown
-from mumic.io import read_json, read_text, read_yaml
+from mumic.readers import read_json, read_text, read_yaml
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from mumic.errors import ManifestError
-from mumic.io import read_text
+from mumic.readers import read_text
 
 FORMATS: dict[str, str] = {
     ".csv": "csv",

@@ -30,7 +30,8 @@ from mumic.data.cross_style import cross_style_manifest
 from mumic.data.manifest import SEPARATOR, read_labels_file, read_manifest
 from mumic.data.training import saved_config
 from mumic.errors import ConfigError, ManifestError, MumicError
-from mumic.io import atomic_write_text, read_yaml
+from mumic.io import atomic_write_text
+from mumic.readers import read_yaml
 from mumic.study.noise import noisy_frame, noisy_tag
 from mumic.study.report import write_results
 from mumic.study.schema import Ablation, Cell, load_ablation, run_dir

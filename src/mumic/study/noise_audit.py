@@ -26,7 +26,7 @@ from mumic.audit.scores import Scores
 from mumic.config import load_config
 from mumic.data.manifest import read_manifest
 from mumic.errors import ConfigError
-from mumic.io import read_json, read_yaml
+from mumic.readers import read_json, read_yaml
 from mumic.study.grid import derive_manifest, run_cell
 from mumic.study.schema import Cell
 

@@ -24,7 +24,8 @@ import numpy as np
 
 from mumic.config import TrainConfig
 from mumic.errors import ConfigError
-from mumic.io import atomic_path, atomic_write_text, read_text
+from mumic.io import atomic_path, atomic_write_text
+from mumic.readers import read_text
 from mumic.study.schema import PATH_KEYS, Ablation, Cell, describe, run_dir
 
 log = logging.getLogger(__name__)

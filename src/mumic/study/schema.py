@@ -33,7 +33,7 @@ import yaml
 
 from mumic.config import FIELDS, TrainConfig, check_type, unknown_key
 from mumic.errors import ConfigError
-from mumic.io import read_text, read_yaml
+from mumic.readers import read_text, read_yaml
 
 TOP_KEYS = ("base", "seeds", "cells", "description")
 CELL_KEYS = ("name", "group", "overrides", "noisy", "cross_style")

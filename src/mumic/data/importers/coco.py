@@ -17,7 +17,7 @@ from typing import Any
 from mumic.data.importers.common import ImageRoot, Import, label_name, split_of
 from mumic.data.labels import LabelSpec
 from mumic.errors import ManifestError
-from mumic.io import read_json
+from mumic.readers import read_json
 
 
 def _int_id(value: Any, where: str, what: str) -> int | str:

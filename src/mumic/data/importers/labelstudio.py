@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from mumic.data.importers.common import ImageRoot, Import, label_name, split_of
 from mumic.errors import ManifestError
-from mumic.io import read_json
+from mumic.readers import read_json
 
 UPLOAD = "/data/upload/"
 LOCAL = "/data/local-files/"

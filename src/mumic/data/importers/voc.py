@@ -22,7 +22,7 @@ import defusedxml.ElementTree as SafeET
 
 from mumic.data.importers.common import ImageRoot, Import, label_name
 from mumic.errors import ConfigError, ManifestError
-from mumic.io import read_text
+from mumic.readers import read_text
 
 SPLITS = ("train", "val", "test")
 
