@@ -256,9 +256,8 @@ class Service:
             if len(name) > lim.max_label_chars:
                 raise ServiceError(422, f"label '{name[:40]}...' has {len(name)} characters; the limit is {lim.max_label_chars}")
             asked[name] = None
-            if len(asked) > lim.max_labels:
-                raise ServiceError(422, f"more than {lim.max_labels} labels asked for in labels and extra_labels; "
-                                        f"the limit is {lim.max_labels}")
+        if len(asked) > lim.max_labels:
+            raise ServiceError(422, f"{len(asked)} labels asked for in labels and extra_labels; the limit is {lim.max_labels}")
         if not any(given):  # no labels: the run's, then the extra ones
             run = self.bank.run_names
             known = set(run)
