@@ -259,3 +259,30 @@ def test_cli_refuses_a_nan_wait(capsys, monkeypatch):
 
     assert main(["serve", "no-such-run", "--max-wait-ms", "nan"]) == 2
     assert "max_wait_ms must be a finite number >= 0, got nan" in capsys.readouterr().err
+
+
+def test_thumbnails_decode_inline_and_larger_images_through_the_gate(monkeypatch):
+    import mumic.serve.service as service_mod
+
+    hops = []
+
+    async def threadpool(fn, *args):
+        hops.append(args[1])
+        return fn(*args)
+
+    monkeypatch.setattr(service_mod, "run_in_threadpool", threadpool)
+
+    class Upload:
+        def __init__(self, data, filename):
+            self.data, self.filename = data, filename
+
+        async def read(self, n):
+            return self.data[:n]
+
+    lim = Limits()
+    svc = types.SimpleNamespace(limits=lim, size=16, decodes=DecodeGate(lim.max_decoding_bytes, 2, lim.max_decoded_bytes // 8))
+    svc._decode = lambda data, label, large: Service._decode(svc, data, label, large)
+    ups = [Upload(_png(64, 64), "thumb.png"), Upload(_png(300, 200), "photo.png")]
+    px, names = asyncio.run(Service.read_images(svc, ups))
+    assert px.shape == (2, 3, 16, 16) and names == ["thumb.png", "photo.png"]
+    assert hops == ["image 1 (photo.png)"]  # 64 x 64 x 4 bytes decode on the event loop; 300 x 200 x 4 in a thread
