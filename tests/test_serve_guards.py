@@ -184,11 +184,11 @@ def _block_model_thread(svc, cost=1):
 
 
 def test_text_and_label_work_is_admitted_by_its_cost(run, image):
-    with client(run, max_pending_images=8, text_chars_per_image=100) as c:
+    with client(run, max_pending_texts=8, text_chars_per_image=100) as c:
         svc = c.app.state.service
         gate, job = _block_model_thread(svc)
         try:
-            # 2 texts of 500 characters cost 10 images (100 characters each): over the queue limit of 8 while anything waits
+            # 2 texts of 500 characters cost 10 images (100 characters each): over the text budget of 8 while anything waits
             r = c.post("/embed/text", json={"texts": ["x" * 500] * 2})
             assert_error(r, 503, "busy")
             assert r.headers["retry-after"] == "1"
@@ -202,7 +202,8 @@ def test_text_and_label_work_is_admitted_by_its_cost(run, image):
             gate.set()
         job.result(10)
         assert c.post("/embed/text", json={"texts": ["x" * 500] * 2}).status_code == 200  # alone in the queue: admitted
-        assert c.get("/health").json()["batching"]["pending_images"] == 0  # every reservation was returned
+        batching = c.get("/health").json()["batching"]
+        assert batching["pending_images"] == 0 and batching["pending_texts"] == 0  # every reservation was returned
 
 
 def _asgi_post(app, path, body, ctype):
@@ -253,10 +254,10 @@ def test_work_for_a_client_that_left_is_dropped(run, image, monkeypatch, kind):
             gate, job = _block_model_thread(svc)
             task, leave, sent = _asgi_post(c.app, "/predict" if kind != "embed_text" else "/embed/text", body, ctype)
             for _ in range(500):  # until the request's work waits behind the blocked model thread
-                if svc.batcher.stats()["pending_images"] > 1:
+                if svc.batcher.stats()["pending_texts"] > 1:
                     break
                 await asyncio.sleep(0.01)
-            assert svc.batcher.stats()["pending_images"] > 1
+            assert svc.batcher.stats()["pending_texts"] > 1
             leave.set()  # the client disconnects
             await asyncio.wait_for(task, 10)  # answered without waiting for the model thread
             gate.set()
@@ -267,7 +268,8 @@ def test_work_for_a_client_that_left_is_dropped(run, image, monkeypatch, kind):
         sent = asyncio.run(go())
         assert sent[0]["status"] == 499
         assert ran == [] and len(svc.bank) == 0  # the queued work was skipped, not computed
-        assert svc.batcher.stats()["skipped"] == 1 and svc.batcher.stats()["pending_images"] == 0
+        stats = svc.batcher.stats()
+        assert stats["skipped"] == 1 and stats["pending_images"] == 0 and stats["pending_texts"] == 0
 
 
 # ----------------------------------------------------------------------------- exposure

@@ -51,11 +51,18 @@ def register(sub: typing.Any) -> argparse.ArgumentParser:
     p.add_argument("--max-decoded-bytes", type=int, default=d.max_decoded_bytes,
                    help="bytes an image may decode to (width x height x bytes per pixel of its mode: 4 for RGB or float, "
                         f"2 for 16-bit), checked before decoding (default: {d.max_decoded_bytes})")
+    p.add_argument("--max-decoding-bytes", type=int, default=d.max_decoding_bytes,
+                   help="decoded bytes of all the images decoding at once (a larger image decodes alone); a decode "
+                        f"holds about 5 times its decoded bytes at its peak (default: {d.max_decoding_bytes})")
     p.add_argument("--decode-threads", type=int, default=None,
-                   help="images decoded at once, all requests together (default: one per usable CPU)")
+                   help="images decoded at once, all requests together; one thread is kept for small images "
+                        "(default: one per usable CPU)")
     p.add_argument("--max-pending", type=int, default=d.max_pending_images,
-                   help="model work queued, in images (a text counts 1 per started "
-                        f"{d.text_chars_per_image} characters); beyond it 503 (default: {d.max_pending_images})")
+                   help=f"images queued for the model; beyond it 503 (default: {d.max_pending_images})")
+    p.add_argument("--max-pending-texts", type=int, default=d.max_pending_texts,
+                   help="text work queued for the model (new zero-shot labels' prompts, /embed/text), in images: a "
+                        f"request's texts count 1 per started {d.text_chars_per_image} characters; beyond it 503 "
+                        f"(default: {d.max_pending_texts})")
     p.add_argument("--max-connections", type=int, default=256, help="concurrent connections before answering 503 (default: 256)")
     p.add_argument("--max-buffered-bytes", type=int, default=d.max_buffered_bytes,
                    help="request-body bytes held in memory at once, all requests together; "
@@ -77,7 +84,9 @@ def _limits(args: argparse.Namespace) -> dict[str, typing.Any]:
         "batching": not args.no_batching, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
         "max_images": args.max_images, "max_labels": args.max_labels, "max_image_bytes": args.max_image_bytes,
         "max_request_bytes": args.max_request_bytes, "max_pixels": args.max_pixels, "max_decoded_bytes": args.max_decoded_bytes,
-        "max_pending_images": args.max_pending, **({"decode_threads": args.decode_threads} if args.decode_threads is not None else {}),
+        "max_decoding_bytes": args.max_decoding_bytes,
+        "max_pending_images": args.max_pending, "max_pending_texts": args.max_pending_texts,
+        **({"decode_threads": args.decode_threads} if args.decode_threads is not None else {}),
         "max_buffered_bytes": args.max_buffered_bytes, "header_timeout_s": args.header_timeout,
         "body_timeout_s": args.body_timeout, "keep_alive_s": args.keep_alive_timeout,
     }
@@ -129,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
         if args.host in ("0.0.0.0", "::") and not args.allowed_host:
             log.warning("binding %s: only requests naming %s in their Host header are answered; add --allowed-host "
                         "for each name or address clients use", args.host, ", ".join(exposure.allowed_hosts))
+    from mumic.serve.decoding import tune_malloc
+
+    tune_malloc()  # before the model and the worker threads start
     app = create_app(args.run, index=args.index, device=args.device, engine=args.engine, exposure=exposure,
                      **_limits(args))  # limits checked first
     uvicorn.run(

@@ -30,12 +30,15 @@ invalid fields, 503 (with Retry-After) when the model queue or the memory for re
 bodies is full. The host, token and origin checks (`exposure`) are middleware: they cover
 every route.
 
-Model work is admitted by its cost: images count one each, texts (the prompts of new
-zero-shot labels, /embed/text entries) one per `text_chars_per_image` characters; a
+Model work is admitted by its cost, images and text work on separate budgets: images
+count one each (`max_pending_images`), texts (the prompts of new zero-shot labels,
+/embed/text entries) one per `text_chars_per_image` characters (`max_pending_texts`); a
 request's images are decoded before any of its labels is embedded, text work runs in
-batch-sized jobs, and the queued work of a client that hangs up is dropped. Decoding
-holds at most `max_decoded_bytes` per image (checked from the header) and runs at most
-`decode_threads` at a time.
+small jobs between image batches (which go first), and the queued work of a client that
+hangs up is dropped. Decoding holds at most `max_decoded_bytes` per image (checked from
+the header), `max_decoding_bytes` for all decodes at once, on at most `decode_threads`
+threads, one kept for small images (`decoding.DecodeGate`); thumbnails decode on the
+event loop, and a large decode gives its freed memory back to the system.
 
 Slow or abusive clients are bounded in time and memory: a connection must deliver each
 request head within `header_timeout_s` (uvicorn itself never times out a request head),
@@ -44,7 +47,7 @@ an idle keep-alive connection is closed after `keep_alive_s`, a body must arrive
 
 Modules: `limits` (Limits and the guards against slow or abusive clients), `exposure`
 (allowed hosts, bearer token, cross-site requests, the columns /search shows), `batcher`
-(the model thread), `labels` (class embeddings and scoring), `schemas` (request and
+(the model thread), `decoding` (the decode gate and the allocator settings), `labels` (class embeddings and scoring), `schemas` (request and
 response bodies), `bodies` (bodies read as JSON or form fields), `service` (the loaded run and the handling of requests), `app` (the
 FastAPI routes), `page` (the page, its files in static/, and the gallery). Importing this
 package stays cheap (no torch, FastAPI or Pillow): the CLI reads `Limits` while building its

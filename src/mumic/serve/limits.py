@@ -32,19 +32,25 @@ class Limits:
     """Request limits and batching settings of the service (all per request unless noted).
 
     Decoding an upload holds at most `max_decoded_bytes` of pixels (its width x height x
-    the bytes per pixel of its mode, after JPEG draft reduction; checked before decoding),
-    and at most `decode_threads` uploads decode at once (by default one per usable CPU),
-    so decoding holds at most about decode_threads x max_decoded_bytes (x 2 while it
-    converts to RGB). Model work is admitted in image-equivalents: an image counts 1, texts
-    (the prompts of zero-shot labels, /embed/text entries) 1 per started
-    `text_chars_per_image` characters of a request's texts together; over
-    `max_pending_images` queued, 503.
+    the bytes per pixel of its mode, after JPEG draft reduction; checked before decoding);
+    the decodes running at once hold at most `max_decoding_bytes` together (a larger one
+    runs alone), on at most `decode_threads` threads (by default one per usable CPU), one
+    of which is kept for small images (see serve.decoding.DecodeGate). A decode holds
+    about five times its decoded bytes at its peak (the image, its RGB conversion, the
+    resample), so decoding holds about 5 x max_decoding_bytes at most. Model work is admitted in image-equivalents, each kind on its own
+    budget: images count 1 each, over `max_pending_images` queued 503; texts (the prompts
+    of zero-shot labels, /embed/text entries) 1 per started `text_chars_per_image`
+    characters of a request's texts together, over `max_pending_texts` queued 503. Text
+    work runs in jobs of about `text_job_images` image-equivalents, between image batches,
+    so that an image request waits behind at most one such job, on `text_threads` torch
+    threads (small jobs gain nothing from more, and lose much on a busy CPU).
     """
 
     max_request_bytes: int = 64 * 2**20
     max_image_bytes: int = 16 * 2**20
     max_pixels: int = 50_000_000
     max_decoded_bytes: int = 128 * 2**20
+    max_decoding_bytes: int = 128 * 2**20
     max_images: int = 16
     max_labels: int = 64
     max_label_chars: int = 200
@@ -56,7 +62,10 @@ class Limits:
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
     max_pending_images: int = 512
+    max_pending_texts: int = 64
     text_chars_per_image: int = 256
+    text_job_images: int = 1
+    text_threads: int = 1
     label_cache_size: int = 4096
     decode_threads: int = dataclasses.field(default_factory=usable_cpus)
     #: slow and abusive clients (whole service: bodies held in memory at once; per connection: timeouts)
@@ -72,11 +81,11 @@ class Limits:
                 if not isinstance(value, bool):
                     raise ConfigError(f"batching must be true or false, got {value!r}")
             elif f.name == "max_wait_ms":
-                if not isinstance(value, (int, float)) or value < 0:
-                    raise ConfigError(f"max_wait_ms must be a number >= 0, got {value!r}")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                    raise ConfigError(f"max_wait_ms must be a finite number >= 0, got {value!r}")
             elif f.name.endswith("_s"):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                    raise ConfigError(f"{f.name} must be a number of seconds > 0, got {value!r}")
+                    raise ConfigError(f"{f.name} must be a finite number of seconds > 0, got {value!r}")
             elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{f.name} must be a positive integer, got {value!r}")
 

@@ -62,6 +62,7 @@ class HealthResponse(BaseModel):
     index_items: int | None
     label_cache: int
     batching: dict[str, Any]
+    decoding: dict[str, Any]
 
 
 class SearchHit(BaseModel):

@@ -20,13 +20,19 @@ from fastapi.concurrency import run_in_threadpool
 
 import mumic
 from mumic.data.images import image_pixels
+from mumic.data.labels import normalize_label
 from mumic.errors import ConfigError, MumicError, ServiceError
 from mumic.serve.batcher import MicroBatcher
+from mumic.serve.decoding import DecodeGate, decode_cost, trim_memory
 from mumic.serve.exposure import SearchHits
 from mumic.serve.labels import LabelBank
 from mumic.serve.limits import Limits
 
 log = logging.getLogger(__name__)
+
+#: uploads that decode to at most this many bytes (128 x 128 RGB) are decoded on the event
+#: loop: well under a millisecond each, less than the hop to a thread costs on a busy CPU
+INLINE_DECODE_BYTES = 64 * 1024
 
 
 def load_index(index: str | Path | None, run_dir: str | Path, dim: int) -> Any:
@@ -123,10 +129,10 @@ class Service:
             raise ConfigError("--expose-columns names index columns: give --index too")
         self.batcher = MicroBatcher(
             self._run_images, enabled=lim.batching, max_batch_size=lim.max_batch_size, max_wait_ms=lim.max_wait_ms,
-            max_pending=lim.max_pending_images,
+            max_pending=lim.max_pending_images, max_pending_texts=lim.max_pending_texts,
         )
         self.batcher.start()
-        self.decode_slots = asyncio.Semaphore(lim.decode_threads)
+        self.decodes = DecodeGate(lim.max_decoding_bytes, lim.decode_threads, small_bytes=lim.max_decoded_bytes // 8)
         log.info(
             "serving run %s: %d labels%s; batching %s; ready in %.1f s", self.run_name, len(self.bank.run_names),
             f", index of {self.index.count} images" if self.index else "",
@@ -147,6 +153,19 @@ class Service:
         finally:
             self.model.clear_text_cache()
 
+    def _on_text_threads(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) with torch on text_threads threads (on the model thread): text jobs are
+        small, and on a busy CPU more threads make them slower, not faster."""
+        before = torch.get_num_threads()
+        want = min(self.limits.text_threads, before)
+        if want != before:
+            torch.set_num_threads(want)
+        try:
+            return fn(*args)
+        finally:
+            if want != before:
+                torch.set_num_threads(before)
+
     async def embed_pixels(self, px: Any, watch: ClientWatch) -> Any:
         """Unnormalised image embeddings [n, D] of uint8 pixels [n, 3, S, S], batched with other requests'."""
         watch.check()
@@ -158,10 +177,10 @@ class Service:
         return max(1, math.ceil(sum(len(t) for t in texts) / self.limits.text_chars_per_image))
 
     def _text_chunks(self, chars: list[int]) -> list[slice]:
-        """Consecutive slices of the items (of `chars` characters each) that fill about one
-        model batch each (max_batch_size images' worth): long text work runs as several
-        jobs, so that other requests' batches run between them."""
-        per_job = self.limits.max_batch_size * self.limits.text_chars_per_image
+        """Consecutive slices of the items (of `chars` characters each) of about
+        text_job_images image-equivalents each (an item longer than that alone): text work
+        runs as several small jobs, and image batches run between them."""
+        per_job = self.limits.text_job_images * self.limits.text_chars_per_image
         out, start, acc = [], 0, 0
         for i, c in enumerate(chars):
             if i > start and acc + c > per_job:
@@ -178,7 +197,7 @@ class Service:
         with self.batcher.reserved(self.text_cost(texts)):  # 503 here when the queue is full
             for part in self._text_chunks([len(t) for t in texts]):
                 watch.check()
-                job = functools.partial(self._text_embeddings, texts[part])
+                job = functools.partial(self._on_text_threads, self._text_embeddings, texts[part])
                 parts.append(np.asarray(await watch.result(self.batcher.call(job))))
         return np.concatenate(parts)
 
@@ -207,32 +226,44 @@ class Service:
             blobs.append((label, data))
         arrays = []
         for label, data in blobs:
-            async with self.decode_slots:  # at most decode_threads decodes at once, each within max_decoded_bytes
+            cost = decode_cost(data, self.size, max_pixels=lim.max_pixels, max_decoded_bytes=lim.max_decoded_bytes)
+            if cost <= INLINE_DECODE_BYTES:  # a thumbnail, or refused from its header: decoding costs less than a thread hop
+                arrays.append(self._decode(data, label, False))
+                continue
+            async with self.decodes.slot(cost):  # by bytes and threads; small images never wait behind large ones
                 if watch is not None:
                     watch.check()
-                arrays.append(await run_in_threadpool(image_pixels, data, self.size, max_pixels=lim.max_pixels, name=label,
-                                                      max_decoded_bytes=lim.max_decoded_bytes))
+                arrays.append(await run_in_threadpool(self._decode, data, label, self.decodes.kind(cost) == "large"))
         return torch.from_numpy(np.stack(arrays)), names
+
+    def _decode(self, data: bytes, label: str, large: bool) -> Any:
+        lim = self.limits
+        try:
+            return image_pixels(data, self.size, max_pixels=lim.max_pixels, name=label, max_decoded_bytes=lim.max_decoded_bytes)
+        finally:
+            if large:
+                trim_memory()  # what the decode freed goes back to the system, not to this thread's arena
 
     def clean_labels(self, labels: list[str] | None, extra_labels: list[str] | None) -> list[str]:
         """The label names a request scores: `labels` (by default the run's), then
-        `extra_labels`; stripped, empty entries dropped, each name once, within the limits."""
+        `extra_labels`; normalised as everywhere (normalize_label: NFC, whitespace, no
+        zero-width characters), empty entries dropped, each name once, within the limits."""
         lim = self.limits
-        asked: list[str] = []
-        for raw in [*(labels or []), *(extra_labels or [])]:
-            name = raw.strip()
+        asked: dict[str, None] = {}
+        given = [normalize_label(raw) for raw in labels or []]
+        for name in [*given, *(normalize_label(raw) for raw in extra_labels or [])]:
             if not name:
                 continue  # empty form entries are ignored
             if len(name) > lim.max_label_chars:
                 raise ServiceError(422, f"label '{name[:40]}...' has {len(name)} characters; the limit is {lim.max_label_chars}")
-            if name not in asked:
-                asked.append(name)
+            asked[name] = None
         if len(asked) > lim.max_labels:
             raise ServiceError(422, f"{len(asked)} labels asked for in labels and extra_labels; the limit is {lim.max_labels}")
-        if not any(l.strip() for l in labels or []):  # no labels: the run's, then the extra ones
+        if not any(given):  # no labels: the run's, then the extra ones
             run = self.bank.run_names
-            asked = run + [n for n in asked if n not in run]
-        return asked
+            known = set(run)
+            return run + [n for n in asked if n not in known]
+        return list(asked)
 
     async def label_params(self, specs: list[Any], watch: ClientWatch) -> tuple[list[Any], Any, Any]:
         """Specs, [C, D] class embeddings and [C] biases of `specs` (from LabelBank.requested):
@@ -247,7 +278,7 @@ class Service:
                 for part in self._text_chunks([sum(map(len, p)) for p in prompts]):
                     watch.check()
                     chunk = todo[part]
-                    tv, tb = await watch.result(self.batcher.call(functools.partial(bank.compute, chunk)))
+                    tv, tb = await watch.result(self.batcher.call(functools.partial(self._on_text_threads, bank.compute, chunk)))
                     bank.put(chunk, tv, tb)
                     rows.update({s.name: (tv[i], tb[i]) for i, s in enumerate(chunk)})
         return bank.params(specs, rows)
@@ -337,5 +368,5 @@ class Service:
         return {
             "status": "ok", "version": mumic.__version__, "run": self.run_name, "labels": len(self.bank.run_names),
             "image_size": self.size, "embed_dim": self.dim, "index_items": self.index.count if self.index else None,
-            "label_cache": len(self.bank), "batching": self.batcher.stats(),
+            "label_cache": len(self.bank), "batching": self.batcher.stats(), "decoding": self.decodes.stats(),
         }

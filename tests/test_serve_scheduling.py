@@ -1,0 +1,288 @@
+"""The service's scheduling of model work and of decodes, without a model or a server:
+the order the model thread runs image batches and text jobs in, the separate budgets of
+images and text work, the size of text jobs, the decode gate (small images never wait
+behind large ones; too many large ones waiting get 503), and the small pieces around
+them (label normalisation, finite limits, freed memory given back). No timing: every
+check is on an order, a count or a status."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mumic.errors import ConfigError, ServiceError
+from mumic.serve import Limits, MicroBatcher
+from mumic.serve.decoding import DecodeGate, decode_cost
+from mumic.serve.service import Service
+
+
+def _recording_batcher(**kw):
+    """A batcher whose model records what it runs; text jobs record themselves."""
+    order: list[str] = []
+    b = MicroBatcher(lambda px: order.append(f"I{int(px[0, 0, 0, 0])}") or px[:, :1, 0, 0].float(), **kw)
+    b.start()
+    return b, order
+
+
+def _block(b):
+    gate = threading.Event()
+    started = threading.Event()
+    job = b.call(lambda: started.set() or gate.wait(10))
+    assert started.wait(10)  # the model thread is inside the blocking job: everything below queues
+    return gate, job
+
+
+def test_image_batches_go_first_and_text_jobs_still_get_turns():
+    b, order = _recording_batcher(enabled=False, image_turns=2)
+    try:
+        gate, blocker = _block(b)
+        texts = [b.call(lambda i=i: order.append(f"T{i}")) for i in (1, 2, 3)]  # text queued first
+        images = [b.submit(torch.full((1, 3, 2, 2), i, dtype=torch.uint8)) for i in (1, 2, 3)]
+        gate.set()
+        for f in [blocker, *texts, *images]:
+            f.result(10)
+        # first come first served would run T1 T2 T3 I1 I2 I3: the images would wait for every text job
+        assert order == ["I1", "I2", "T1", "I3", "T2", "T3"]
+        assert b.stats()["text_jobs"] == 4 and b.stats()["batches"] == 3
+    finally:
+        b.stop()
+
+
+def test_images_and_text_work_have_separate_budgets():
+    b, _ = _recording_batcher(max_pending=4, max_pending_texts=3)
+    try:
+        gate, blocker = _block(b)
+        with b.reserved(3):  # the text budget is full ...
+            with pytest.raises(ServiceError) as e:
+                b.call(lambda: None, cost=1)
+            assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"} and "text work" in str(e.value)
+            images = b.submit(torch.zeros((4, 3, 2, 2), dtype=torch.uint8))  # ... and images are still admitted
+            with pytest.raises(ServiceError) as e:
+                b.submit(torch.zeros((1, 3, 2, 2), dtype=torch.uint8))
+            assert e.value.status == 503 and "images" in str(e.value)
+            assert b.stats()["pending_images"] == 4 and b.stats()["pending_texts"] == 3
+        gate.set()
+        blocker.result(10)
+        images.result(10)
+        assert b.call(lambda: 7, cost=100).result(10) == 7  # alone in its queue, a large job is admitted
+        assert b.stats()["pending_images"] == 0 and b.stats()["pending_texts"] == 0
+    finally:
+        b.stop()
+
+
+def test_text_work_runs_in_small_jobs():
+    svc = types.SimpleNamespace(limits=Limits(text_chars_per_image=100, text_job_images=1, max_batch_size=32))
+    chunks = Service._text_chunks(svc, [60, 30, 60, 250, 10, 10])
+    assert chunks == [slice(0, 2), slice(2, 3), slice(3, 4), slice(4, 6)]  # at most 100 characters, or one long text alone
+    svc.limits = Limits(text_chars_per_image=100, text_job_images=3)
+    assert Service._text_chunks(svc, [60, 30, 60, 250, 10, 10]) == [slice(0, 3), slice(3, 6)]
+
+
+def test_text_jobs_run_on_text_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        svc = types.SimpleNamespace(limits=Limits(text_threads=1))
+        assert Service._on_text_threads(svc, lambda x: seen.append(torch.get_num_threads()) or x + 1, 41) == 42
+        assert seen == [1] and torch.get_num_threads() == 2  # restored for the image tower
+    finally:
+        torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- decodes
+
+
+def _png(w, h, mode="RGB"):
+    buf = io.BytesIO()
+    Image.new(mode, (w, h)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_decode_cost_is_read_from_the_header():
+    limits = {"max_pixels": 10**7, "max_decoded_bytes": 10**6}
+    assert decode_cost(_png(64, 48), 32, **limits) == 64 * 48 * 4
+    assert decode_cost(_png(64, 48, "L"), 32, **limits) == 64 * 48
+    buf = io.BytesIO()
+    Image.new("F", (100, 50)).save(buf, "TIFF")
+    assert decode_cost(buf.getvalue(), 32, **limits) == 100 * 50 * 4
+    buf = io.BytesIO()
+    Image.new("RGB", (800, 800)).save(buf, "JPEG")
+    assert decode_cost(buf.getvalue(), 100, **limits) == 100 * 100 * 4  # decoded at 1/8 scale (draft)
+    assert decode_cost(b"not an image", 32, **limits) == 0  # the decoder says why, at once
+    assert decode_cost(_png(1000, 1000), 32, **limits) == 0  # over max_decoded_bytes: refused from the header
+
+
+def test_small_decodes_do_not_wait_behind_large_ones():
+    async def go():
+        gate = DecodeGate(budget=800, threads=2, small_bytes=100)
+        order, release = [], asyncio.Event()
+
+        async def decode(name, cost):
+            async with gate.slot(cost):
+                order.append(name)
+                await release.wait()
+
+        tasks = [asyncio.ensure_future(decode("large1", 500))]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.ensure_future(decode("large2", 500)))  # waits: one thread for large decodes
+        await asyncio.sleep(0)
+        tasks += [asyncio.ensure_future(decode(f"small{i}", 10)) for i in (1, 2)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        admitted = list(order)
+        stats = gate.stats()
+        release.set()
+        await asyncio.gather(*tasks)
+        return admitted, stats, order, gate.stats()
+
+    admitted, stats, order, after = asyncio.run(go())
+    # a semaphore of two threads would have run large1 and large2 and kept the small ones waiting
+    assert admitted == ["large1", "small1", "small2"] and stats["waiting"] == {"small": 0, "large": 1}
+    assert order[-1] == "large2" and after["running"] == {"small": 0, "large": 0} and after["bytes"] == {"small": 0, "large": 0}
+
+
+def test_too_many_large_decodes_waiting_get_503():
+    async def go():
+        gate = DecodeGate(budget=800, threads=2, small_bytes=100, queue_factor={"large": 2})
+        release = asyncio.Event()
+
+        async def decode(cost):
+            async with gate.slot(cost):
+                await release.wait()
+
+        tasks = [asyncio.ensure_future(decode(500)) for _ in range(3)]  # one runs, two wait (2 x 1 large thread)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        with pytest.raises(ServiceError) as e:
+            async with gate.slot(500):
+                pass
+        release.set()
+        await asyncio.gather(*tasks)
+        return e.value, gate.stats()
+
+    err, stats = asyncio.run(go())
+    assert err.status == 503 and err.headers == {"Retry-After": "1"} and "busy decoding" in str(err)
+    assert stats["refused"] == 1 and stats["large"] == 3 and stats["running"]["large"] == 0
+
+
+def test_a_cancelled_waiter_gives_its_turn_on():
+    async def go():
+        gate = DecodeGate(budget=800, threads=2, small_bytes=100)
+        release = asyncio.Event()
+        got = []
+
+        async def decode(name):
+            async with gate.slot(500):
+                got.append(name)
+                await release.wait()
+
+        first = asyncio.ensure_future(decode("first"))
+        await asyncio.sleep(0)
+        gone = asyncio.ensure_future(decode("gone"))
+        third = asyncio.ensure_future(decode("third"))
+        await asyncio.sleep(0)
+        gone.cancel()  # its client left while it waited
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(first, third)
+        return got, gate.stats()
+
+    got, stats = asyncio.run(go())
+    assert got == ["first", "third"] and stats["running"]["large"] == 0 and stats["waiting"]["large"] == 0
+
+
+def test_large_decodes_give_their_memory_back(monkeypatch):
+    import mumic.serve.service as service_mod
+
+    trims = []
+    monkeypatch.setattr(service_mod, "trim_memory", lambda: trims.append(1))
+    svc = types.SimpleNamespace(limits=Limits(), size=16)
+    px = Service._decode(svc, _png(40, 30), "image 0", True)
+    assert px.shape == (3, 16, 16) and px.dtype == np.uint8 and trims == [1]
+    Service._decode(svc, _png(40, 30), "image 0", False)
+    assert trims == [1]  # small decodes skip the trim
+
+
+def test_serve_tunes_malloc_before_the_model_loads(monkeypatch):
+    import mumic.serve
+    import mumic.serve.decoding as decoding
+    from mumic.cli import main
+
+    calls = []
+    monkeypatch.setattr(decoding, "tune_malloc", lambda: calls.append("malloc") or True)
+
+    def create_app(*a, **kw):
+        calls.append("app")
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(mumic.serve, "create_app", create_app, raising=False)
+    assert main(["serve", "no-such-run"]) == 2
+    assert calls == ["malloc", "app"]
+    assert decoding.tune_malloc is not None and decoding.MMAP_THRESHOLD == 1 << 20
+
+
+# ----------------------------------------------------------------------------- small fixes
+
+
+def test_request_labels_are_normalised_as_everywhere():
+    svc = types.SimpleNamespace(limits=Limits(max_labels=3), bank=types.SimpleNamespace(run_names=["dog", "cat"]))
+    asked = Service.clean_labels(svc, ["caf\u00e9", "cafe\u0301", "cat\u200b", "cat", "black  cat", " black cat "], None)
+    assert asked == ["caf\u00e9", "cat", "black cat"]  # NFC / NFD, a zero-width space, doubled spaces: one label each
+    # no labels: the run's, then the extra ones (normalised, not repeated)
+    assert Service.clean_labels(svc, ["\u200b", " "], ["dog", "bird\u200b", "bird"]) == ["dog", "cat", "bird"]
+    with pytest.raises(ServiceError) as e:
+        Service.clean_labels(svc, None, ["a", "b", "c", "d", "a"])
+    assert e.value.status == 422 and str(e.value) == "4 labels asked for in labels and extra_labels; the limit is 3"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, True])
+def test_every_float_limit_is_finite(value):
+    with pytest.raises(ConfigError, match="max_wait_ms"):
+        Limits(max_wait_ms=value)
+    with pytest.raises(ConfigError, match="body_timeout_s"):
+        Limits(body_timeout_s=value)
+
+
+def test_cli_refuses_a_nan_wait(capsys, monkeypatch):
+    import mumic.serve.decoding as decoding
+    from mumic.cli import main
+
+    monkeypatch.setattr(decoding, "tune_malloc", lambda: True)  # leave this process's allocator alone
+
+    assert main(["serve", "no-such-run", "--max-wait-ms", "nan"]) == 2
+    assert "max_wait_ms must be a finite number >= 0, got nan" in capsys.readouterr().err
+
+
+def test_thumbnails_decode_inline_and_larger_images_through_the_gate(monkeypatch):
+    import mumic.serve.service as service_mod
+
+    hops = []
+
+    async def threadpool(fn, *args):
+        hops.append(args[1])
+        return fn(*args)
+
+    monkeypatch.setattr(service_mod, "run_in_threadpool", threadpool)
+
+    class Upload:
+        def __init__(self, data, filename):
+            self.data, self.filename = data, filename
+
+        async def read(self, n):
+            return self.data[:n]
+
+    lim = Limits()
+    svc = types.SimpleNamespace(limits=lim, size=16, decodes=DecodeGate(lim.max_decoding_bytes, 2, lim.max_decoded_bytes // 8))
+    svc._decode = lambda data, label, large: Service._decode(svc, data, label, large)
+    ups = [Upload(_png(64, 64), "thumb.png"), Upload(_png(300, 200), "photo.png")]
+    px, names = asyncio.run(Service.read_images(svc, ups))
+    assert px.shape == (2, 3, 16, 16) and names == ["thumb.png", "photo.png"]
+    assert hops == ["image 1 (photo.png)"]  # 64 x 64 x 4 bytes decode on the event loop; 300 x 200 x 4 in a thread
