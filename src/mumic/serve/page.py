@@ -126,7 +126,7 @@ def page_router(svc: Any) -> APIRouter:
         if row >= count:
             raise ServiceError(404, f"row {row} is not in the index: it has {count} rows, 0 to {count - 1}")
         try:
-            async with svc.decode_slots:
+            async with svc.decodes.slot(svc.decodes.small_bytes):  # a catalogue file, drafted to thumbnail or limit size
                 if thumb:
                     data, kind = await run_in_threadpool(thumbnail, row)
                 else:
