@@ -22,7 +22,8 @@ def mumic(*args, cwd=None, check=True):
     return p
 
 
-VERBS = ("train", "evaluate", "predict", "embed", "data", "demo", "ablate", "serve", "index", "search", "export", "card", "audit", "noise-study")
+VERBS = ("train", "evaluate", "predict", "embed", "data", "demo", "ablate", "serve", "index", "search", "export", "card", "audit",
+         "noise-study")
 
 
 def _listed_verbs(help_text):
