@@ -191,6 +191,14 @@ def _one_seed(doc: dict[str, Any], base: dict[str, Any], noise: dict[str, float]
     res["repair"]["noisy"] = _train({**mumic_values, "manifest": str(noisy_path)}, "mumic-noisy", seed, out_dir, progress)
     res["repair"]["variants"] = {}
     res["repair"]["counts"] = {}
+    # the ceiling of any repair: every injected error fixed (clean tags, the noisy manifest's explicit negatives)
+    clean_m = read_manifest(base["manifest"], allow_outside=bool(base.get("allow_outside_paths")))
+    oracle = [(str(noisy_m.images[i]), label, action) for i in range(len(noisy_m))
+              for action, labels in (("add", set(clean_m.labels[i]) - set(noisy_m.labels[i])),
+                                     ("remove", set(noisy_m.labels[i]) - set(clean_m.labels[i]))) for label in sorted(labels)]
+    res["repair"]["counts"]["oracle"] = corrected_manifest(noisy_m, data_dir / f"oracle-s{seed}.csv", fixes=oracle)
+    res["repair"]["oracle"] = _train({**mumic_values, "manifest": str(data_dir / f"oracle-s{seed}.csv")}, "mumic-oracle", seed, out_dir,
+                                     progress)
     by_kind = {kind: [r for r in audit_table if r["kind"] == kind] for kind in ("missing", "wrong")}
     for k_missing, k_wrong in doc["fix_top"]:
         name = f"fixed-{k_missing}-{k_wrong}"
