@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from mumic.audit import OOF, audited_rows, corrected_manifest, fold_of, read_fixes, run_audit, score_cells, suspects
+from mumic.audit.scores import listed_cells
 from mumic.cli import main
 from mumic.config import load_config
 from mumic.data.manifest import read_manifest
@@ -43,9 +44,25 @@ def _config(tmp_path, manifest, tiny_clip_dir):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump({
         "manifest": str(manifest), "labels_file": str(manifest.parent / "labels.yaml"), "backbone": f"hf:{tiny_clip_dir}",
-        "batch_size": 16, "max_steps": 30, "eval_every": 10, "lr_head": 0.01, "tau": 0.1, "learn_tau": False, "majority_n": 3,
+        "batch_size": 16, "max_steps": 15, "eval_every": 15, "lr_head": 0.01, "tau": 0.1, "learn_tau": False, "majority_n": 3,
         "cache_dir": str(tmp_path / "cache"), "device": "cpu"}))
     return path
+
+
+def _neighbours_by_brute_force(oof, r, c, k):
+    """-E(r, c) of the neighbours rule with explicit loops (mumic.audit.scores docstring)."""
+    lg = lambda p: float(np.log(p / (1 - p)))  # noqa: E731
+    listed, _ = listed_cells(oof)
+    n, labels = listed.shape
+    z = np.log(np.clip(oof.probs, 1e-6, 1 - 1e-6) / (1 - np.clip(oof.probs, 1e-6, 1 - 1e-6)))
+    mean, std = z.mean(0), z.std(0)
+    cos = lambda a, b: float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) if np.linalg.norm(a) * np.linalg.norm(b) else 0.0  # noqa: E731
+    zs = [(z[i] - mean) / (std + 1e-6) for i in range(n)]
+    sims = [(0.5 * cos(zs[r], zs[j]) + 0.5 * cos(listed[r].astype(float), listed[j].astype(float)), -j) for j in range(n) if j != r]
+    near = [-j for _, j in sorted(sims, reverse=True)[:k]]
+    prior = listed[:, c].mean()
+    v = (sum(int(listed[j, c]) for j in near) + prior) / (k + 1)
+    return -(float(z[r, c]) + 0.5 * (lg(v) - lg(prior)))
 
 
 def test_planted_wrong_tag_ranks_first_and_the_audit_resumes(tmp_path, colours, tiny_clip_dir):
@@ -61,12 +78,14 @@ def test_planted_wrong_tag_ranks_first_and_the_audit_resumes(tmp_path, colours, 
     assert list(table[0])[:6] == ["image", "label", "kind", "score", "oof_probability", "rank"]
     wrong = [r for r in table if r["kind"] == "wrong"]
     assert (wrong[0]["image"], wrong[0]["label"], wrong[0]["rank"]) == (planted, "red", "1")
-    # the score is the stated margin: logit(threshold) - logit(p) of the fold that scored the row
+    # the score is the stated neighbours rule, recomputed here by brute force for the planted cell
     r = int(np.flatnonzero([str(m.images[i]) == planted for i in oof.rows])[0])
     c = oof.names.index("red")
+    assert float(wrong[0]["score"]) == pytest.approx(_neighbours_by_brute_force(oof, r, c, k=10), abs=1e-3)
     p, t = float(oof.probs[r, c]), float(oof.thresholds[r, c])
-    assert float(wrong[0]["score"]) == pytest.approx(np.log(t / (1 - t)) - np.log(p / (1 - p)), abs=1e-3)
     assert float(wrong[0]["oof_probability"]) == pytest.approx(p, abs=1e-4)
+    # the margin rule: logit(threshold) - logit(p) of the fold that scored the row
+    assert score_cells(oof, "margin").wrong[r, c] == pytest.approx(np.log(t / (1 - t)) - np.log(p / (1 - p)), abs=1e-3)
     assert (out / "report.md").read_text().count("![top") >= 1 and (out / "top_wrong.png").stat().st_size > 500
 
     # --fix-top 1 removed the planted tag in a new manifest; the original is unchanged
@@ -102,7 +121,7 @@ def test_scores_by_hand(tmp_path):
     listed = [[1, 0], [0, 1], [1, 1]]
     probs = [[0.1, 0.4], [0.4, 0.9], [0.8, 0.05]]
     oof = _oof(listed, probs, [[0.5, 0.2]] * 3, tmp_path)
-    s = score_cells(oof)
+    s = score_cells(oof, "margin")
     lg = lambda p: np.log(p / (1 - p))  # noqa: E731
     assert s.wrong[0, 0] == pytest.approx(lg(0.5) - lg(0.1), abs=1e-5)
     assert s.missing[0, 1] == pytest.approx(lg(0.4) - lg(0.2), abs=1e-5)
@@ -116,6 +135,25 @@ def test_scores_by_hand(tmp_path):
     assert [(r["image"].split("/")[-1], r["score"], r["rank"]) for r in wrong] == [("x0.png", 2.1972, 1), ("x2.png", 1.5581, 2)]
     swapped = next(r for r in table if r["kind"] == "swapped")
     assert swapped["score"] == pytest.approx(np.log(4 / 6) - np.log(2 / 8), abs=1e-4) and swapped["suggested"] == "l1"
+
+
+def test_neighbours_rule_by_hand(tmp_path):
+    # every row has the same probabilities, so only the tag sets tell rows apart: sim = 1/2 cos(y_i, y_j)
+    # A [l0], B [l0], C [l0, l1], D [l1]; k = 1: A -> B, B -> A, C -> A (tied with B and D: the first row), D -> C
+    listed = [[1, 0], [1, 0], [1, 1], [0, 1]]
+    oof = _oof(listed, [[0.8, 0.3]] * 4, [[0.5, 0.5]] * 4, tmp_path)
+    s = score_cells(oof, k=1)
+    lg = lambda p: np.log(p / (1 - p))  # noqa: E731
+    prior = np.array([3 / 4, 2 / 4])
+    # v = (the neighbour's vote + prior) / 2;  E = logit(p) + 1/2 (logit(v) - logit(prior))
+    e = lambda p, vote, c: lg(p) + 0.5 * (lg((vote + prior[c]) / 2) - lg(prior[c]))  # noqa: E731
+    assert s.missing[0, 1] == pytest.approx(e(0.3, 0, 1), abs=1e-5)  # A's neighbour B does not list l1
+    assert s.missing[3, 0] == pytest.approx(e(0.8, 1, 0), abs=1e-5)  # D's neighbour C lists l0
+    assert s.wrong[2, 1] == pytest.approx(-e(0.3, 0, 1), abs=1e-5)  # C's neighbour A does not list l1
+    assert s.wrong[2, 0] == pytest.approx(-e(0.8, 1, 0), abs=1e-5)
+    assert s.wrong[0, 0] == pytest.approx(-e(0.8, 1, 0), abs=1e-5) and np.isnan(s.missing[0, 0])
+    # a look-alike's vote moves the score: D's missing l0 is more suspect than A's missing l1 by the votes and the logits
+    assert s.missing[3, 0] > s.missing[0, 1]
 
 
 def test_fixes_file_and_corrected_manifest_never_replace_the_original(tmp_path):

@@ -20,7 +20,7 @@ COLUMNS = ("image", "label", "kind", "score", "oof_probability", "rank", "thresh
 
 
 def run_audit(run_or_config: str | os.PathLike[str], out: str | os.PathLike[str], *, manifest: str | os.PathLike[str] | None = None,
-              folds: int = 5, method: str = "margin", apply: str | os.PathLike[str] | None = None, fix_top: int | None = None,
+              folds: int = 5, method: str = "neighbours", apply: str | os.PathLike[str] | None = None, fix_top: int | None = None,
               drop_top: int | None = None, corrected: str | os.PathLike[str] | None = None, device: str | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Audit the training rows of a manifest with a run's (or a config file's) configuration.

@@ -9,8 +9,8 @@ from typing import Any
 from mumic.io import atomic_path, atomic_write_text
 
 MEANING = {
-    "missing": "an unlisted label the out-of-fold model scores above the label's threshold (add it?)",
-    "wrong": "a listed label the out-of-fold model scores below the label's threshold (remove it?)",
+    "missing": "an unlisted label the score rule finds more likely than not (score > 0: add it?)",
+    "wrong": "a listed label the score rule finds less likely than not (score > 0: remove it?)",
     "swapped": "every listed label looks wrong and another label looks right (the whole tag set may belong to another image)",
     "outlier": "a listed label whose score is far below the label's other images (robust z < -3)",
 }

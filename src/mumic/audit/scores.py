@@ -1,28 +1,42 @@
 """Suspect scores from out-of-fold probabilities.
 
-For row i and label c let l = logit(p_ic) be the out-of-fold log-odds, t_c the label's
-calibrated threshold (max F1 on validation, from the fold that scored the row) and pi_c
-the label's prior (the fraction of audited rows that list it). Two rules:
+For row i and label c let l = logit(p_ic) be the out-of-fold log-odds, y_ic = 1 where the
+manifest lists c on i, t_c the label's calibrated threshold (max F1 on validation, from
+the fold that scored the row) and pi_c the label's prior (the fraction of audited rows
+that list it). Every rule gives one evidence E(i, c), the log-odds that label c applies
+to image i, and
 
-``margin`` (default): the log odds ratio between the image and the label's decision point,
+    missing(i, c) = E(i, c)       for an unlisted, not explicitly negative cell
+    wrong(i, c)   = -E(i, c)      for a listed cell
 
-    missing(i, c) = l - logit(t_c)          for an unlisted, not explicitly negative cell
-    wrong(i, c)   = logit(t_c) - l          for a listed cell
+so a score s > 0 means the rule decides against the manifest. Three rules:
 
-A score s > 0 means the fold's model decides against the manifest; its odds are e^s
-times past the threshold odds. Thresholds carry the label's prior: a frequent label's
-max-F1 threshold sits higher, so equal probabilities of a rare and a frequent label are
-not ranked as equally suspicious (they are by a raw-probability rank).
+``neighbours`` (default): the model's log-odds plus the votes of the row's look-alikes.
+Rows are compared by
 
-``llr``: the posterior log-odds that the manifest is wrong, from the label's own score
-distributions. The logits of the cells that list c and of those that do not are each
-modelled as a Gaussian N(mu_1c, s_1c), N(mu_0c, s_0c) (stds floored, pooled over labels
-where a label has fewer than 5 listed cells), and
+    sim(i, j) = 1/2 cos(z_i, z_j) + 1/2 cos(y_i, y_j)
 
-    L(i, c)       = log N(l; mu_1c, s_1c) - log N(l; mu_0c, s_0c) + logit(pi_c)
-    missing(i, c) = L,   wrong(i, c) = -L
+where z_i is the row's out-of-fold logit vector standardized per label (what the model
+sees in the image) and y_i its listed-label vector (what the catalogue says); N(i) are the
+k = 10 most similar other audited rows, v_ic = (sum_{j in N(i)} y_jc + pi_c) / (k + 1) the
+rate at which they list c (one pseudo-row at the prior), and
 
-i.e. a log-likelihood ratio plus the prior log-odds.
+    E(i, c) = l + lambda (logit(v_ic) - logit(pi_c)),     lambda = 1/2
+
+i.e. the model's log-odds plus a damped log-likelihood ratio of the neighbours' votes:
+how much more (or less) often the row's look-alikes list c than the label's base rate.
+A tag dropped from one image is usually still listed on its look-alikes, and a tag added
+by mistake usually is not. k, lambda and the 1/2 mix were chosen on a development seed of
+the noise study (docs/results/noise), not on its reported seeds.
+
+``margin``: the log odds ratio between the image and the label's decision point,
+E(i, c) = l - logit(t_c); its odds are e^s times past the threshold odds.
+
+``llr``: the posterior log-odds from the label's own score distributions. The logits of
+the cells that list c and of those that do not are each modelled as a Gaussian
+N(mu_1c, s_1c), N(mu_0c, s_0c) (stds floored, pooled over labels where a label has fewer
+than 5 listed cells), and E(i, c) = log N(l; mu_1c, s_1c) - log N(l; mu_0c, s_0c) + logit(pi_c),
+a log-likelihood ratio plus the prior log-odds.
 
 Two more kinds, from the same scores: ``swapped`` rows, every listed label of which is
 wrong (> 0) while some unlisted label is missing (> 0), scored by the smaller of the two
@@ -44,7 +58,10 @@ import numpy as np
 from mumic.audit.folds import OOF
 from mumic.errors import ConfigError
 
-METHODS = ("margin", "llr")
+METHODS = ("neighbours", "margin", "llr")
+NEIGHBOURS_K = 10
+NEIGHBOURS_WEIGHT = 0.5
+BLOCK = 2048  # rows of the similarity matrix held at once
 KINDS = ("missing", "wrong", "swapped", "outlier")
 EPS = 1e-6
 
@@ -92,14 +109,45 @@ def _llr(l: np.ndarray, listed: np.ndarray, prior: np.ndarray) -> np.ndarray:
     return _gauss(l, mu1, sd1) - _gauss(l, mu0, sd0) + _logit(prior)[None, :]
 
 
-def score_cells(oof: OOF, method: str = "margin") -> Scores:
+def _unit_rows(x: np.ndarray, standardize: bool) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    if standardize:
+        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def neighbour_votes(l: np.ndarray, listed: np.ndarray, prior: np.ndarray, k: int = NEIGHBOURS_K) -> np.ndarray:
+    """v_ic of the ``neighbours`` rule: the smoothed rate at which row i's k most similar other rows list c."""
+    n = len(l)
+    k = min(k, n - 1)
+    if k < 1:
+        return np.broadcast_to(prior, l.shape).copy()
+    z, y = _unit_rows(l, True), _unit_rows(listed.astype(np.float64), False)
+    yf = listed.astype(np.float64)
+    votes = np.empty(l.shape, np.float64)
+    for a in range(0, n, BLOCK):
+        b = min(a + BLOCK, n)
+        sim = 0.5 * (z[a:b] @ z.T) + 0.5 * (y[a:b] @ y.T)
+        sim[np.arange(b - a), np.arange(a, b)] = -np.inf  # not its own neighbour
+        order = np.argsort(-sim, axis=1, kind="stable")[:, :k]  # the k most similar; ties by row order
+        votes[a:b] = yf[order].sum(1)
+    return (votes + prior[None, :]) / (k + 1)
+
+
+def score_cells(oof: OOF, method: str = "neighbours", *, k: int = NEIGHBOURS_K) -> Scores:
     """Missing-tag and wrong-tag scores of every candidate cell (see the module docstring)."""
     if method not in METHODS:
         raise ConfigError(f"unknown score {method!r}; choose one of {', '.join(METHODS)}")
     listed, negative = listed_cells(oof)
     prior = np.clip(listed.mean(0), EPS, 1 - EPS)
     l = _logit(oof.probs)
-    evidence = l - _logit(oof.thresholds) if method == "margin" else _llr(l, listed, prior)
+    if method == "margin":
+        evidence = l - _logit(oof.thresholds)
+    elif method == "llr":
+        evidence = _llr(l, listed, prior)
+    else:
+        v = np.clip(neighbour_votes(l, listed, prior, k), EPS, 1 - EPS)
+        evidence = l + NEIGHBOURS_WEIGHT * (_logit(v) - _logit(prior)[None, :])
     missing = np.where(~listed & ~negative, evidence, np.nan)
     wrong = np.where(listed, -evidence, np.nan)
     return Scores(missing=missing, wrong=wrong, listed=listed, negative=negative, prior=prior, method=method)

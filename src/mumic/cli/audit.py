@@ -11,17 +11,18 @@ def register(sub: typing.Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "audit", help="find missing and wrong tags of a training manifest from out-of-fold probabilities",
         description="K-fold cross-fitting with a run's own configuration (frozen towers reuse the feature cache): "
-                    "out-of-fold probabilities for every training image, then missing tags (unlisted, scored above the "
-                    "label's calibrated threshold), wrong tags (listed, below it), swapped tag sets and outliers, ranked "
+                    "out-of-fold probabilities for every training image, then missing tags (unlisted, likely by the "
+                    "image and its look-alikes), wrong tags (listed, unlikely), swapped tag sets and outliers, ranked "
                     "in AUDIT/suspects.csv and shown in AUDIT/report.md. Finished folds are reused, so a second call "
                     "resumes. The original manifest is never changed.")
     p.add_argument("source", metavar="RUN_OR_CONFIG", help="a run directory (its config.yaml) or a YAML training config")
     p.add_argument("--manifest", help="manifest to audit (default: the configuration's); its val rows calibrate the folds")
     p.add_argument("--out", required=True, metavar="AUDIT", help="output folder (folds, suspects.csv, report.md)")
     p.add_argument("--folds", type=int, default=5, help="number of folds K (default 5)")
-    p.add_argument("--score", default="margin", choices=("margin", "llr"),
-                   help="suspect score: margin (log-odds past the label's threshold, default) or llr (log-likelihood ratio "
-                        "of the label's score distributions plus the prior log-odds)")
+    p.add_argument("--score", default="neighbours", choices=("neighbours", "margin", "llr"),
+                   help="suspect score: neighbours (the image's log-odds plus the votes of its 10 most similar training "
+                        "images, default), margin (log-odds past the label's threshold) or llr (log-likelihood ratio of the "
+                        "label's score distributions plus the prior log-odds)")
     p.add_argument("--apply", metavar="FIXES", help="write a corrected manifest applying a fixes file (image, label, "
                                                     "action add/remove or kind missing/wrong; e.g. an edited suspects.csv)")
     p.add_argument("--fix-top", type=int, metavar="K", help="write a corrected manifest adding the top K missing tags and "
