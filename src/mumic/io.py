@@ -274,6 +274,22 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def link_folder(out_dir: Path, folder: Path) -> str:
+    """A symbolic link in `out_dir` to `folder`, relative (so both can move together), named
+    from the target; returns its name. A derived manifest in `out_dir` then names its images
+    by relative paths inside its own folder, as a manifest must by default."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = os.path.relpath(folder.resolve(), out_dir.resolve())
+    name = "src-" + hashlib.blake2b(target.encode(), digest_size=4).hexdigest()
+    link = out_dir / name
+    if link.is_symlink() and os.readlink(link) == target:
+        return name
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target, target_is_directory=True)
+    return name
+
+
 def check_output_folder(out: Path, overwrite: bool, *, marker: str, what: str) -> None:
     """Refuse to write into a folder that is not empty, unless it holds `what` (recognised
     by its `marker` file) and `overwrite` is set: a folder of other files is never replaced."""

@@ -8,7 +8,6 @@ so its paths stay relative and inside its own folder.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 from collections.abc import Iterable
@@ -17,24 +16,10 @@ from typing import Any
 
 from mumic.data.manifest import SEPARATOR, Manifest
 from mumic.errors import ManifestError
-from mumic.io import atomic_write_text
+from mumic.io import atomic_write_text, link_folder
 from mumic.readers import read_text
 
 ACTIONS = {"add": "add", "remove": "remove", "missing": "add", "wrong": "remove"}
-
-
-def _link_folder(out_dir: Path, folder: Path) -> str:
-    """A link in out_dir to `folder` (relative, so both can move together); its name."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = os.path.relpath(folder.resolve(), out_dir.resolve())
-    name = "src-" + hashlib.blake2b(target.encode(), digest_size=4).hexdigest()
-    link = out_dir / name
-    if link.is_symlink() and os.readlink(link) == target:
-        return name
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(target, target_is_directory=True)
-    return name
 
 
 def read_fixes(path: str | os.PathLike[str]) -> list[tuple[str, str, str]]:
@@ -122,7 +107,7 @@ def corrected_manifest(m: Manifest, out: str | os.PathLike[str], *, fixes: Itera
     dropped = {i for image in drop for i in _rows_of(index, image, where)}
     keep = [i for i in range(len(m)) if i not in dropped]
     folder = Path(m.path).parent.absolute()
-    link = _link_folder(out.parent, folder)
+    link = link_folder(out.parent, folder)
     df = m.frame.copy()
     names = []
     for img in m.images:

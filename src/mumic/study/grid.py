@@ -30,7 +30,7 @@ from mumic.data.cross_style import cross_style_manifest
 from mumic.data.manifest import SEPARATOR, read_labels_file, read_manifest
 from mumic.data.training import saved_config
 from mumic.errors import ConfigError, ManifestError, MumicError
-from mumic.io import atomic_write_text
+from mumic.io import atomic_write_text, link_folder
 from mumic.readers import read_yaml
 from mumic.study.noise import noisy_frame, noisy_tag
 from mumic.study.report import write_results
@@ -59,28 +59,13 @@ def _write_if_changed(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
-def _link_folder(data_dir: Path, folder: Path) -> str:
-    """A link in data_dir to the source manifest's folder, so derived manifests name their
-    images by relative paths inside their own folder (as a manifest must by default)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    target = os.path.relpath(folder.resolve(), data_dir.resolve())  # relative: the folder can move with the repository
-    name = "src-" + _short_hash(target)
-    link = data_dir / name
-    if link.is_symlink() and os.readlink(link) == target:
-        return name
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(target, target_is_directory=True)
-    return name
-
-
 def _manifest_frame(manifest_path: Path, data_dir: Path, allow_outside: bool, folder: Path | None = None) -> tuple[Any, Any]:
     """A manifest as a CSV-ready frame (images under `folder`, the manifest's own by
     default, named through a link in data_dir; labels `|`-joined) and the parsed Manifest."""
 
     m = read_manifest(manifest_path, allow_outside=allow_outside)
     folder = folder if folder is not None else manifest_path.parent.absolute()
-    link = _link_folder(data_dir, folder)
+    link = link_folder(data_dir, folder)
     images = []
     for img in m.images:
         try:

@@ -108,7 +108,7 @@ def _target(ok: bool) -> str:
 
 def _train_minutes(out: Path) -> str:
     """Total and per-run training time of the runs under OUT/runs (their metrics.json train_time_s)."""
-    from mumic.io import read_json
+    from mumic.readers import read_json
 
     times = [float(read_json(m).get("train_time_s", 0.0)) for m in sorted((out / "runs").rglob("metrics.json"))]
     if not times:
