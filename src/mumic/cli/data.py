@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def register(sub: typing.Any) -> None:
-    p = sub.add_parser("data", help="build data sets")
+    p = sub.add_parser("data", help="build data sets, or import them from labelling tools")
     dsub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     q = dsub.add_parser("emoji", help="EmojiTags: emoji artwork of 3 styles with CLDR keyword tags (sources fetched with npm)")
     q.add_argument("--out", default="data/emoji", help="output folder (default: data/emoji)")

@@ -36,7 +36,8 @@ def register(sub: typing.Any) -> None:
     add_engine_option(p)
     p.set_defaults(func=evaluate)
 
-    p = sub.add_parser("predict", help="label probabilities and decisions for images or manifests (JSON lines)")
+    p = sub.add_parser("predict", help="label probabilities and decisions for images or manifests "
+                                       "(JSON lines, Parquet, or Label Studio / COCO pre-annotations)")
     p.add_argument("run", help="run directory")
     p.add_argument("inputs", nargs="+", help=INPUTS_HELP)
     p.add_argument("--labels", nargs="+", metavar="LABEL",

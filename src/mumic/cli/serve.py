@@ -17,7 +17,7 @@ def register(sub: typing.Any) -> argparse.ArgumentParser:
     from mumic.serve.exposure import LOOPBACK_HOSTS, TOKEN_ENV
 
     p = sub.add_parser(
-        "serve", help="serve a run over HTTP (predict, embed, labels, search)",
+        "serve", help="serve a run over HTTP (predict, embed, labels, search, and a web page at /)",
         description="Serve a run over HTTP with micro-batching; a page to try it at /, OpenAPI docs at /docs.",
     )
     d = Limits()
