@@ -246,7 +246,8 @@ def test_work_for_a_client_that_left_is_dropped(run, image, monkeypatch, kind):
         monkeypatch.setattr(svc, "_text_embeddings", lambda texts: ran.append(texts) or real_texts(texts))
         monkeypatch.setattr(svc.bank, "compute", lambda specs: ran.append(specs) or real_compute(specs))
         if kind == "embed_text":
-            body, ctype = json.dumps({"texts": ["a long text " * 50] * 8}).encode(), "application/json"
+            # 720 characters, within the text budget, in three jobs
+            body, ctype = json.dumps({"texts": ["a long text " * 20] * 3}).encode(), "application/json"
         else:
             body, ctype = _multipart(image, ["left label one", "left label two"])
 

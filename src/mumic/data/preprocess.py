@@ -19,6 +19,9 @@ REDUCING_GAP = 3.0
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _INT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _WHITE = (255, 255, 255)
+_ORIENTATION = 0x0112
+"""The EXIF Orientation tag; values 2-8 flip or turn the image (1: as stored)."""
+_TURNED = frozenset(range(2, 9))
 
 
 def _composite_on_white(img: Image.Image) -> Image.Image:
@@ -115,7 +118,9 @@ def decode_rgb(
         img.draft("RGB", (size_hint, size_hint))
     img.load()  # force the full decode here, so truncated data fails here
     try:
-        oriented = ImageOps.exif_transpose(img)
+        # transposed only when the orientation says so: exif_transpose copies the whole image otherwise
+        turned = img.getexif().get(_ORIENTATION, 1) in _TURNED
+        oriented = ImageOps.exif_transpose(img) if turned else img
     except Exception as e:  # a broken EXIF block must not lose the image
         if on_exif_error is not None:
             on_exif_error(e)

@@ -40,10 +40,13 @@ class Limits:
     resample), so decoding holds about 5 x max_decoding_bytes at most. Model work is admitted in image-equivalents, each kind on its own
     budget: images count 1 each, over `max_pending_images` queued 503; texts (the prompts
     of zero-shot labels, /embed/text entries) 1 per started `text_chars_per_image`
-    characters of a request's texts together, over `max_pending_texts` queued 503. Text
+    characters of a request's texts together (measured: on a CPU a text tower takes about
+    as long for 32 characters of text as the image tower for one image, and small models
+    pay the most per character), over `max_pending_texts` queued 503. Text
     work runs in jobs of about `text_job_images` image-equivalents, between image batches,
     so that an image request waits behind at most one such job, on `text_threads` torch
-    threads (small jobs gain nothing from more, and lose much on a busy CPU).
+    threads (small jobs gain nothing from more, and lose much on a busy CPU), and take at
+    most `text_share_pct` percent of the model thread's time (see MicroBatcher).
     """
 
     max_request_bytes: int = 64 * 2**20
@@ -63,9 +66,10 @@ class Limits:
     max_wait_ms: float = 5.0
     max_pending_images: int = 512
     max_pending_texts: int = 64
-    text_chars_per_image: int = 256
-    text_job_images: int = 1
+    text_chars_per_image: int = 32
+    text_job_images: int = 8
     text_threads: int = 1
+    text_share_pct: int = 50
     label_cache_size: int = 4096
     decode_threads: int = dataclasses.field(default_factory=usable_cpus)
     #: slow and abusive clients (whole service: bodies held in memory at once; per connection: timeouts)
@@ -88,6 +92,8 @@ class Limits:
                     raise ConfigError(f"{f.name} must be a finite number of seconds > 0, got {value!r}")
             elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{f.name} must be a positive integer, got {value!r}")
+        if self.text_share_pct > 100:
+            raise ConfigError(f"text_share_pct is a percentage of the model thread's time, at most 100; got {self.text_share_pct}")
 
     @classmethod
     def from_kwargs(cls, **kw: Any) -> "Limits":

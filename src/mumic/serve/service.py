@@ -129,7 +129,7 @@ class Service:
             raise ConfigError("--expose-columns names index columns: give --index too")
         self.batcher = MicroBatcher(
             self._run_images, enabled=lim.batching, max_batch_size=lim.max_batch_size, max_wait_ms=lim.max_wait_ms,
-            max_pending=lim.max_pending_images, max_pending_texts=lim.max_pending_texts,
+            max_pending=lim.max_pending_images, max_pending_texts=lim.max_pending_texts, text_share=lim.text_share_pct / 100,
         )
         self.batcher.start()
         self.decodes = DecodeGate(lim.max_decoding_bytes, lim.decode_threads, small_bytes=lim.max_decoded_bytes // 8)
