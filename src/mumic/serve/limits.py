@@ -294,6 +294,55 @@ _HEAD_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/p
                           b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_HEAD_TIMEOUT_TEXT), _HEAD_TIMEOUT_TEXT))
 
 
+class OneSend:
+    """A response's transport that sends its head with the first part of its body: uvicorn
+    writes the status line and headers, then the body, as two sends (two syscalls and two
+    packets); here the head is held until the next write, or until the end of the loop's
+    current turn, or until close. A large part is sent after the head rather than copied
+    onto it. Everything else is the transport's."""
+
+    JOIN_BYTES = 64 * 1024
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._handle: asyncio.Handle | None = None
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._held is None:
+            self._held = bytes(data)
+            self._handle = self._loop.call_soon(self.flush)
+            return
+        head = self._take()
+        if len(data) <= self.JOIN_BYTES:
+            self._transport.write(head + data)
+        else:
+            self._transport.write(head)
+            self._transport.write(data)
+
+    def _take(self) -> bytes:
+        held, self._held = self._held or b"", None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        return held
+
+    def flush(self) -> None:
+        held = self._take()
+        if held and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def protocol_class(header_timeout_s: float) -> type:
     """uvicorn's h11 protocol, with a deadline for every request head.
 
@@ -302,7 +351,7 @@ def protocol_class(header_timeout_s: float) -> type:
     connection slot (`--max-connections`), and then the service answers nobody. Here each
     connection must deliver a complete request head within `header_timeout_s` of opening
     (or of its previous response); otherwise it gets a 408 and is closed. Bodies are
-    bounded by RequestGuard.
+    bounded by RequestGuard. Each response's head and body go out in one send (OneSend).
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -341,6 +390,8 @@ def protocol_class(header_timeout_s: float) -> type:
             super().handle_events()
             if self.cycle is not cycle:  # a complete request head arrived
                 self._cancel_head_timer()
+                if self.cycle is not None:  # its answer goes out in one send (its task has not started yet)
+                    self.cycle.transport = OneSend(self.transport, self.loop)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
