@@ -10,9 +10,9 @@ clients never do (stop half-way, trickle bytes, lie about the length)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import dataclasses
 import io
+import json
 import os
 import struct
 import time
