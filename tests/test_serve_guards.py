@@ -65,6 +65,18 @@ def float_tiff(width, height):
     return png_bytes(Image.fromarray(np.random.default_rng(0).random((height, width), dtype=np.float32), mode="F"), "TIFF")
 
 
+def test_serving_keeps_what_loading_made_out_of_the_collector(run):
+    """A full garbage collection of the loaded service (torch, the model, the web stack)
+    stalls the event loop for 100+ ms: serving freezes those objects, and thaws them at shutdown."""
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    with client(run) as c:
+        assert c.get("/health").status_code == 200
+        assert gc.get_freeze_count() > 10_000  # the modules, the model and the app
+    assert gc.get_freeze_count() == 0
+
+
 # ----------------------------------------------------------------------------- decode amplification
 
 
