@@ -326,13 +326,39 @@ def test_thumbnails_decode_inline_and_larger_images_through_the_gate(monkeypatch
         async def read(self, n):
             return self.data[:n]
 
-    lim = Limits()
+    lim = Limits(max_decoded_bytes=16_000_000)  # small decodes: at most 2,000,000 bytes
     svc = types.SimpleNamespace(limits=lim, size=16, decodes=DecodeGate(lim.max_decoding_bytes, 2, lim.max_decoded_bytes // 8))
     svc._decode = lambda data, label, large: Service._decode(svc, data, label, large)
-    ups = [Upload(_png(64, 64), "thumb.png"), Upload(_png(300, 200), "photo.png")]
+    large = []
+
+    async def run_large(fn, *args):
+        large.append(args[1])
+        return fn(*args)
+
+    svc.decodes.run_large = run_large
+    ups = [Upload(_png(64, 64), "thumb.png"), Upload(_png(300, 200), "photo.png"), Upload(_png(1000, 800), "big.png")]
     px, names = asyncio.run(Service.read_images(svc, ups))
-    assert px.shape == (2, 3, 16, 16) and names == ["thumb.png", "photo.png"]
+    assert px.shape == (3, 3, 16, 16) and names == ["thumb.png", "photo.png", "big.png"]
     assert hops == ["image 1 (photo.png)"]  # 64 x 64 x 4 bytes decode on the event loop; 300 x 200 x 4 in a thread
+    assert large == ["image 2 (big.png)"]  # 1000 x 800 x 4 bytes: over an eighth of the limit, on a large-decode thread
+
+
+def test_large_decodes_run_at_a_lower_cpu_priority():
+    import os
+
+    def priority():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    gate = DecodeGate(100, 2, 10)
+
+    async def go():
+        return await gate.run_large(priority)
+
+    try:
+        got = asyncio.run(go())
+    finally:
+        gate.close()
+    assert got == min(19, priority() + 10)  # this thread keeps its own priority
 
 
 def test_onnxruntime_sessions_do_not_spin_when_idle(monkeypatch, tmp_path):

@@ -391,7 +391,7 @@ def protocol_class(header_timeout_s: float) -> type:
             if self.cycle is not cycle:  # a complete request head arrived
                 self._cancel_head_timer()
                 if self.cycle is not None:  # its answer goes out in one send (its task has not started yet)
-                    self.cycle.transport = OneSend(self.transport, self.loop)
+                    self.cycle.transport = OneSend(self.transport, self.loop)  # type: ignore[assignment]
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
