@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import json
 import os
 import struct
 import time
@@ -337,3 +338,56 @@ def test_new_limits_are_validated():
         with pytest.raises(ConfigError, match=next(iter(bad))):
             Limits.from_kwargs(**bad)
     assert Limits().max_buffered_bytes >= Limits().max_request_bytes
+
+
+def test_a_response_goes_out_in_one_send():
+    """uvicorn writes a response's head and body separately (two syscalls, two packets, per
+    answer: much of what a flood of small refusals costs); the guarded protocol joins them."""
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from mumic.serve.limits import protocol_class, send_json
+
+    async def app(scope, receive, send):
+        await send_json(send, 503, "busy")
+
+    class Transport:
+        def __init__(self):
+            self.writes, self.closed = [], False
+
+        def write(self, data):
+            self.writes.append(bytes(data))
+
+        def close(self):
+            self.closed = True
+
+        def is_closing(self):
+            return self.closed
+
+        def get_extra_info(self, name, default=None):
+            return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+        def pause_reading(self):
+            pass
+
+        def resume_reading(self):
+            pass
+
+    async def go():
+        config = Config(app, http=protocol_class(5.0), lifespan="off", access_log=False)
+        config.load()
+        proto = protocol_class(5.0)(config, ServerState(), {}, asyncio.get_running_loop())
+        transport = Transport()
+        proto.connection_made(transport)
+        proto.data_received(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if transport.closed:
+                break
+        proto.connection_lost(None)
+        return transport
+
+    transport = asyncio.run(go())
+    assert transport.closed and len(transport.writes) == 1
+    head, _, body = transport.writes[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and json.loads(body) == {"detail": "busy"}

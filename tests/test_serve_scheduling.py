@@ -55,6 +55,41 @@ def test_image_batches_go_first_and_text_jobs_still_get_turns():
         b.stop()
 
 
+def test_text_work_takes_at_most_its_share_of_the_model_thread():
+    """With text_share 0.5, a text job that took 10 s (on the batcher's clock) is followed
+    by 10 s without text: the images run, and the text waiting after them waits for its turn."""
+    now = [0.0]
+    order: list[str] = []
+    b = MicroBatcher(lambda px: order.append(f"I{int(px[0, 0, 0, 0])}") or px[:, :1, 0, 0].float(),
+                     enabled=False, image_turns=1, text_share=0.5, clock=lambda: now[0])
+    b.start()
+    try:
+        gate, started = threading.Event(), threading.Event()
+
+        def ten_seconds():
+            started.set()
+            gate.wait(10)
+            now[0] += 10.0  # this job took 10 s: text may run again from 20 s on
+
+        blocker = b.call(ten_seconds)
+        assert started.wait(10)
+        text = b.call(lambda: order.append("T1"))
+        images = [b.submit(torch.full((1, 3, 2, 2), i, dtype=torch.uint8)) for i in (1, 2)]
+        gate.set()
+        for f in [blocker, *images]:
+            f.result(10)
+        assert order == ["I1", "I2"] and not text.done()  # without the share: I1 T1 I2 (a text turn after each batch)
+        now[0] = 20.0
+        last = b.submit(torch.full((1, 3, 2, 2), 3, dtype=torch.uint8))  # wakes the model thread
+        text.result(10)
+        last.result(10)
+        assert order == ["I1", "I2", "T1", "I3"]
+    finally:
+        b.stop()
+    with pytest.raises(ConfigError, match="text_share_pct"):
+        Limits(text_share_pct=101)
+
+
 def test_images_and_text_work_have_separate_budgets():
     b, _ = _recording_batcher(max_pending=4, max_pending_texts=3)
     try:
@@ -83,6 +118,18 @@ def test_text_work_runs_in_small_jobs():
     assert chunks == [slice(0, 2), slice(2, 3), slice(3, 4), slice(4, 6)]  # at most 100 characters, or one long text alone
     svc.limits = Limits(text_chars_per_image=100, text_job_images=3)
     assert Service._text_chunks(svc, [60, 30, 60, 250, 10, 10]) == [slice(0, 3), slice(3, 6)]
+
+
+def test_text_is_costed_as_measured_against_images():
+    """By default 32 characters of text count as one image (what a CPU text tower costs),
+    so the text budget holds about two thousand characters and a job about 256."""
+    svc = types.SimpleNamespace(limits=Limits())
+    assert Service.text_cost(svc, ["x" * 256]) == 8 and Service.text_cost(svc, ["x" * 33]) == 2
+    assert Service.text_cost(svc, ["ab"]) == 1  # any text costs at least one
+    # 64 new labels of two 40-character prompts: 160 image-equivalents, over the whole text
+    # budget, so such a request runs only alone (and is refused while other text work waits)
+    assert Service.text_cost(svc, ["y" * 40] * 128) == 160 > Limits().max_pending_texts == 64
+    assert Service._text_chunks(svc, [100, 100, 100, 100]) == [slice(0, 2), slice(2, 4)]  # jobs of at most 256 characters
 
 
 def test_text_jobs_run_on_text_threads():
@@ -279,10 +326,104 @@ def test_thumbnails_decode_inline_and_larger_images_through_the_gate(monkeypatch
         async def read(self, n):
             return self.data[:n]
 
-    lim = Limits()
+    lim = Limits(max_decoded_bytes=16_000_000)  # small decodes: at most 2,000,000 bytes
     svc = types.SimpleNamespace(limits=lim, size=16, decodes=DecodeGate(lim.max_decoding_bytes, 2, lim.max_decoded_bytes // 8))
     svc._decode = lambda data, label, large: Service._decode(svc, data, label, large)
-    ups = [Upload(_png(64, 64), "thumb.png"), Upload(_png(300, 200), "photo.png")]
+    large = []
+
+    async def run_large(fn, *args):
+        large.append(args[1])
+        return fn(*args)
+
+    svc.decodes.run_large = run_large
+    ups = [Upload(_png(64, 64), "thumb.png"), Upload(_png(300, 200), "photo.png"), Upload(_png(1000, 800), "big.png")]
     px, names = asyncio.run(Service.read_images(svc, ups))
-    assert px.shape == (2, 3, 16, 16) and names == ["thumb.png", "photo.png"]
+    assert px.shape == (3, 3, 16, 16) and names == ["thumb.png", "photo.png", "big.png"]
     assert hops == ["image 1 (photo.png)"]  # 64 x 64 x 4 bytes decode on the event loop; 300 x 200 x 4 in a thread
+    assert large == ["image 2 (big.png)"]  # 1000 x 800 x 4 bytes: over an eighth of the limit, on a large-decode thread
+
+
+def test_large_decodes_run_at_a_lower_cpu_priority():
+    import os
+
+    def priority():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    gate = DecodeGate(100, 2, 10)
+
+    async def go():
+        return await gate.run_large(priority)
+
+    try:
+        got = asyncio.run(go())
+    finally:
+        gate.close()
+    assert got == min(19, priority() + 10)  # this thread keeps its own priority
+
+
+def test_onnxruntime_sessions_do_not_spin_when_idle(monkeypatch, tmp_path):
+    """An idle spinning thread pool takes a core from the event loop: the served towers' sessions turn it off."""
+    import onnxruntime as ort
+
+    from mumic.backbones import onnx as onnx_mod
+
+    seen = {}
+    monkeypatch.setattr(ort, "InferenceSession", lambda path, sess_options, providers: seen.setdefault("opts", sess_options))
+    onnx_mod._session(tmp_path / "tower.onnx", 2)
+    opts = seen["opts"]
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    assert opts.intra_op_num_threads == 2
+
+
+def test_decoding_copies_an_unturned_image_only_to_detach_it(monkeypatch):
+    """No EXIF turn, no transposed copy: a grey image is converted straight from the
+    decoded one; a turned one is still turned as exif_transpose turns it."""
+    from PIL import ImageOps
+
+    from mumic.data.preprocess import decode_rgb
+
+    grey = np.arange(12 * 8, dtype=np.uint8).reshape(8, 12)
+    buf = io.BytesIO()
+    Image.fromarray(grey, mode="L").save(buf, "PNG")
+    copies = []
+    real_copy = Image.Image.copy
+    monkeypatch.setattr(Image.Image, "copy", lambda self: copies.append(self.mode) or real_copy(self))
+    out = decode_rgb(Image.open(io.BytesIO(buf.getvalue())))
+    assert copies == [] and out.mode == "RGB" and np.array_equal(np.asarray(out)[..., 1], grey)
+    monkeypatch.undo()
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned 90 degrees
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([grey] * 3, axis=-1), mode="RGB").save(buf, "PNG", exif=exif)
+    turned = decode_rgb(Image.open(io.BytesIO(buf.getvalue())))
+    ref = ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue())))
+    assert turned.size == (8, 12) and np.array_equal(np.asarray(turned), np.asarray(ref))
+
+
+@pytest.mark.parametrize("mode", ["F", "I;16"])
+def test_high_bit_depth_arithmetic_works_in_place_on_one_copy(monkeypatch, mode):
+    """With the whole image as one chunk, its conversion holds one widened copy (float64
+    or int32) and the uint8 result: not a new array per step (astype, nan_to_num, clip, round)."""
+    import tracemalloc
+
+    from mumic.data import preprocess
+
+    rng = np.random.default_rng(0)
+    n = 500 * 500
+    arr = rng.random((500, 500), dtype=np.float32) if mode == "F" else rng.integers(0, 65535, (500, 500), dtype=np.uint16)
+    img = Image.fromarray(arr, mode="F") if mode == "F" else Image.fromarray(arr)
+    monkeypatch.setattr(preprocess, "_CHUNK_PIXELS", n)
+    tracemalloc.start()
+    try:
+        out = preprocess.to_rgb(img)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    ref = np.round(arr.astype(np.float64) * 255) if mode == "F" else np.round(arr / 257)
+    assert np.array_equal(np.asarray(out)[..., 0], ref.astype(np.uint8))
+    # the source chunk, one float64 (8 n) or int32 (4 n) copy, numpy's masks, the result;
+    # a new array per step traced 29 n (float) and 19 n (16-bit)
+    limit = 22 * n if mode == "F" else 12 * n
+    assert peak < limit, f"{peak:,} bytes traced for {n:,} pixels"

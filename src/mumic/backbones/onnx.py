@@ -80,6 +80,10 @@ def image_tower_key(backbone: Any) -> str:
     return h.hexdigest()
 
 
+#: onnxruntime session settings that turn off the thread pools' spinning when idle
+SPIN_OFF = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+
+
 def _session(path: Path, threads: int | None) -> Any:
     import onnxruntime as ort
     import torch
@@ -88,6 +92,10 @@ def _session(path: Path, threads: int | None) -> Any:
     opts.log_severity_level = 3
     opts.intra_op_num_threads = int(threads or torch.get_num_threads())
     opts.inter_op_num_threads = 1
+    # no busy-waiting between runs: a spinning pool burns a core while idle, which a
+    # service's event loop (and every other process on a small CPU) then lacks
+    for key in SPIN_OFF:
+        opts.add_session_config_entry(key, "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 

@@ -19,6 +19,9 @@ REDUCING_GAP = 3.0
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _INT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _WHITE = (255, 255, 255)
+_ORIENTATION = 0x0112
+"""The EXIF Orientation tag; values 2-8 flip or turn the image (1: as stored)."""
+_TURNED = frozenset(range(2, 9))
 
 
 def _composite_on_white(img: Image.Image) -> Image.Image:
@@ -48,31 +51,40 @@ def _grey8_to_rgb(grey: np.ndarray) -> Image.Image:
 def _int_to_rgb(img: Image.Image) -> Image.Image:
     """16/32-bit integer grey -> 8-bit RGB, scaling the 16-bit range (Pillow would clip).
 
-    round(clip(v, 0, 65535) / 257) in integers, chunk by chunk: never a float64 copy of
-    the image (v / 257 is never exactly halfway, so this equals the float rounding)."""
+    round(clip(v, 0, 65535) / 257) in integers, chunk by chunk, in place on one int32
+    copy of the chunk (2 x 65535 + 257 fits): never a float64 copy of the image (v / 257
+    is never exactly halfway, so this equals the float rounding)."""
     width, height = img.size
     out = np.empty((height, width), dtype=np.uint8)
     for top, chunk in _row_chunks(img):
-        v = np.clip(chunk.astype(np.int64), 0, 65535)
-        out[top : top + len(v)] = (2 * v + 257) // 514
+        v = chunk.astype(np.int32)
+        np.clip(v, 0, 65535, out=v)
+        v *= 2
+        v += 257
+        v //= 514
+        out[top : top + len(v)] = v
     return _grey8_to_rgb(out)
 
 
 def _float_to_rgb(img: Image.Image) -> Image.Image:
     """Float grey -> 8-bit RGB; values in [0, 1] are taken as fractions, else as 0..255
-    (NaN as 0). Converted chunk by chunk: the float64 arithmetic holds one chunk at a time."""
+    (NaN as 0). Converted chunk by chunk: the float64 arithmetic holds one chunk at a time,
+    in place on one copy of it."""
     width, height = img.size
-    peak = -np.inf
+    fractions = bool(width * height)  # no value over 1 (NaN counts as 0, +inf as over)
     for _, chunk in _row_chunks(img):
-        if chunk.size:
-            peak = max(peak, float(np.nan_to_num(chunk.astype(np.float64)).max()))
-    scale = 255.0 if width * height and peak <= 1.0 else 1.0
+        if fractions and chunk.size and bool((chunk > 1.0).any()):
+            fractions = False
+    scale = 255.0 if fractions else 1.0
     out = np.empty((height, width), dtype=np.uint8)
     for top, chunk in _row_chunks(img):
-        arr = np.nan_to_num(chunk.astype(np.float64))
+        arr = chunk.astype(np.float64)
+        np.nan_to_num(arr, copy=False)
         if scale != 1.0:
             arr *= scale
-        out[top : top + len(arr)] = np.round(np.clip(arr, 0, 255))
+        np.clip(arr, 0, 255, out=arr)
+        np.round(arr, out=arr)
+        out[top : top + len(arr)] = arr
     return _grey8_to_rgb(out)
 
 
@@ -115,7 +127,9 @@ def decode_rgb(
         img.draft("RGB", (size_hint, size_hint))
     img.load()  # force the full decode here, so truncated data fails here
     try:
-        oriented = ImageOps.exif_transpose(img)
+        # transposed only when the orientation says so: exif_transpose copies the whole image otherwise
+        turned = img.getexif().get(_ORIENTATION, 1) in _TURNED
+        oriented = ImageOps.exif_transpose(img) if turned else img
     except Exception as e:  # a broken EXIF block must not lose the image
         if on_exif_error is not None:
             on_exif_error(e)

@@ -34,11 +34,15 @@ Model work is admitted by its cost, images and text work on separate budgets: im
 count one each (`max_pending_images`), texts (the prompts of new zero-shot labels,
 /embed/text entries) one per `text_chars_per_image` characters (`max_pending_texts`); a
 request's images are decoded before any of its labels is embedded, text work runs in
-small jobs between image batches (which go first), and the queued work of a client that
-hangs up is dropped. Decoding holds at most `max_decoded_bytes` per image (checked from
+small jobs between image batches (which go first) and takes at most `text_share_pct`
+percent of the model thread's time, and the queued work of a client that hangs up is
+dropped. Decoding holds at most `max_decoded_bytes` per image (checked from
 the header), `max_decoding_bytes` for all decodes at once, on at most `decode_threads`
 threads, one kept for small images (`decoding.DecodeGate`); thumbnails decode on the
-event loop, and a large decode gives its freed memory back to the system.
+event loop, and a large decode runs at a lower CPU priority and gives its freed memory
+back to the system. What loading made is frozen out of the garbage collector while
+serving (a full collection of it would stall the event loop), the model's onnxruntime
+pools do not spin when idle, and a response goes out in one send.
 
 Slow or abusive clients are bounded in time and memory: a connection must deliver each
 request head within `header_timeout_s` (uvicorn itself never times out a request head),

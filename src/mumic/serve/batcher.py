@@ -48,7 +48,11 @@ class MicroBatcher:
 
     Order: image batches first. A text job runs when no image waits, or once
     `image_turns` image batches have run while it waited, so that neither kind starves
-    the other: an image request waits behind at most one text job.
+    the other: an image request waits behind at most one text job. Text work takes at
+    most `text_share` of the thread's time: after a text job of d seconds the next one
+    starts d x (1 - text_share) / text_share seconds later at the earliest (image batches
+    run meanwhile), so a flood of text cannot keep the model thread, and a CPU core, busy
+    all the time that the event loop and the decoders need.
 
     Admission counts image-equivalents, in two separate budgets: images against
     max_pending, text work against max_pending_texts (the cost it is given). While any
@@ -69,6 +73,8 @@ class MicroBatcher:
         max_pending: int = 512,
         max_pending_texts: int = 64,
         image_turns: int = 2,
+        text_share: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
         name: str = "mumic-model",
     ) -> None:
         self._run_images = run_images
@@ -76,6 +82,11 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.image_turns = max(1, int(image_turns))
+        if not 0 < text_share <= 1:
+            raise ValueError(f"text_share must be in (0, 1], got {text_share!r}")
+        self.text_share = float(text_share)
+        self._clock = clock
+        self._text_at = float("-inf")  # the next text job starts at this time (clock) at the earliest
         self._images = _Lane("images", max_pending)
         self._texts = _Lane("text", max_pending_texts)
         self._cond = threading.Condition()
@@ -170,13 +181,19 @@ class MicroBatcher:
         stopped and the work queued before has run."""
         images, texts = self._images.jobs, self._texts.jobs
         with self._cond:
-            while not self._stopped and not images and not texts:
-                self._cond.wait()
-            if not images and not texts:
-                return None
-            if not images or (texts and self._image_run >= self.image_turns):
-                self._image_run = 0
-                return "text", [texts.popleft()]
+            while True:
+                if not images and not texts:
+                    if self._stopped:
+                        return None
+                    self._cond.wait()
+                    continue
+                text_due = bool(texts) and (self._stopped or self._clock() >= self._text_at)
+                if text_due and (not images or self._image_run >= self.image_turns):
+                    self._image_run = 0
+                    return "text", [texts.popleft()]
+                if images:
+                    break
+                self._cond.wait(max(self._text_at - self._clock(), 0.001))  # only text waits, for its share
             job = images.popleft()
             batch, n = [job], job.n
             if self.enabled:
@@ -216,10 +233,13 @@ class MicroBatcher:
                 return
             assert job.fn is not None  # only call jobs are queued as text
             self.text_jobs += 1
+            start = self._clock()
             try:
                 job.future.set_result(job.fn())
             except BaseException as e:  # handed to the waiting request
                 job.future.set_exception(e)
+            end = self._clock()
+            self._text_at = end + (end - start) * (1.0 - self.text_share) / self.text_share
         finally:
             self._release(self._texts, job.n)
 

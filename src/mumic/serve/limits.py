@@ -40,10 +40,13 @@ class Limits:
     resample), so decoding holds about 5 x max_decoding_bytes at most. Model work is admitted in image-equivalents, each kind on its own
     budget: images count 1 each, over `max_pending_images` queued 503; texts (the prompts
     of zero-shot labels, /embed/text entries) 1 per started `text_chars_per_image`
-    characters of a request's texts together, over `max_pending_texts` queued 503. Text
+    characters of a request's texts together (measured: on a CPU a text tower takes about
+    as long for 32 characters of text as the image tower for one image, and small models
+    pay the most per character), over `max_pending_texts` queued 503. Text
     work runs in jobs of about `text_job_images` image-equivalents, between image batches,
     so that an image request waits behind at most one such job, on `text_threads` torch
-    threads (small jobs gain nothing from more, and lose much on a busy CPU).
+    threads (small jobs gain nothing from more, and lose much on a busy CPU), and take at
+    most `text_share_pct` percent of the model thread's time (see MicroBatcher).
     """
 
     max_request_bytes: int = 64 * 2**20
@@ -63,9 +66,10 @@ class Limits:
     max_wait_ms: float = 5.0
     max_pending_images: int = 512
     max_pending_texts: int = 64
-    text_chars_per_image: int = 256
-    text_job_images: int = 1
+    text_chars_per_image: int = 32
+    text_job_images: int = 8
     text_threads: int = 1
+    text_share_pct: int = 50
     label_cache_size: int = 4096
     decode_threads: int = dataclasses.field(default_factory=usable_cpus)
     #: slow and abusive clients (whole service: bodies held in memory at once; per connection: timeouts)
@@ -88,6 +92,8 @@ class Limits:
                     raise ConfigError(f"{f.name} must be a finite number of seconds > 0, got {value!r}")
             elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{f.name} must be a positive integer, got {value!r}")
+        if self.text_share_pct > 100:
+            raise ConfigError(f"text_share_pct is a percentage of the model thread's time, at most 100; got {self.text_share_pct}")
 
     @classmethod
     def from_kwargs(cls, **kw: Any) -> "Limits":
@@ -288,6 +294,55 @@ _HEAD_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/p
                           b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_HEAD_TIMEOUT_TEXT), _HEAD_TIMEOUT_TEXT))
 
 
+class OneSend:
+    """A response's transport that sends its head with the first part of its body: uvicorn
+    writes the status line and headers, then the body, as two sends (two syscalls and two
+    packets); here the head is held until the next write, or until the end of the loop's
+    current turn, or until close. A large part is sent after the head rather than copied
+    onto it. Everything else is the transport's."""
+
+    JOIN_BYTES = 64 * 1024
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._handle: asyncio.Handle | None = None
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._held is None:
+            self._held = bytes(data)
+            self._handle = self._loop.call_soon(self.flush)
+            return
+        head = self._take()
+        if len(data) <= self.JOIN_BYTES:
+            self._transport.write(head + data)
+        else:
+            self._transport.write(head)
+            self._transport.write(data)
+
+    def _take(self) -> bytes:
+        held, self._held = self._held or b"", None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        return held
+
+    def flush(self) -> None:
+        held = self._take()
+        if held and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def protocol_class(header_timeout_s: float) -> type:
     """uvicorn's h11 protocol, with a deadline for every request head.
 
@@ -296,7 +351,7 @@ def protocol_class(header_timeout_s: float) -> type:
     connection slot (`--max-connections`), and then the service answers nobody. Here each
     connection must deliver a complete request head within `header_timeout_s` of opening
     (or of its previous response); otherwise it gets a 408 and is closed. Bodies are
-    bounded by RequestGuard.
+    bounded by RequestGuard. Each response's head and body go out in one send (OneSend).
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -335,6 +390,8 @@ def protocol_class(header_timeout_s: float) -> type:
             super().handle_events()
             if self.cycle is not cycle:  # a complete request head arrived
                 self._cancel_head_timer()
+                if self.cycle is not None:  # its answer goes out in one send (its task has not started yet)
+                    self.cycle.transport = OneSend(self.transport, self.loop)  # type: ignore[assignment]
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

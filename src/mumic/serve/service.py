@@ -129,7 +129,7 @@ class Service:
             raise ConfigError("--expose-columns names index columns: give --index too")
         self.batcher = MicroBatcher(
             self._run_images, enabled=lim.batching, max_batch_size=lim.max_batch_size, max_wait_ms=lim.max_wait_ms,
-            max_pending=lim.max_pending_images, max_pending_texts=lim.max_pending_texts,
+            max_pending=lim.max_pending_images, max_pending_texts=lim.max_pending_texts, text_share=lim.text_share_pct / 100,
         )
         self.batcher.start()
         self.decodes = DecodeGate(lim.max_decoding_bytes, lim.decode_threads, small_bytes=lim.max_decoded_bytes // 8)
@@ -141,6 +141,7 @@ class Service:
 
     def close(self) -> None:
         self.batcher.stop()
+        self.decodes.close()
 
     # ------------------------------------------------------------------ the model thread
     def _run_images(self, px: Any) -> Any:
@@ -233,7 +234,10 @@ class Service:
             async with self.decodes.slot(cost):  # by bytes and threads; small images never wait behind large ones
                 if watch is not None:
                     watch.check()
-                arrays.append(await run_in_threadpool(self._decode, data, label, self.decodes.kind(cost) == "large"))
+                if self.decodes.kind(cost) == "large":
+                    arrays.append(await self.decodes.run_large(self._decode, data, label, True))
+                else:
+                    arrays.append(await run_in_threadpool(self._decode, data, label, False))
         return torch.from_numpy(np.stack(arrays)), names
 
     def _decode(self, data: bytes, label: str, large: bool) -> Any:
