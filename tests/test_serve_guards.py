@@ -218,6 +218,62 @@ def test_text_and_label_work_is_admitted_by_its_cost(run, image):
         assert batching["pending_images"] == 0 and batching["pending_texts"] == 0  # every reservation was returned
 
 
+def test_embed_text_is_refused_from_its_headers_when_the_text_budget_is_full(run):
+    with client(run, max_pending_texts=4) as c:
+        svc = c.app.state.service
+        gate, job = _block_model_thread(svc, cost=4)  # the whole text budget is held
+        try:
+            # not even valid JSON: refused 503 from the headers, before the body is parsed (a 422 otherwise)
+            r = c.post("/embed/text", content=b"not json at all", headers={"content-type": "application/json"})
+            assert_error(r, 503, "text work budget of 4 image-equivalents is full")
+            assert r.headers["retry-after"] == "1"
+        finally:
+            gate.set()
+        job.result(10)
+        r = c.post("/embed/text", content=b"not json at all", headers={"content-type": "application/json"})
+        assert_error(r, 422, "JSON decode error")  # room again: the body is read and judged
+        assert c.post("/embed/text", json={"texts": ["a cat"]}).status_code == 200
+
+
+def test_predict_with_new_labels_is_refused_before_decoding_when_the_text_budget_is_full(run):
+    junk = [("images", ("junk.png", b"not an image at all", "image/png"))]
+    with client(run, max_pending_texts=4) as c:
+        svc = c.app.state.service
+        gate, job = _block_model_thread(svc, cost=4)  # the whole text budget is held
+        try:
+            # new zero-shot labels cannot be admitted: 503 before the (garbage) image is decoded, a 422 otherwise
+            r = c.post("/predict", files=junk, data={"extra_labels": ["a never seen label"]})
+            assert_error(r, 503, "text work budget of 4 image-equivalents is full")
+            assert r.headers["retry-after"] == "1"
+            r = c.post("/predict", files=junk)  # the run's own labels need no text work: judged as usual
+            assert_error(r, 422, "junk.png")
+        finally:
+            gate.set()
+        job.result(10)
+        r = c.post("/predict", files=junk, data={"extra_labels": ["a never seen label"]})
+        assert_error(r, 422, "junk.png")  # room again: the images are read first
+
+
+def test_multipart_parts_counts_delimiter_lines_not_boundary_text_inside_parts():
+    from mumic.serve.limits import multipart_parts
+
+    body = (b"--XyZ\r\ncontent-disposition: form-data; name=a\r\n\r\nsays --XyZ inline\r\n"
+            b"--XyZ\r\ncontent-disposition: form-data; name=b\r\n\r\n2\r\n--XyZ--\r\n")
+    assert multipart_parts('multipart/form-data; boundary="XyZ"', body) == 2
+    assert multipart_parts("multipart/form-data; charset=utf-8; boundary=XyZ", b"preamble\r\n" + body) == 2
+    assert multipart_parts("application/json", body) == 0 and multipart_parts("multipart/form-data", body) == 0
+
+
+def test_a_form_with_more_parts_than_its_route_takes_is_refused_before_parsing(run, image):
+    # max_images 1 + 2 x max_labels 2 + 3 other fields + 8 spare: /predict takes at most 16 parts
+    files = [("images", ("a.png", image, "image/png"))]
+    with client(run, max_images=1, max_labels=2) as c:
+        r = c.post("/predict", files=files, data={"extra_labels": [""] * 15})  # 16 parts (empty entries are ignored)
+        assert r.status_code == 200, r.text
+        r = c.post("/predict", files=files, data={"extra_labels": [""] * 16})
+        assert_error(r, 422, "the form has 17 parts; /predict takes at most 16")
+
+
 def _asgi_post(app, path, body, ctype):
     """Send one POST to the ASGI app, then disconnect as soon as `leave` is set; returns
     (the task running the request, the leave event, the messages sent back)."""

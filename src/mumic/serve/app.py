@@ -70,7 +70,8 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
     # behind all of them, pages and routes added later included:
     # HostGuard -> CORS (only when origins are allowed) -> AccessGuard -> RequestGuard -> routes
     app.add_middleware(RequestGuard, max_bytes=lim.max_request_bytes, content_types=content_types, budget=body_budget,
-                       body_timeout_s=lim.body_timeout_s)
+                       body_timeout_s=lim.body_timeout_s, busy={"/embed/text": svc.texts_busy},
+                       max_parts=_max_parts(lim))
     drain = 4 * lim.max_request_bytes
     app.add_middleware(AccessGuard, exposure=exposure, drain_bytes=drain, public_paths=PUBLIC_PATHS)
     if exposure.cors_origins:
@@ -81,6 +82,15 @@ def create_app(run_dir: str | Path, index: str | Path | None = None, *, device: 
     app.add_middleware(HostGuard, exposure=exposure, drain_bytes=drain)
     app.state.exposure = exposure
     return app
+
+
+def _max_parts(lim: Limits) -> dict[str, int]:
+    """The most parts a multipart body of each route may have: its images, its labels (as
+    many again for a label in both fields, or an empty entry) or texts, its other fields,
+    and a few to spare. A body with more is refused before its parts are parsed."""
+    spare = 8
+    return {"/predict": lim.max_images + 2 * lim.max_labels + 3 + spare, "/embed/image": lim.max_images + spare,
+            "/embed/text": lim.max_texts + spare, "/search": 4 + spare}
 
 
 def _lifespan(svc: Service) -> Any:

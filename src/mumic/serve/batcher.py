@@ -107,6 +107,12 @@ class MicroBatcher:
     def max_pending_texts(self) -> int:
         return self._texts.limit
 
+    def texts_full(self) -> bool:
+        """True when no text work, of any cost, would be admitted now (the text budget is
+        full): a request can be refused before its body is read."""
+        with self._cond:
+            return self._stopped or self._texts.pending >= self._texts.limit
+
     def start(self) -> None:
         self._thread.start()
 

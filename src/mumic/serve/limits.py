@@ -132,7 +132,11 @@ class RequestGuard:
     sees more than the limit; a declared Content-Length over it is refused unread. A
     declared length is reserved from the budget before reading, a chunked body as it
     grows; a request that does not fit is answered 503 at once instead of queueing
-    memory. The reservation is returned when the request has been answered.
+    memory. The reservation is returned when the request has been answered. A route in
+    `busy` whose check gives a reason (its work could not be admitted now, whatever the
+    body says) is answered 503 with it from the headers alone, its body never parsed. A
+    multipart body with more parts than its route's `max_parts` is answered 422 once
+    read, from a count of its boundary lines, before any part is parsed.
 
     A refusal closes the connection. If the client is still sending, closing a socket
     with unread input makes the kernel reset the connection, and the client may never
@@ -154,8 +158,12 @@ class RequestGuard:
         content_types: dict[str, tuple[str, ...]],
         budget: BodyBudget | None = None,
         body_timeout_s: float = 60.0,
+        busy: dict[str, Callable[[], str | None]] | None = None,
+        max_parts: dict[str, int] | None = None,
     ) -> None:
         self.app = app
+        self.busy = busy or {}
+        self.max_parts = max_parts or {}
         self.max_bytes = max_bytes
         self.content_types = content_types
         self.budget = budget or BodyBudget(4 * max_bytes)
@@ -200,6 +208,11 @@ class RequestGuard:
                 await self._refuse(receive, send, 413, f"request body of {size:,} bytes is over the limit of {self.max_bytes:,} bytes",
                                    drain=sending)
                 return
+        check = self.busy.get(scope["path"]) if scope["method"] == "POST" else None
+        reason = check() if check is not None else None
+        if reason is not None:
+            await self._refuse(receive, send, 503, reason, drain=sending, headers=[(b"retry-after", b"1")])
+            return
         if not self.budget.take(size):
             await self._refuse(receive, send, 503, _busy(self.budget), drain=sending, headers=[(b"retry-after", b"1")])
             return
@@ -241,6 +254,10 @@ class RequestGuard:
                     chunks.append(chunk)
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             del chunks
+            most = self.max_parts.get(scope["path"])
+            if most is not None and (parts := multipart_parts(headers.get("content-type", ""), body)) > most:
+                await send_json(send, 422, f"the form has {parts:,} parts; {scope['path']} takes at most {most:,}")
+                return
             replayed = False
 
             async def replay() -> dict:
@@ -253,6 +270,25 @@ class RequestGuard:
             await self.app(scope, replay, send)
         finally:
             self.budget.give(reserved)
+
+
+def multipart_parts(content_type: str, body: bytes) -> int:
+    """An upper bound on the parts of a multipart body (0 for any other kind): its
+    delimiter lines (a line starting with "--" and the boundary), less the closing one.
+    A delimiter never occurs inside a part, so no real part is missed."""
+    kind, _, params = content_type.partition(";")
+    if kind.strip().lower() != MULTIPART:
+        return 0
+    boundary = ""
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "boundary":
+            boundary = value.strip().strip('"')
+    if not boundary:
+        return 0
+    delimiter = b"--" + boundary.encode("latin-1")
+    lines = body.count(b"\n" + delimiter) + body.startswith(delimiter)
+    return max(lines - 1, 0)
 
 
 async def drain_body(receive: Callable, max_bytes: int, seconds: float = 1.0, idle_s: float = 0.25) -> None:

@@ -177,6 +177,14 @@ class Service:
         of them all (short prompts are much cheaper than an image; a text tower pads to the longest)."""
         return max(1, math.ceil(sum(len(t) for t in texts) / self.limits.text_chars_per_image))
 
+    def texts_busy(self) -> str | None:
+        """Why no text work can be admitted now (the text budget is full), or None: an
+        /embed/text request is refused from its headers, before its body is parsed."""
+        if not self.batcher.texts_full():
+            return None
+        return (f"the service is busy (its text work budget of {self.batcher.max_pending_texts} image-equivalents is full); "
+                "retry shortly")
+
     def _text_chunks(self, chars: list[int]) -> list[slice]:
         """Consecutive slices of the items (of `chars` characters each) of about
         text_job_images image-equivalents each (an item longer than that alone): text work
@@ -293,6 +301,9 @@ class Service:
                       receive: Callable[[], Any] | None = None) -> dict[str, Any]:
         # cheap checks first, then the images are decoded; only then is any label embedded
         asked = self.bank.requested(self.clean_labels(labels, extra_labels))
+        reason = self.texts_busy() if self.bank.missing(asked) else None
+        if reason is not None:  # its new labels could not be admitted: refused before its images are decoded
+            raise ServiceError(503, reason, {"Retry-After": "1"})
         async with self.watching(receive) as watch:
             px, filenames = await self.read_images(images, watch)
             specs, v, b = await self.label_params(asked, watch)
