@@ -6,6 +6,7 @@ Nothing here touches the network: models are built from configs, images are draw
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
@@ -311,3 +312,15 @@ class ServeProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         return self.proc.returncode
+
+
+def without_test(manifest: Path) -> Path:
+    """The Shapes manifest less its test rows (fit would evaluate them at the end), as bench.csv beside it."""
+    out = manifest.with_name("bench.csv")
+    with open(manifest, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] != "test"]
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "labels", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    return out

@@ -30,7 +30,6 @@ Ends with one line `ratio=<tuned images/s / plain images/s>` (image tower tuned)
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import tempfile
@@ -40,7 +39,7 @@ from typing import Any
 
 import torch
 
-from _common import VIT_B32, VIT_B_PROJECTION, machine_line, quiet_transformers, save_clip, tiny_vision
+from _common import VIT_B32, VIT_B_PROJECTION, machine_line, quiet_transformers, save_clip, tiny_vision, without_test
 
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 """Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), TFLOP/s."""
@@ -65,13 +64,7 @@ def small_manifest(folder: Path, size: int) -> tuple[Path, Path]:
     from mumic.data.synthetic import make_shapes
 
     manifest = make_shapes(folder, n=40, size=max(size, 32))
-    out = manifest.with_name("bench.csv")
-    with open(manifest, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] != "test"]
-    with open(out, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "labels", "split"])
-        w.writeheader()
-        w.writerows(rows)
+    out = without_test(manifest)
     return out, manifest.parent / "labels.yaml"
 
 

@@ -19,14 +19,13 @@ Ends with one line `ratio=<frozen steps/s / full-tune steps/s>`.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from _common import add_threads_option, apply_threads, machine_line, quiet_transformers
+from _common import add_threads_option, apply_threads, machine_line, quiet_transformers, without_test
 from mumic.backbones import load_backbone
 from mumic.data.manifest import read_manifest
 from mumic.data.synthetic import make_shapes
@@ -34,18 +33,6 @@ from mumic.features import cached_features
 from mumic.train import fit
 
 MODES = ("frozen", "last", "full")
-
-
-def without_test(manifest: Path) -> Path:
-    """The Shapes manifest less its test rows (fit would evaluate them at the end)."""
-    out = manifest.with_name("bench.csv")
-    with open(manifest, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] != "test"]
-    with open(out, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "labels", "split"])
-        w.writeheader()
-        w.writerows(rows)
-    return out
 
 
 def timed_fit(mode: str, manifest: Path, labels: Path, run: Path, cache: Path, a: argparse.Namespace,

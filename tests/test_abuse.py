@@ -21,9 +21,6 @@ import zlib
 import pytest
 from PIL import Image
 
-from mumic.config import load_config
-from mumic.data.synthetic import make_shapes
-from mumic.train import fit
 from serving import Server
 
 HOST = "127.0.0.1"
@@ -180,15 +177,8 @@ async def with_health_probe(port: int, clients) -> tuple[list, list[Answer]]:
 
 
 @pytest.fixture(scope="module")
-def abuse_run(tmp_path_factory, tiny_clip_dir):
-    tmp = tmp_path_factory.mktemp("abuse_run")
-    shapes = make_shapes(tmp / "shapes", n=40, size=48, seed=2).parent
-    cfg = load_config(overrides={
-        "manifest": str(shapes / "manifest.csv"), "labels_file": str(shapes / "labels.yaml"), "out": str(tmp / "run"),
-        "cache_dir": str(tmp / "cache"), "backbone": f"hf:{tiny_clip_dir}", "batch_size": 16, "eval_every": 2,
-        "max_steps": 2, "warmup_steps": 1, "patience": 100, "majority_n": 3,
-    })
-    return fit(cfg, progress=False)
+def abuse_run(page_run):  # conftest's tiny run, shared with the page's and the guards' tests
+    return page_run
 
 
 @pytest.fixture(scope="module")

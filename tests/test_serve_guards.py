@@ -19,35 +19,24 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from mumic.config import load_config
 from mumic.data.manifest import read_manifest
-from mumic.data.synthetic import make_shapes
 from mumic.errors import ConfigError, UploadError
-from mumic.train import fit
 from serving import assert_error, png_bytes
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return make_shapes(tmp_path_factory.mktemp("guard_shapes") / "shapes", n=40, size=48, seed=3).parent
+def shapes(page_shapes):
+    return page_shapes
 
 
 @pytest.fixture(scope="module")
-def run(shapes, tmp_path_factory, tiny_clip_dir):
-    tmp = tmp_path_factory.mktemp("guard_run")
-    cfg = load_config(overrides={
-        "manifest": str(shapes / "manifest.csv"), "labels_file": str(shapes / "labels.yaml"), "out": str(tmp / "run"),
-        "cache_dir": str(tmp / "cache"), "backbone": f"hf:{tiny_clip_dir}", "batch_size": 16, "eval_every": 2,
-        "max_steps": 2, "warmup_steps": 1, "patience": 100, "majority_n": 3,
-    })
-    return fit(cfg, progress=False)
+def run(page_run):  # conftest's tiny run, shared with the page's tests
+    return page_run
 
 
 @pytest.fixture(scope="module")
-def index(run, shapes, tmp_path_factory):
-    from mumic.search import build_index
-
-    return build_index(run, shapes / "manifest.csv", tmp_path_factory.mktemp("guard_index") / "index", progress=False, device="cpu")
+def index(page_index):
+    return page_index
 
 
 @pytest.fixture(scope="module")
