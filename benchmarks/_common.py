@@ -290,15 +290,33 @@ class ServeProcess:
         self.stop()
         raise RuntimeError(f"server did not start in {timeout:.0f} s:\n{log.read_text(errors='replace')}")
 
+    def pids(self) -> list[int]:
+        """The server process and its descendants (its decode worker processes), Linux; else the server alone."""
+        out, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            try:
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    todo.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                pass
+        return out
+
     def memory_mib(self, key: str) -> float:
-        """VmRSS / VmHWM (peak resident memory) of the server process, in MiB (nan off Linux)."""
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return float("nan")
+        """VmRSS / VmHWM (peak resident memory) of the server process and its worker
+        processes together, in MiB (nan off Linux): the peaks are summed, an upper bound
+        of the peak they held at once."""
+        total, found = 0.0, False
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1]) / 1024
+                        found = True
+            except OSError:
+                pass
+        return total if found else float("nan")
 
     def stop(self) -> int | None:
         import signal

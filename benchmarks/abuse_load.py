@@ -20,7 +20,8 @@ a client event loop busy with the abusive clients' bodies (they share the CPUs a
 Reports the requests sent and the answers per kind, the count of server errors (5xx other
 than 503 "busy": must be 0) and of requests left unanswered (must be 0), p50/p99 latency of
 /health and of good /predict (idle and under abuse), and the server's RSS on the idle
-server and its peak (VmHWM from /proc/<pid>/status), with the targets: 0 server errors,
+server and its peak (VmHWM from /proc/<pid>/status; the server process and its decode
+worker processes summed), with the targets: 0 server errors,
 good /predict p99 under abuse within 5x of idle, peak memory within 1.5x of idle: for
 each, the value under abuse, the idle baseline measured in the same run on the same server
 (with the good clients' own mix, /embed/text included), the ratio and met / not met, and
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             health_idle, predict_idle = asyncio.run(idle_phase(server.port, images[0], idle))
             rss_before = server.memory_mib("VmRSS")
             peak_idle = server.memory_mib("VmHWM")
-            reset = reset_peak(server.proc.pid)  # from here VmHWM is the peak under abuse
+            reset = all([reset_peak(pid) for pid in server.pids()])  # from here VmHWM is the peak under abuse
             res = abuse_phase(server.port, images, good, abusive, duration, a.max_requests)
             health_after = asyncio.run(call(server.port, get("/health")))[0]
             peak = server.memory_mib("VmHWM")

@@ -247,15 +247,14 @@ def test_a_cancelled_waiter_gives_its_turn_on():
 
 
 def test_large_decodes_give_their_memory_back(monkeypatch):
-    import mumic.serve.service as service_mod
+    import mumic.serve.decoding as decoding
 
     trims = []
-    monkeypatch.setattr(service_mod, "trim_memory", lambda: trims.append(1))
-    svc = types.SimpleNamespace(limits=Limits(), size=16)
-    px = Service._decode(svc, _png(40, 30), "image 0", True)
+    monkeypatch.setattr(decoding, "trim_memory", lambda: trims.append(1))
+    px = decoding.decode_pixels(_png(40, 30), "image 0", 16, 10**8, 10**8)  # what a decode worker process runs
     assert px.shape == (3, 16, 16) and px.dtype == np.uint8 and trims == [1]
-    Service._decode(svc, _png(40, 30), "image 0", False)
-    assert trims == [1]  # small decodes skip the trim
+    refused = decoding.decode_pixels(b"junk", "image 1", 16, 10**8, 10**8)
+    assert refused.status == 422 and "image 1: not an image" in refused.message and trims == [1, 1]
 
 
 def test_serve_tunes_malloc_before_the_model_loads(monkeypatch):
@@ -328,7 +327,7 @@ def test_thumbnails_decode_inline_and_larger_images_through_the_gate(monkeypatch
 
     lim = Limits(max_decoded_bytes=16_000_000)  # small decodes: at most 2,000,000 bytes
     svc = types.SimpleNamespace(limits=lim, size=16, decodes=DecodeGate(lim.max_decoding_bytes, 2, lim.max_decoded_bytes // 8))
-    svc._decode = lambda data, label, large: Service._decode(svc, data, label, large)
+    svc._decode = lambda data, label: Service._decode(svc, data, label)
     large = []
 
     async def run_large(fn, *args):
@@ -340,25 +339,60 @@ def test_thumbnails_decode_inline_and_larger_images_through_the_gate(monkeypatch
     px, names = asyncio.run(Service.read_images(svc, ups))
     assert px.shape == (3, 3, 16, 16) and names == ["thumb.png", "photo.png", "big.png"]
     assert hops == ["image 1 (photo.png)"]  # 64 x 64 x 4 bytes decode on the event loop; 300 x 200 x 4 in a thread
-    assert large == ["image 2 (big.png)"]  # 1000 x 800 x 4 bytes: over an eighth of the limit, on a large-decode thread
+    assert large == ["image 2 (big.png)"]  # 1000 x 800 x 4 bytes: over an eighth of the limit, in a decode process
 
 
-def test_large_decodes_run_at_a_lower_cpu_priority():
+def test_large_decodes_run_in_a_worker_process_at_a_lower_cpu_priority():
+    """Off the service's GIL, at nice +10; the pixels are image_pixels' own, and an upload
+    the decoder refuses comes back as the same UploadError (status and message)."""
     import os
 
-    def priority():
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    from mumic.data.images import image_pixels
+    from mumic.errors import UploadError
+    from mumic.serve.decoding import decode_pixels
+
+    gate = DecodeGate(100, 2, 10)
+    png = _png(300, 200)
+
+    async def go():
+        pid = await gate.run_large(os.getpid)
+        nice = await gate.run_large(os.getpriority, os.PRIO_PROCESS, 0)
+        px = await gate.run_large(decode_pixels, png, "image 0 (big.png)", 16, 10**8, 10**8)
+        with pytest.raises(UploadError) as refused:
+            await gate.run_large(decode_pixels, b"not an image", "image 1 (x.png)", 16, 10**8, 10**8)
+        return pid, nice, px, refused.value
+
+    try:
+        pid, nice, px, refused = asyncio.run(go())
+    finally:
+        gate.close()
+    assert pid != os.getpid()
+    assert nice == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)  # this process keeps its own priority
+    np.testing.assert_array_equal(px, image_pixels(png, 16, max_pixels=10**8, name="x", max_decoded_bytes=10**8))
+    with pytest.raises(UploadError) as inline:
+        image_pixels(b"not an image", 16, max_pixels=10**8, name="image 1 (x.png)", max_decoded_bytes=10**8)
+    assert (refused.status, str(refused)) == (inline.value.status, str(inline.value)) == (422, str(inline.value))
+
+
+def test_a_decode_worker_that_dies_fails_its_request_with_503_and_is_replaced():
+    """A decoder that crashes the process (here: the worker exits) answers 503 for that
+    upload; the service lives on, and the next large decode gets a new worker."""
+    import os
 
     gate = DecodeGate(100, 2, 10)
 
     async def go():
-        return await gate.run_large(priority)
+        first = await gate.run_large(os.getpid)
+        with pytest.raises(ServiceError) as e:
+            await gate.run_large(os._exit, 3)
+        return first, e.value, await gate.run_large(os.getpid)
 
     try:
-        got = asyncio.run(go())
+        first, err, second = asyncio.run(go())
     finally:
         gate.close()
-    assert got == min(19, priority() + 10)  # this thread keeps its own priority
+    assert err.status == 503 and err.headers == {"Retry-After": "1"} and "decoder stopped" in str(err)
+    assert second not in (first, os.getpid())
 
 
 def test_onnxruntime_sessions_do_not_spin_when_idle(monkeypatch, tmp_path):

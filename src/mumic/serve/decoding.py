@@ -1,6 +1,15 @@
 """Decoding uploads without letting large images crowd out small ones or pile up memory:
 the cost of a decode read from its header, a gate that admits decodes by bytes and
-threads, and giving freed memory back to the system after a large decode.
+threads, large decodes in worker processes of their own, and giving freed memory back to
+the system after a large decode.
+
+Large decodes run in separate processes (spawned on the first one, at a lower CPU
+priority) rather than on threads: a decode holds Python's GIL for part of its work
+(Pillow's conversions, the high-bit-depth arithmetic), and a lower-priority thread that
+holds it when the scheduler takes its core stalls the event loop and the model thread
+with it. A worker process shares no lock with the service, so the scheduler's priority
+is the whole story; and a decoder that crashes on a hostile file takes down its worker,
+not the service.
 
 A decode holds a few times its decoded bytes while it runs (the decoded image, its RGB
 conversion, the resample), and glibc keeps what a worker thread freed in that thread's
@@ -19,11 +28,12 @@ import functools
 import io
 import logging
 import os
+import signal
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
-from mumic.errors import ServiceError
+from mumic.errors import ServiceError, UploadError
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +72,8 @@ def trim_memory() -> None:
         lib.malloc_trim(0)
 
 
-#: large decodes run this much nicer than the rest of the service (Linux: per thread), so
-#: that on a busy CPU the event loop and the model thread are served first
+#: large decodes run this much nicer than the rest of the service (in their worker
+#: processes), so that on a busy CPU the event loop and the model thread are served first
 LARGE_DECODE_NICE = 10
 
 
@@ -75,6 +85,34 @@ def lower_priority(by: int = LARGE_DECODE_NICE) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
     except (AttributeError, OSError):
         pass
+
+
+def _worker_start(nice: int) -> None:
+    """A decode worker process starts here: Ctrl-C is the service's to handle (it stops
+    the workers), the allocator gives large buffers back, and the priority is lowered."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tune_malloc()
+    lower_priority(nice)
+
+
+class _Refused(NamedTuple):
+    """An UploadError raised in a worker process, sent back as plain values (it does not pickle)."""
+
+    status: int
+    message: str
+
+
+def decode_pixels(data: bytes, name: str, size: int, max_pixels: int, max_decoded_bytes: int) -> Any:
+    """image_pixels of an upload, as a decode worker process runs it; what it held is
+    given back to the system afterwards."""
+    from mumic.data.images import image_pixels
+
+    try:
+        return image_pixels(data, size, max_pixels=max_pixels, name=name, max_decoded_bytes=max_decoded_bytes)
+    except UploadError as e:
+        return _Refused(e.status, str(e))
+    finally:
+        trim_memory()
 
 
 def decode_cost(data: bytes, size: int, *, max_pixels: int, max_decoded_bytes: int) -> int:
@@ -109,9 +147,9 @@ class DecodeGate:
     queue of huge images. Each kind waits in arrival order; a decode larger than its
     kind's bytes runs when no other of its kind runs. At most `queue_factor` x its
     threads decodes of a kind wait; beyond that, 503 with Retry-After (the client holds
-    its upload instead of the service). Large decodes run on threads of their own at a
-    lower CPU priority (`run_large`, LARGE_DECODE_NICE): on a busy CPU an ordinary
-    request waits less for the event loop while a huge image decodes.
+    its upload instead of the service). Large decodes run in worker processes of their
+    own at a lower CPU priority (`run_large`, LARGE_DECODE_NICE): on a busy CPU an
+    ordinary request waits less for the event loop while a huge image decodes.
     """
 
     def __init__(self, budget: int, threads: int, small_bytes: int, queue_factor: dict[str, int] | None = None) -> None:
@@ -127,18 +165,38 @@ class DecodeGate:
         self.peak_bytes = 0
         self.large = 0  # large decodes admitted so far
         self.refused = 0  # decodes refused because too many of their kind waited
-        self._large_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._large_pool: concurrent.futures.ProcessPoolExecutor | None = None
 
     async def run_large(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """fn(*args) on a large-decode thread (at a lower CPU priority)."""
-        if self._large_pool is None:
-            self._large_pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=self._limits["large"][0], thread_name_prefix="mumic-decode-large", initializer=lower_priority)
-        return await asyncio.get_running_loop().run_in_executor(self._large_pool, functools.partial(fn, *args))
+        """fn(*args) in a large-decode worker process (at a lower CPU priority; started on
+        the first call): `fn` and `args` must pickle, an UploadError comes back as itself.
+        A worker that dies (a decoder crash, the kernel's OOM killer) fails the decodes it
+        held with 503; the next call starts new workers."""
+        import multiprocessing
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self._large_pool
+        if pool is None:
+            pool = self._large_pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self._limits["large"][0], mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_start, initargs=(LARGE_DECODE_NICE,))
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+        except BrokenProcessPool:
+            if self._large_pool is pool:
+                self._large_pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
+            log.warning("a large-decode worker process stopped; starting new ones")
+            raise ServiceError(503, "the image decoder stopped while decoding this upload; retry shortly",
+                               {"Retry-After": "1"}) from None
+        if isinstance(out, _Refused):
+            raise UploadError(out.status, out.message)
+        return out
 
     def close(self) -> None:
         if self._large_pool is not None:
             self._large_pool.shutdown(wait=False, cancel_futures=True)
+            self._large_pool = None
 
     def kind(self, cost: int) -> str:
         return "large" if cost > self.small_bytes else "small"

@@ -23,7 +23,7 @@ from mumic.data.images import image_pixels
 from mumic.data.labels import normalize_label
 from mumic.errors import ConfigError, MumicError, ServiceError
 from mumic.serve.batcher import MicroBatcher
-from mumic.serve.decoding import DecodeGate, decode_cost, trim_memory
+from mumic.serve.decoding import DecodeGate, decode_cost, decode_pixels
 from mumic.serve.exposure import SearchHits
 from mumic.serve.labels import LabelBank
 from mumic.serve.limits import Limits
@@ -237,24 +237,21 @@ class Service:
         for label, data in blobs:
             cost = decode_cost(data, self.size, max_pixels=lim.max_pixels, max_decoded_bytes=lim.max_decoded_bytes)
             if cost <= INLINE_DECODE_BYTES:  # a thumbnail, or refused from its header: decoding costs less than a thread hop
-                arrays.append(self._decode(data, label, False))
+                arrays.append(self._decode(data, label))
                 continue
             async with self.decodes.slot(cost):  # by bytes and threads; small images never wait behind large ones
                 if watch is not None:
                     watch.check()
-                if self.decodes.kind(cost) == "large":
-                    arrays.append(await self.decodes.run_large(self._decode, data, label, True))
+                if self.decodes.kind(cost) == "large":  # in a worker process: off this process's GIL
+                    arrays.append(await self.decodes.run_large(
+                        decode_pixels, data, label, self.size, lim.max_pixels, lim.max_decoded_bytes))
                 else:
-                    arrays.append(await run_in_threadpool(self._decode, data, label, False))
+                    arrays.append(await run_in_threadpool(self._decode, data, label))
         return torch.from_numpy(np.stack(arrays)), names
 
-    def _decode(self, data: bytes, label: str, large: bool) -> Any:
+    def _decode(self, data: bytes, label: str) -> Any:
         lim = self.limits
-        try:
-            return image_pixels(data, self.size, max_pixels=lim.max_pixels, name=label, max_decoded_bytes=lim.max_decoded_bytes)
-        finally:
-            if large:
-                trim_memory()  # what the decode freed goes back to the system, not to this thread's arena
+        return image_pixels(data, self.size, max_pixels=lim.max_pixels, name=label, max_decoded_bytes=lim.max_decoded_bytes)
 
     def clean_labels(self, labels: list[str] | None, extra_labels: list[str] | None) -> list[str]:
         """The label names a request scores: `labels` (by default the run's), then
