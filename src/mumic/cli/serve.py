@@ -55,8 +55,8 @@ def register(sub: typing.Any) -> argparse.ArgumentParser:
                    help="decoded bytes of all the images decoding at once (a larger image decodes alone); a decode "
                         f"holds about 5 times its decoded bytes at its peak (default: {d.max_decoding_bytes})")
     p.add_argument("--decode-threads", type=int, default=None,
-                   help="images decoded at once, all requests together; one thread is kept for small images "
-                        "(default: one per usable CPU)")
+                   help="images decoded at once, all requests together; one is kept for small images, large ones "
+                        "decode in worker processes (default: one per usable CPU)")
     p.add_argument("--max-pending", type=int, default=d.max_pending_images,
                    help=f"images queued for the model; beyond it 503 (default: {d.max_pending_images})")
     p.add_argument("--max-pending-texts", type=int, default=d.max_pending_texts,

@@ -39,8 +39,9 @@ percent of the model thread's time, and the queued work of a client that hangs u
 dropped. Decoding holds at most `max_decoded_bytes` per image (checked from
 the header), `max_decoding_bytes` for all decodes at once, on at most `decode_threads`
 threads, one kept for small images (`decoding.DecodeGate`); thumbnails decode on the
-event loop, and a large decode runs at a lower CPU priority and gives its freed memory
-back to the system. What loading made is frozen out of the garbage collector while
+event loop, and a large decode runs in a worker process of its own (off the service's
+GIL; a crash there fails that upload with 503) at a lower CPU priority and gives its
+freed memory back to the system. What loading made is frozen out of the garbage collector while
 serving (a full collection of it would stall the event loop), the model's onnxruntime
 pools do not spin when idle, and a response goes out in one send.
 

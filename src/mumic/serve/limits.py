@@ -34,8 +34,9 @@ class Limits:
     Decoding an upload holds at most `max_decoded_bytes` of pixels (its width x height x
     the bytes per pixel of its mode, after JPEG draft reduction; checked before decoding);
     the decodes running at once hold at most `max_decoding_bytes` together (a larger one
-    runs alone), on at most `decode_threads` threads (by default one per usable CPU), one
-    of which is kept for small images (see serve.decoding.DecodeGate). A decode holds
+    runs alone), `decode_threads` at once (by default one per usable CPU), one of which
+    is kept for small images; large ones decode in decode_threads - 1 worker processes
+    (see serve.decoding.DecodeGate). A decode holds
     about five times its decoded bytes at its peak (the image, its RGB conversion, the
     resample), so decoding holds about 5 x max_decoding_bytes at most. Model work is admitted in image-equivalents, each kind on its own
     budget: images count 1 each, over `max_pending_images` queued 503; texts (the prompts
