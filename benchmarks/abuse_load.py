@@ -1,6 +1,6 @@
 """Load test of `mumic serve` under abuse: good clients and abusive ones at once, on loopback.
 
-    python benchmarks/abuse_load.py [--run RUN] [--quick] [--good N] [--abusive N] [--duration S]
+    python benchmarks/abuse_load.py [--run RUN] [--quick] [--good N] [--abusive N] [--duration S] [--kinds REGEX]
 
 Without --run it trains a small `lite` run at 64 px on generated shapes first. The server
 runs as its own process on 127.0.0.1 with tight limits (printed); this process is the
@@ -16,6 +16,8 @@ one, and sent by clients that hang up at once) and text floods (/embed/text with
 and longest texts). A probe times GET /health throughout. The good clients and the probe
 run in a process of their own, so that their latencies are the server's and not those of
 a client event loop busy with the abusive clients' bodies (they share the CPUs all the same).
+`--kinds REGEX` keeps only the attacks whose names match (e.g. `flood` or `tiff`: what one
+kind of attack costs on its own); `--abusive 0` measures the good clients' own load.
 
 Reports the requests sent and the answers per kind, the count of server errors (5xx other
 than 503 "busy": must be 0) and of requests left unanswered (must be 0), p50/p99 latency of
@@ -254,11 +256,23 @@ async def idle_phase(port: int, image: bytes, seconds: float) -> tuple[list[floa
     return health, predict
 
 
-async def clients_phase(port: int, images: list[bytes], side: str, clients: int, duration: float, max_requests: int) -> dict:
+def selected_kinds(port: int, image: bytes, pattern: str | None) -> dict:
+    """abusive_kinds, only those whose names match the regular expression `pattern` (all without one)."""
+    import re
+
+    kinds = abusive_kinds(port, image)
+    chosen = {name: kind for name, kind in kinds.items() if pattern is None or re.search(pattern, name)}
+    if not chosen:
+        raise SystemExit(f"--kinds {pattern!r} matches none of: {', '.join(kinds)}")
+    return chosen
+
+
+async def clients_phase(port: int, images: list[bytes], side: str, clients: int, duration: float, max_requests: int,
+                        pattern: str | None = None) -> dict:
     """One side of the abuse phase, for `duration` s or `max_requests` requests: `clients`
     good clients (/predict, and /embed/text every fourth request) and the /health probe,
-    or `clients` abusive clients."""
-    kinds = abusive_kinds(port, images[0])
+    or `clients` abusive clients (sending the attacks that match `pattern`)."""
+    kinds = selected_kinds(port, images[0], pattern)
     names = list(kinds)
     answers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     wrong: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -328,7 +342,8 @@ def _good_side(conn, *args) -> None:
     conn.close()
 
 
-def abuse_phase(port: int, images: list[bytes], good: int, abusive: int, duration: float, max_requests: int) -> dict:
+def abuse_phase(port: int, images: list[bytes], good: int, abusive: int, duration: float, max_requests: int,
+                pattern: str | None = None) -> dict:
     """Good clients and the probe in a process of their own, abusive clients in this one,
     at once: a good client's latency is then the server's, not the wait of a client event
     loop busy building the abusive clients' megabyte bodies."""
@@ -338,7 +353,7 @@ def abuse_phase(port: int, images: list[bytes], good: int, abusive: int, duratio
     recv, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_good_side, args=(send, port, images, "good", good, duration, max_requests // 4), daemon=True)
     child.start()
-    res = asyncio.run(clients_phase(port, images, "abusive", abusive, duration, max_requests - max_requests // 4))
+    res = asyncio.run(clients_phase(port, images, "abusive", abusive, duration, max_requests - max_requests // 4, pattern))
     good_res = recv.recv()
     child.join(30)
     for name, c in good_res["answers"].items():
@@ -366,10 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--abusive", type=int, default=None, help="abusive clients (default: 56; quick: 48)")
     p.add_argument("--duration", type=float, default=None, help="seconds of abuse (default: 30; quick: 10)")
     p.add_argument("--max-requests", type=int, default=20_000, help="upper bound on requests in the abuse phase")
+    p.add_argument("--kinds", metavar="REGEX", help="only the attacks whose names match (default: all)")
     a = p.parse_args(argv)
-    good = a.good or (4 if a.quick else 8)
-    abusive = a.abusive or (48 if a.quick else 56)
+    good = a.good if a.good is not None else (4 if a.quick else 8)
+    abusive = a.abusive if a.abusive is not None else (48 if a.quick else 56)
     duration = a.duration or (10.0 if a.quick else 30.0)
+    selected_kinds(0, b"", a.kinds)  # a pattern that matches nothing fails here, before any training
     idle = 2.0 if a.quick else 5.0
     t_start = time.perf_counter()
     load_start = _load()
@@ -390,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             rss_before = server.memory_mib("VmRSS")
             peak_idle = server.memory_mib("VmHWM")
             reset = all([reset_peak(pid) for pid in server.pids()])  # from here VmHWM is the peak under abuse
-            res = abuse_phase(server.port, images, good, abusive, duration, a.max_requests)
+            res = abuse_phase(server.port, images, good, abusive, duration, a.max_requests, a.kinds)
             health_after = asyncio.run(call(server.port, get("/health")))[0]
             peak = server.memory_mib("VmHWM")
         finally:
@@ -406,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"run: {run if a.run else 'lite @ 64 px, trained here'}; server on {HOST}, one process, CPU")
     print("limits: " + " ".join(f"{k} {v}" for k, v in LIMITS.items()))
-    print(f"abuse phase: {good} good + {abusive} abusive clients + 1 health probe, {res['seconds']:.1f} s, "
+    print(f"abuse phase: {good} good + {abusive} abusive clients + 1 health probe, {res['seconds']:.1f} s"
+          f"{f', attacks matching {a.kinds!r}' if a.kinds else ''}, "
           f"{res['sent']} requests sent (bounded by {duration:g} s and {a.max_requests} requests)")
     print(f"{'kind':<18} {'sent':>6}  answers (status: count; 0 = closed without answer, None = none in time)")
     for name in sorted(answers):
