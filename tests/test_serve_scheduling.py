@@ -1,5 +1,5 @@
 """The service's scheduling of model work and of decodes, without a model or a server:
-the order the model thread runs image batches and text jobs in, the separate budgets of
+image batches running while text jobs run on their own thread, the separate budgets of
 images and text work, the size of text jobs, the decode gate (small images never wait
 behind large ones; too many large ones waiting get 503), and the small pieces around
 them (label normalisation, finite limits, freed memory given back). No timing: every
@@ -39,29 +39,49 @@ def _block(b):
     return gate, job
 
 
-def test_image_batches_go_first_and_text_jobs_still_get_turns():
-    b, order = _recording_batcher(enabled=False, image_turns=2)
+def test_image_batches_run_while_a_text_job_runs():
+    """Text work has a thread of its own: images submitted while a long text job runs
+    (and with more text queued behind it) are answered before that job ends."""
+    b, order = _recording_batcher(enabled=False)
     try:
-        gate, blocker = _block(b)
-        texts = [b.call(lambda i=i: order.append(f"T{i}")) for i in (1, 2, 3)]  # text queued first
+        gate, blocker = _block(b)  # the text thread is inside a job that waits for the gate
+        texts = [b.call(lambda i=i: order.append(f"T{i}")) for i in (1, 2)]
         images = [b.submit(torch.full((1, 3, 2, 2), i, dtype=torch.uint8)) for i in (1, 2, 3)]
-        gate.set()
-        for f in [blocker, *texts, *images]:
+        for f in images:
             f.result(10)
-        # first come first served would run T1 T2 T3 I1 I2 I3: the images would wait for every text job
-        assert order == ["I1", "I2", "T1", "I3", "T2", "T3"]
-        assert b.stats()["text_jobs"] == 4 and b.stats()["batches"] == 3
+        assert order == ["I1", "I2", "I3"] and not blocker.done() and not any(t.done() for t in texts)
+        gate.set()
+        for f in [blocker, *texts]:
+            f.result(10)
+        assert order == ["I1", "I2", "I3", "T1", "T2"]
+        assert b.stats()["text_jobs"] == 3 and b.stats()["batches"] == 3
     finally:
         b.stop()
 
 
-def test_text_work_takes_at_most_its_share_of_the_model_thread():
+def test_the_text_thread_runs_at_a_lower_cpu_priority():
+    import os
+
+    def priority():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    b = MicroBatcher(lambda px: px[:, :1, 0, 0].float(), text_nice=10)
+    b.start()
+    try:
+        text = b.call(priority).result(10)
+        image = b.submit(torch.zeros((1, 3, 2, 2), dtype=torch.uint8)).result(10)
+    finally:
+        b.stop()
+    assert text == min(19, priority() + 10) and image.shape == (1, 1)  # the model thread and this one keep theirs
+
+
+def test_text_work_takes_at_most_its_share_of_the_text_thread():
     """With text_share 0.5, a text job that took 10 s (on the batcher's clock) is followed
-    by 10 s without text: the images run, and the text waiting after them waits for its turn."""
+    by 10 s without text, while images run."""
     now = [0.0]
     order: list[str] = []
     b = MicroBatcher(lambda px: order.append(f"I{int(px[0, 0, 0, 0])}") or px[:, :1, 0, 0].float(),
-                     enabled=False, image_turns=1, text_share=0.5, clock=lambda: now[0])
+                     enabled=False, text_share=0.5, clock=lambda: now[0])
     b.start()
     try:
         gate, started = threading.Event(), threading.Event()
@@ -74,16 +94,15 @@ def test_text_work_takes_at_most_its_share_of_the_model_thread():
         blocker = b.call(ten_seconds)
         assert started.wait(10)
         text = b.call(lambda: order.append("T1"))
-        images = [b.submit(torch.full((1, 3, 2, 2), i, dtype=torch.uint8)) for i in (1, 2)]
         gate.set()
-        for f in [blocker, *images]:
+        blocker.result(10)
+        images = [b.submit(torch.full((1, 3, 2, 2), i, dtype=torch.uint8)) for i in (1, 2)]
+        for f in images:
             f.result(10)
-        assert order == ["I1", "I2"] and not text.done()  # without the share: I1 T1 I2 (a text turn after each batch)
+        assert order == ["I1", "I2"] and not text.done()  # its share keeps it waiting
         now[0] = 20.0
-        last = b.submit(torch.full((1, 3, 2, 2), 3, dtype=torch.uint8))  # wakes the model thread
-        text.result(10)
-        last.result(10)
-        assert order == ["I1", "I2", "T1", "I3"]
+        text.result(10)  # the text thread looks at the clock again within a second
+        assert order == ["I1", "I2", "T1"]
     finally:
         b.stop()
     with pytest.raises(ConfigError, match="text_share_pct"):
@@ -132,20 +151,26 @@ def test_text_is_costed_as_measured_against_images():
     assert Service._text_chunks(svc, [100, 100, 100, 100]) == [slice(0, 2), slice(2, 4)]  # jobs of at most 256 characters
 
 
-def test_text_jobs_run_on_text_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        seen = []
-        svc = types.SimpleNamespace(limits=Limits(text_threads=1))
-        assert Service._on_text_threads(svc, lambda x: seen.append(torch.get_num_threads()) or x + 1, 41) == 42
-        assert seen == [1] and torch.get_num_threads() == 2  # restored for the image tower
-    finally:
-        torch.set_num_threads(before)
+def test_the_lite_text_tower_runs_on_text_threads(monkeypatch, tmp_path):
+    """The service's text_threads reach the onnxruntime session of the `lite` text tower."""
+    from mumic.backbones import lite
 
+    made = {}
 
-# ----------------------------------------------------------------------------- decodes
+    class Session:
+        def __init__(self, *args, **kw):
+            made.update(kw)
 
+        def __call__(self, texts):
+            return torch.zeros(len(texts), lite.TEXT_FEATURE_DIM)
+
+    monkeypatch.setattr(lite, "OnnxMiniLM", Session)
+    monkeypatch.setattr(lite, "minilm_dir", lambda: str(tmp_path))
+    backbone = types.SimpleNamespace(text_tower_mode="frozen", device=torch.device("cpu"), _onnx_text=None,
+                                     _check_texts=lambda texts: texts)
+    assert lite.LiteBackbone.use_onnx_text(backbone, True, tmp_path, threads=1)
+    assert lite.LiteBackbone.text_features(backbone, ["a dog"]).shape == (1, lite.TEXT_FEATURE_DIM)
+    assert made["threads"] == 1 and made["cache_dir"] == tmp_path
 
 def _png(w, h, mode="RGB"):
     buf = io.BytesIO()

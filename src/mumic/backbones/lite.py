@@ -173,6 +173,7 @@ class LiteBackbone(Backbone):
         self.image_tower = build_efficientnet(image_size)
         self._onnx_text: Any = None  # set by use_onnx_text: onnxruntime runs the frozen text tower
         self._onnx_text_dir: Any = False
+        self._onnx_text_threads: int | None = None
         if lazy_text:
             # MiniLM (and transformers) load on the first text_features call: scoring a
             # run's own labels from its stored class embeddings needs no text tower
@@ -213,7 +214,7 @@ class LiteBackbone(Backbone):
             if self._onnx_text is None:
 
                 self._onnx_text = OnnxMiniLM(minilm_dir(), MINILM_SHA256, TEXT_MAX_LENGTH, build=lambda: build_minilm()[0],
-                                             cache_dir=self._onnx_text_dir)
+                                             cache_dir=self._onnx_text_dir, threads=self._onnx_text_threads)
             return self._onnx_text(texts).to(self.device)
         if self.tokenizer is None:
             self._load_text_tower()
@@ -225,14 +226,15 @@ class LiteBackbone(Backbone):
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
-    def use_onnx_text(self, enabled: bool = True, cache_dir: Any = None) -> bool:
+    def use_onnx_text(self, enabled: bool = True, cache_dir: Any = None, threads: int | None = None) -> bool:
         """Run the frozen text tower in onnxruntime on the CPU from the next text on (the
-        graph is exported once and cached; see OnnxMiniLM), or in PyTorch again. Returns
-        whether onnxruntime will run it."""
+        graph is exported once and cached; see OnnxMiniLM), on `threads` threads (default:
+        torch's), or in PyTorch again. Returns whether onnxruntime will run it."""
+        self._onnx_text = None
         if not enabled or self.text_tower_mode != "frozen":
-            self._onnx_text_dir, self._onnx_text = False, None
+            self._onnx_text_dir = False
             return False
-        self._onnx_text_dir = cache_dir
+        self._onnx_text_dir, self._onnx_text_threads = cache_dir, threads
         return True
 
     def _load_text_tower(self) -> None:

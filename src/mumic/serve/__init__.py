@@ -34,9 +34,10 @@ Model work is admitted by its cost, images and text work on separate budgets: im
 count one each (`max_pending_images`), texts (the prompts of new zero-shot labels,
 /embed/text entries) one per `text_chars_per_image` characters (`max_pending_texts`); a
 request's images are decoded before any of its labels is embedded, text work runs in
-small jobs between image batches (which go first) and takes at most `text_share_pct`
-percent of the model thread's time, and the queued work of a client that hangs up is
-dropped. Decoding holds at most `max_decoded_bytes` per image (checked from
+small jobs on a thread of its own at a lower CPU priority (image batches never wait
+behind it, and on a busy CPU it yields to them and to the event loop) and takes at most
+`text_share_pct` percent of that thread's time, and the queued work of a client that
+hangs up is dropped. Decoding holds at most `max_decoded_bytes` per image (checked from
 the header), `max_decoding_bytes` for all decodes at once, on at most `decode_threads`
 threads, one kept for small images (`decoding.DecodeGate`); thumbnails decode on the
 event loop, and a large decode runs in a worker process of its own (off the service's

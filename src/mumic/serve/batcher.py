@@ -1,6 +1,6 @@
-"""Micro-batching: one thread owns the model; image requests waiting together share a
-forward pass, text work (label prompts, /embed/text) runs in small jobs between batches,
-each kind of work within its own queue limit."""
+"""Micro-batching: image requests waiting together share a forward pass on the model
+thread; text work (label prompts, /embed/text) runs in small jobs on a text thread of its
+own, within its share of the CPU; each kind of work within its own queue limit."""
 
 import collections
 import concurrent.futures
@@ -39,20 +39,19 @@ class _Lane:
 
 
 class MicroBatcher:
-    """One worker thread that owns the model.
+    """Two worker threads: the model thread runs image batches, the text thread text jobs.
 
     Image jobs ([n, 3, S, S] uint8 each) waiting together are concatenated into one batch
     of at most max_batch_size images; the first job of a batch waits at most max_wait_ms
-    for others. Text jobs (`call`: label prompts, /embed/text) run on the same thread, so
-    the model is never used from two threads; the service cuts text work into small jobs.
-
-    Order: image batches first. A text job runs when no image waits, or once
-    `image_turns` image batches have run while it waited, so that neither kind starves
-    the other: an image request waits behind at most one text job. Text work takes at
-    most `text_share` of the thread's time: after a text job of d seconds the next one
-    starts d x (1 - text_share) / text_share seconds later at the earliest (image batches
-    run meanwhile), so a flood of text cannot keep the model thread, and a CPU core, busy
-    all the time that the event loop and the decoders need.
+    for others. Text jobs (`call`: label prompts, /embed/text; the service cuts text work
+    into small jobs) run one at a time on the text thread, so an image batch never waits
+    behind text: the towers are used for inference only, from these two threads, and
+    share no state. The text thread runs `text_nice` nice levels below the caller (Linux),
+    so that on a busy CPU it yields to the image batches and the event loop, and the
+    threads it starts (torch's) inherit that. Text work takes at most `text_share` of the text thread's time: after
+    a text job of d seconds the next one starts d x (1 - text_share) / text_share seconds
+    later at the earliest, so a flood of text cannot keep a CPU core busy all the time
+    that the event loop, the decoders and the image batches need.
 
     Admission counts image-equivalents, in two separate budgets: images against
     max_pending, text work against max_pending_texts (the cost it is given). While any
@@ -72,8 +71,8 @@ class MicroBatcher:
         max_wait_ms: float = 5.0,
         max_pending: int = 512,
         max_pending_texts: int = 64,
-        image_turns: int = 2,
         text_share: float = 1.0,
+        text_nice: int = 0,
         clock: Callable[[], float] = time.monotonic,
         name: str = "mumic-model",
     ) -> None:
@@ -81,23 +80,23 @@ class MicroBatcher:
         self.enabled = enabled
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
-        self.image_turns = max(1, int(image_turns))
         if not 0 < text_share <= 1:
             raise ValueError(f"text_share must be in (0, 1], got {text_share!r}")
         self.text_share = float(text_share)
+        self.text_nice = int(text_nice)
         self._clock = clock
         self._text_at = float("-inf")  # the next text job starts at this time (clock) at the earliest
         self._images = _Lane("images", max_pending)
         self._texts = _Lane("text", max_pending_texts)
         self._cond = threading.Condition()
         self._stopped = False
-        self._image_run = 0  # image batches run while text work waited, since the last text job
         self.batches = 0
         self.images = 0
         self.largest_batch = 0
         self.text_jobs = 0
         self.skipped = 0  # jobs cancelled before their turn
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._threads = [threading.Thread(target=self._image_loop, name=name, daemon=True),
+                         threading.Thread(target=self._text_loop, name=f"{name}-text", daemon=True)]
 
     @property
     def max_pending(self) -> int:
@@ -114,7 +113,8 @@ class MicroBatcher:
             return self._stopped or self._texts.pending >= self._texts.limit
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
@@ -122,8 +122,9 @@ class MicroBatcher:
                 return
             self._stopped = True
             self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -173,7 +174,7 @@ class MicroBatcher:
             self._release(self._texts, cost)
 
     def call(self, fn: Callable[[], Any], cost: int = 0) -> concurrent.futures.Future:
-        """Run fn() on the model thread, as a text job; `cost` (image-equivalents) counts
+        """Run fn() on the text thread, as a text job; `cost` (image-equivalents) counts
         against max_pending_texts until it has run."""
         cost = max(0, int(cost))
         self._admit(self._texts, cost)
@@ -181,25 +182,16 @@ class MicroBatcher:
         self._put(self._texts, job)
         return job.future
 
-    # ------------------------------------------------------------------ the model thread
-    def _next(self) -> tuple[str, list[_Job]] | None:
-        """The next work, by the order above: ("text", [job]) or ("images", batch); None once
-        stopped and the work queued before has run."""
-        images, texts = self._images.jobs, self._texts.jobs
+    # ------------------------------------------------------------------ the worker threads
+    def _next_batch(self) -> list[_Job] | None:
+        """The next image batch (for the model thread); None once stopped and the images
+        queued before have run."""
+        images = self._images.jobs
         with self._cond:
-            while True:
-                if not images and not texts:
-                    if self._stopped:
-                        return None
-                    self._cond.wait()
-                    continue
-                text_due = bool(texts) and (self._stopped or self._clock() >= self._text_at)
-                if text_due and (not images or self._image_run >= self.image_turns):
-                    self._image_run = 0
-                    return "text", [texts.popleft()]
-                if images:
-                    break
-                self._cond.wait(max(self._text_at - self._clock(), 0.001))  # only text waits, for its share
+            while not images:
+                if self._stopped:
+                    return None
+                self._cond.wait()
             job = images.popleft()
             batch, n = [job], job.n
             if self.enabled:
@@ -216,21 +208,37 @@ class MicroBatcher:
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-            if texts:
-                self._image_run += 1
-            return "images", batch
+            return batch
 
-    def _loop(self) -> None:
-        while True:
-            work = self._next()
-            if work is None:
-                break
-            kind, jobs = work
-            if kind == "text":
-                self._run_call(jobs[0])
-            else:
-                self._run_batch(jobs)
-        self._fail_leftovers()
+    def _next_text(self) -> _Job | None:
+        """The next text job once its share allows (for the text thread); None once stopped
+        and the text work queued before has run."""
+        texts = self._texts.jobs
+        with self._cond:
+            while True:
+                if not texts:
+                    if self._stopped:
+                        return None
+                    self._cond.wait()
+                    continue
+                wait = self._text_at - self._clock()
+                if self._stopped or wait <= 0:
+                    return texts.popleft()
+                self._cond.wait(min(max(wait, 0.001), 1.0))  # the clock may be a test's: look again
+
+    def _image_loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._run_batch(batch)
+        self._fail_leftovers(self._images)
+
+    def _text_loop(self) -> None:
+        if self.text_nice > 0:
+            from mumic.serve.decoding import lower_priority
+
+            lower_priority(self.text_nice)
+        while (job := self._next_text()) is not None:
+            self._run_call(job)
+        self._fail_leftovers(self._texts)
 
     def _run_call(self, job: _Job) -> None:
         try:
@@ -273,11 +281,10 @@ class MicroBatcher:
         finally:
             self._release(self._images, sum(j.n for j in batch))
 
-    def _fail_leftovers(self) -> None:
+    def _fail_leftovers(self, lane: _Lane) -> None:
         with self._cond:
-            left = [*self._images.jobs, *self._texts.jobs]
-            self._images.jobs.clear()
-            self._texts.jobs.clear()
+            left = list(lane.jobs)
+            lane.jobs.clear()
         for job in left:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(ServiceError(503, "the service is shutting down"))

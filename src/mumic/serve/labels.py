@@ -12,7 +12,7 @@ class LabelBank:
     """Class embeddings v and biases b: the run's labels (computed once) and extra
     zero-shot labels (an LRU cache of at most `capacity` names).
 
-    compute() runs on the model thread; lookups, inserts and scoring happen on the event loop.
+    compute() runs on the text thread; lookups, inserts and scoring happen on the event loop.
     """
 
     # the run's own labels: [C, D] class embeddings and [C] biases; None with a linear head

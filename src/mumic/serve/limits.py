@@ -44,10 +44,11 @@ class Limits:
     characters of a request's texts together (measured: on a CPU a text tower takes about
     as long for 32 characters of text as the image tower for one image, and small models
     pay the most per character), over `max_pending_texts` queued 503. Text
-    work runs in jobs of about `text_job_images` image-equivalents, between image batches,
-    so that an image request waits behind at most one such job, on `text_threads` torch
-    threads (small jobs gain nothing from more, and lose much on a busy CPU), and take at
-    most `text_share_pct` percent of the model thread's time (see MicroBatcher).
+    work runs in jobs of about `text_job_images` image-equivalents on a text thread of its
+    own, so that an image batch never waits behind it, on `text_threads` threads of the
+    `lite` text tower's onnxruntime session (small jobs gain nothing from more, and lose
+    much on a busy CPU; a PyTorch text tower uses torch's threads), and takes at most
+    `text_share_pct` percent of that thread's time (see MicroBatcher).
     """
 
     max_request_bytes: int = 64 * 2**20
@@ -94,7 +95,7 @@ class Limits:
             elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{f.name} must be a positive integer, got {value!r}")
         if self.text_share_pct > 100:
-            raise ConfigError(f"text_share_pct is a percentage of the model thread's time, at most 100; got {self.text_share_pct}")
+            raise ConfigError(f"text_share_pct is a percentage of the text thread's time, at most 100; got {self.text_share_pct}")
 
     @classmethod
     def from_kwargs(cls, **kw: Any) -> "Limits":

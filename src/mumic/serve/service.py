@@ -30,6 +30,10 @@ from mumic.serve.limits import Limits
 
 log = logging.getLogger(__name__)
 
+#: the text thread runs this much nicer than the rest of the service: text work (zero-shot
+#: labels, /embed/text) is what waits when the CPU is short, not the image batches
+TEXT_NICE = 10
+
 #: uploads that decode to at most this many bytes (128 x 128 RGB) are decoded on the event
 #: loop: well under a millisecond each, less than the hop to a thread costs on a busy CPU
 INLINE_DECODE_BYTES = 64 * 1024
@@ -119,7 +123,7 @@ class Service:
         self.run_name = Path(run_dir).name
         self.model = model = Predictor.from_run(run_dir, device=device)
         model.eval()
-        model.set_engine(engine)
+        model.set_engine(engine, text_threads=lim.text_threads)  # text jobs are small: more threads gain nothing on a busy CPU
         self.size = model.backbone.image_size
         self.dim = model.backbone.embed_dim
         self.bank = LabelBank(model, lim.label_cache_size)
@@ -130,6 +134,7 @@ class Service:
         self.batcher = MicroBatcher(
             self._run_images, enabled=lim.batching, max_batch_size=lim.max_batch_size, max_wait_ms=lim.max_wait_ms,
             max_pending=lim.max_pending_images, max_pending_texts=lim.max_pending_texts, text_share=lim.text_share_pct / 100,
+            text_nice=TEXT_NICE,
         )
         self.batcher.start()
         self.decodes = DecodeGate(lim.max_decoding_bytes, lim.decode_threads, small_bytes=lim.max_decoded_bytes // 8)
@@ -143,7 +148,7 @@ class Service:
         self.batcher.stop()
         self.decodes.close()
 
-    # ------------------------------------------------------------------ the model thread
+    # ------------------------------------------------------------------ the model and text threads
     def _run_images(self, px: Any) -> Any:
         with torch.inference_mode():
             return self.model.image_embeddings(px).float().cpu()
@@ -153,19 +158,6 @@ class Service:
             return self.model.embed_texts(texts)
         finally:
             self.model.clear_text_cache()
-
-    def _on_text_threads(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """fn(*args) with torch on text_threads threads (on the model thread): text jobs are
-        small, and on a busy CPU more threads make them slower, not faster."""
-        before = torch.get_num_threads()
-        want = min(self.limits.text_threads, before)
-        if want != before:
-            torch.set_num_threads(want)
-        try:
-            return fn(*args)
-        finally:
-            if want != before:
-                torch.set_num_threads(before)
 
     async def embed_pixels(self, px: Any, watch: ClientWatch) -> Any:
         """Unnormalised image embeddings [n, D] of uint8 pixels [n, 3, S, S], batched with other requests'."""
@@ -206,7 +198,7 @@ class Service:
         with self.batcher.reserved(self.text_cost(texts)):  # 503 here when the queue is full
             for part in self._text_chunks([len(t) for t in texts]):
                 watch.check()
-                job = functools.partial(self._on_text_threads, self._text_embeddings, texts[part])
+                job = functools.partial(self._text_embeddings, texts[part])
                 parts.append(np.asarray(await watch.result(self.batcher.call(job))))
         return np.concatenate(parts)
 
@@ -276,7 +268,7 @@ class Service:
 
     async def label_params(self, specs: list[Any], watch: ClientWatch) -> tuple[list[Any], Any, Any]:
         """Specs, [C, D] class embeddings and [C] biases of `specs` (from LabelBank.requested):
-        zero-shot ones are embedded on the model thread the first time they are asked for,
+        zero-shot ones are embedded on the text thread the first time they are asked for,
         admitted by the cost of their prompts and computed in batch-sized jobs."""
         bank = self.bank
         rows = bank.known_rows(specs)
@@ -287,7 +279,7 @@ class Service:
                 for part in self._text_chunks([sum(map(len, p)) for p in prompts]):
                     watch.check()
                     chunk = todo[part]
-                    tv, tb = await watch.result(self.batcher.call(functools.partial(self._on_text_threads, bank.compute, chunk)))
+                    tv, tb = await watch.result(self.batcher.call(functools.partial(bank.compute, chunk)))
                     bank.put(chunk, tv, tb)
                     rows.update({s.name: (tv[i], tb[i]) for i, s in enumerate(chunk)})
         return bank.params(specs, rows)
