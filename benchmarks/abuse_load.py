@@ -236,11 +236,11 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
 GOOD_TEXT = b'{"texts": ["a red circle"]}'
 
 
-async def idle_phase(port: int, image: bytes, seconds: float) -> tuple[list[float], list[float]]:
+async def idle_phase(port: int, image: bytes, seconds: float) -> tuple[list[float], list[float], list[float]]:
     """Health and predict latencies on the idle server, one request at a time, with the
     good clients' own mix: a short /embed/text after every third /predict (so the idle
     server has loaded what normal traffic uses, the text tower included)."""
-    health, predict = [], []
+    health, predict, texts = [], [], []
     end = time.perf_counter() + seconds
     i = 0
     while time.perf_counter() < end:
@@ -252,8 +252,10 @@ async def idle_phase(port: int, image: bytes, seconds: float) -> tuple[list[floa
             predict.append(t)
         i += 1
         if i % 3 == 0:
-            await call(port, post("/embed/text", GOOD_TEXT, "application/json"), limit=30)
-    return health, predict
+            status, t = await call(port, post("/embed/text", GOOD_TEXT, "application/json"), limit=30)
+            if status == 200:
+                texts.append(t)
+    return health, predict, texts
 
 
 def selected_kinds(port: int, image: bytes, pattern: str | None) -> dict:
@@ -277,6 +279,7 @@ async def clients_phase(port: int, images: list[bytes], side: str, clients: int,
     answers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     wrong: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     predict_t: list[float] = []
+    text_t: list[float] = []
     health_t: list[float] = []
     health_bad = 0
     sent = 0
@@ -300,8 +303,10 @@ async def clients_phase(port: int, images: list[bytes], side: str, clients: int,
                 if status not in (200, 503):
                     wrong["good_predict"][status] += 1
             else:
-                status, _ = await call(port, post("/embed/text", GOOD_TEXT, "application/json"), limit=30)
+                status, t = await call(port, post("/embed/text", GOOD_TEXT, "application/json"), limit=30)
                 answers["good_embed_text"][status] += 1
+                if status == 200:
+                    text_t.append(t)
                 if status not in (200, 503):
                     wrong["good_embed_text"][status] += 1
 
@@ -333,7 +338,7 @@ async def clients_phase(port: int, images: list[bytes], side: str, clients: int,
         await asyncio.gather(probe(), *[good_client(i) for i in range(clients)])
     else:
         await asyncio.gather(*[abusive_client(i) for i in range(clients)])
-    return {"answers": answers, "wrong": wrong, "predict": predict_t, "health": health_t, "health_bad": health_bad,
+    return {"answers": answers, "wrong": wrong, "predict": predict_t, "text": text_t, "health": health_t, "health_bad": health_bad,
             "sent": sent, "seconds": time.perf_counter() - t0}
 
 
@@ -360,7 +365,7 @@ def abuse_phase(port: int, images: list[bytes], good: int, abusive: int, duratio
         res["answers"][name].update(c)
     for name, c in good_res["wrong"].items():
         res["wrong"][name].update(c)
-    for key in ("predict", "health", "health_bad", "sent"):
+    for key in ("predict", "text", "health", "health_bad", "sent"):
         res[key] += good_res[key]
     res["seconds"] = max(res["seconds"], good_res["seconds"])
     return res
@@ -403,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         server = ServeProcess(run, work / "server.log", *(x for kv in LIMITS.items() for x in kv))
         try:
             asyncio.run(idle_phase(server.port, images[0], 1.0))  # warm-up
-            health_idle, predict_idle = asyncio.run(idle_phase(server.port, images[0], idle))
+            health_idle, predict_idle, text_idle = asyncio.run(idle_phase(server.port, images[0], idle))
             rss_before = server.memory_mib("VmRSS")
             peak_idle = server.memory_mib("VmHWM")
             reset = all([reset_peak(pid) for pid in server.pids()])  # from here VmHWM is the peak under abuse
@@ -420,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     busy = sum(c.get(503, 0) for c in answers.values())
     h_idle, h_abuse = percentiles(health_idle), percentiles(res["health"])
     p_idle, p_abuse = percentiles(predict_idle), percentiles(res["predict"])
+    t_idle, t_abuse = percentiles(text_idle), percentiles(res["text"])
 
     print(f"run: {run if a.run else 'lite @ 64 px, trained here'}; server on {HOST}, one process, CPU")
     print("limits: " + " ".join(f"{k} {v}" for k, v in LIMITS.items()))
@@ -439,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(res['health'])} calls, {res['health_bad']} failed)")
     print(f"/predict idle: p50 {p_idle[0]:.1f} ms, p99 {p_idle[1]:.1f} ms ({len(predict_idle)} calls)   "
           f"under abuse: p50 {p_abuse[0]:.1f} ms, p99 {p_abuse[1]:.1f} ms ({len(res['predict'])} answered 200)")
+    print(f"/embed/text (good, one short text) idle: p50 {t_idle[0]:.1f} ms, p99 {t_idle[1]:.1f} ms ({len(text_idle)} calls)   "
+          f"under abuse: p50 {t_abuse[0]:.1f} ms, p99 {t_abuse[1]:.1f} ms ({len(res['text'])} answered 200)")
     print(f"server memory: RSS {rss_before:.0f} MiB on the idle server (peak so far {peak_idle:.0f} MiB), "
           f"peak under abuse (VmHWM{' reset before the abuse' if reset else ', since start'}) {peak:.0f} MiB; "
           f"health after the abuse: {health_after}; exit code on SIGINT: {code}; tracebacks in its log: {log.count('Traceback')}")
