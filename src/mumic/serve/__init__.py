@@ -13,9 +13,10 @@
     GET  /               a page over this API (tags, zero-shot labels, catalogue search)
     GET  /gallery/{row}  a catalogue image of the index, by its row (the page's gallery)
 
-One model thread owns the model. Image requests are queued and run together
-(micro-batching: up to `max_batch_size` images, waiting at most `max_wait_ms` for
-company), so concurrent clients share forward passes. `labels` means what it means in
+A model thread runs the image batches and a text thread the text work (MicroBatcher).
+Image requests are queued and run together (micro-batching: up to `max_batch_size`
+images, waiting at most `max_wait_ms` for company), so concurrent clients share forward
+passes. `labels` means what it means in
 `mumic predict --labels` and Predictor.predict_proba: score exactly these labels;
 `extra_labels` adds labels to the run's. The run's class embeddings are computed once at
 start; zero-shot labels are embedded on first use and kept in a bounded LRU cache.
