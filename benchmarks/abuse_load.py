@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import functools
 import json
 import os
 import random
@@ -146,6 +147,7 @@ def chunked(total: int, size: int = 65_536) -> list[bytes]:
     return out + [b"0\r\n\r\n"]
 
 
+@functools.cache
 def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
@@ -154,8 +156,11 @@ def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+@functools.cache
 def tiff(mode: str, width: int, height: int) -> bytes:
-    """A deflate-compressed TIFF of one value: a few hundred KB at most, however large."""
+    """A deflate-compressed TIFF of one value: a few hundred KB at most, however large
+    (built once per process: abusive_kinds is called to check --kinds, by each side, and
+    for the report)."""
     import io
 
     from PIL import Image

@@ -19,6 +19,18 @@ from PIL import Image
 HOST = "127.0.0.1"
 
 
+def traced_peak(fn, *args):
+    """(fn(*args), the peak bytes Python's allocators (numpy's included) held while it ran)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        out = fn(*args)
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))

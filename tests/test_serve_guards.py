@@ -9,7 +9,6 @@ import asyncio
 import concurrent.futures
 import json
 import threading
-import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +20,7 @@ from PIL import Image
 
 from mumic.data.manifest import read_manifest
 from mumic.errors import ConfigError, UploadError
-from serving import assert_error, png_bytes
+from serving import assert_error, png_bytes, traced_peak
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +109,7 @@ def test_high_bit_depth_images_convert_without_a_widened_copy(monkeypatch):
     n = 1000 * 1000
     for img in (Image.fromarray(rng.random((1000, 1000), dtype=np.float32), mode="F"),
                 Image.fromarray(rng.integers(0, 65535, (1000, 1000), dtype=np.uint16))):
-        tracemalloc.start()
-        try:
-            out = preprocess.to_rgb(img)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+        out, peak = traced_peak(preprocess.to_rgb, img)
         assert out.mode == "RGB" and out.size == (1000, 1000)
         assert peak < 1.5 * n, f"{img.mode}: {peak:,} bytes traced for {n:,} pixels"  # the uint8 result and one chunk
 

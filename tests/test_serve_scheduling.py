@@ -21,6 +21,7 @@ from mumic.errors import ConfigError, ServiceError
 from mumic.serve import Limits, MicroBatcher
 from mumic.serve.decoding import DecodeGate, decode_cost
 from mumic.serve.service import Service
+from serving import traced_peak
 
 
 def _recording_batcher(**kw):
@@ -465,8 +466,6 @@ def test_decoding_copies_an_unturned_image_only_to_detach_it(monkeypatch):
 def test_high_bit_depth_arithmetic_works_in_place_on_one_copy(monkeypatch, mode):
     """With the whole image as one chunk, its conversion holds one widened copy (float64
     or int32) and the uint8 result: not a new array per step (astype, nan_to_num, clip, round)."""
-    import tracemalloc
-
     from mumic.data import preprocess
 
     rng = np.random.default_rng(0)
@@ -474,12 +473,7 @@ def test_high_bit_depth_arithmetic_works_in_place_on_one_copy(monkeypatch, mode)
     arr = rng.random((500, 500), dtype=np.float32) if mode == "F" else rng.integers(0, 65535, (500, 500), dtype=np.uint16)
     img = Image.fromarray(arr, mode="F") if mode == "F" else Image.fromarray(arr)
     monkeypatch.setattr(preprocess, "_CHUNK_PIXELS", n)
-    tracemalloc.start()
-    try:
-        out = preprocess.to_rgb(img)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    out, peak = traced_peak(preprocess.to_rgb, img)
     ref = np.round(arr.astype(np.float64) * 255) if mode == "F" else np.round(arr / 257)
     assert np.array_equal(np.asarray(out)[..., 0], ref.astype(np.uint8))
     # the source chunk, one float64 (8 n) or int32 (4 n) copy, numpy's masks, the result;

@@ -27,10 +27,12 @@ import ctypes.util
 import functools
 import io
 import logging
+import multiprocessing
 import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, NamedTuple
 
 from mumic.errors import ServiceError, UploadError
@@ -172,9 +174,6 @@ class DecodeGate:
         the first call): `fn` and `args` must pickle, an UploadError comes back as itself.
         A worker that dies (a decoder crash, the kernel's OOM killer) fails the decodes it
         held with 503; the next call starts new workers."""
-        import multiprocessing
-        from concurrent.futures.process import BrokenProcessPool
-
         pool = self._large_pool
         if pool is None:
             pool = self._large_pool = concurrent.futures.ProcessPoolExecutor(
