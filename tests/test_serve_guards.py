@@ -172,18 +172,20 @@ def test_deeply_nested_json_is_a_422_not_a_server_error(run):
         assert_error(r, 422, "nested too deeply")
 
 
-def _block_model_thread(svc, cost=1):
+def _block_text_threads(svc, cost=1):
+    """A job of `cost` on the text thread and one on the bulk thread, both running until the gate opens."""
     gate = threading.Event()
-    job = svc.batcher.call(lambda: gate.wait(20), cost=cost)
-    return gate, job
+    jobs = [svc.batcher.call(lambda: gate.wait(20), cost=cost, bulk=bulk) for bulk in (False, True)]
+    return gate, SimpleNamespace(result=lambda timeout: [j.result(timeout) for j in jobs])
 
 
 def test_text_and_label_work_is_admitted_by_its_cost(run, image):
     with client(run, max_pending_texts=8, text_chars_per_image=100) as c:
         svc = c.app.state.service
-        gate, job = _block_model_thread(svc)
+        gate, job = _block_text_threads(svc)
         try:
-            # 2 texts of 500 characters cost 10 images (100 characters each): over the text budget of 8 while anything waits
+            # 2 texts of 500 characters cost 10 images (100 characters each): over the (bulk) text budget of 8 while
+            # anything waits
             r = c.post("/embed/text", json={"texts": ["x" * 500] * 2})
             assert_error(r, 503, "busy")
             assert r.headers["retry-after"] == "1"
@@ -204,11 +206,11 @@ def test_text_and_label_work_is_admitted_by_its_cost(run, image):
 def test_embed_text_is_refused_from_its_headers_when_the_text_budget_is_full(run):
     with client(run, max_pending_texts=4) as c:
         svc = c.app.state.service
-        gate, job = _block_model_thread(svc, cost=4)  # the whole text budget is held
+        gate, job = _block_text_threads(svc, cost=4)  # the whole text budgets are held
         try:
             # not even valid JSON: refused 503 from the headers, before the body is parsed (a 422 otherwise)
             r = c.post("/embed/text", content=b"not json at all", headers={"content-type": "application/json"})
-            assert_error(r, 503, "text work budget of 4 image-equivalents is full")
+            assert_error(r, 503, "text work budgets of 4 image-equivalents are full")
             assert r.headers["retry-after"] == "1"
         finally:
             gate.set()
@@ -222,11 +224,11 @@ def test_predict_with_new_labels_is_refused_before_decoding_when_the_text_budget
     junk = [("images", ("junk.png", b"not an image at all", "image/png"))]
     with client(run, max_pending_texts=4) as c:
         svc = c.app.state.service
-        gate, job = _block_model_thread(svc, cost=4)  # the whole text budget is held
+        gate, job = _block_text_threads(svc, cost=4)  # the whole text budgets are held
         try:
             # new zero-shot labels cannot be admitted: 503 before the (garbage) image is decoded, a 422 otherwise
             r = c.post("/predict", files=junk, data={"extra_labels": ["a never seen label"]})
-            assert_error(r, 503, "text work budget of 4 image-equivalents is full")
+            assert_error(r, 503, "text work budgets of 4 image-equivalents are full")
             assert r.headers["retry-after"] == "1"
             r = c.post("/predict", files=junk)  # the run's own labels need no text work: judged as usual
             assert_error(r, 422, "junk.png")
@@ -303,25 +305,30 @@ def test_work_for_a_client_that_left_is_dropped(run, image, monkeypatch, kind):
             body, ctype = _multipart(image, ["left label one", "left label two"])
 
         async def go():
-            gate, job = _block_model_thread(svc)
+            gate, job = _block_text_threads(svc)
             task, leave, sent = _asgi_post(c.app, "/predict" if kind != "embed_text" else "/embed/text", body, ctype)
-            for _ in range(500):  # until the request's work waits behind the blocked model thread
-                if svc.batcher.stats()["pending_texts"] > 1:
+            def pending():
+                stats = svc.batcher.stats()
+                return stats["pending_texts"] + stats["pending_bulk_texts"]
+
+            for _ in range(500):  # until the request's work waits behind the blocked text threads
+                if pending() > 2:
                     break
                 await asyncio.sleep(0.01)
-            assert svc.batcher.stats()["pending_texts"] > 1
+            assert pending() > 2
             leave.set()  # the client disconnects
-            await asyncio.wait_for(task, 10)  # answered without waiting for the model thread
+            await asyncio.wait_for(task, 10)  # answered without waiting for the text threads
             gate.set()
-            await asyncio.wrap_future(job)
-            await asyncio.wrap_future(svc.batcher.call(lambda: None))  # everything queued before it has been handled
+            await asyncio.to_thread(job.result, 10)
+            for bulk in (False, True):  # everything queued before these has been handled
+                await asyncio.wrap_future(svc.batcher.call(lambda: None, bulk=bulk))
             return sent
 
         sent = asyncio.run(go())
         assert sent[0]["status"] == 499
         assert ran == [] and len(svc.bank) == 0  # the queued work was skipped, not computed
         stats = svc.batcher.stats()
-        assert stats["skipped"] == 1 and stats["pending_images"] == 0 and stats["pending_texts"] == 0
+        assert stats["skipped"] == 1 and stats["pending_images"] == 0 and stats["pending_texts"] == stats["pending_bulk_texts"] == 0
 
 
 # ----------------------------------------------------------------------------- exposure

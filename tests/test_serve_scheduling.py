@@ -110,6 +110,75 @@ def test_text_work_takes_at_most_its_share_of_the_text_thread():
         Limits(text_share_pct=101)
 
 
+def test_a_batch_waits_for_more_jobs_only_until_its_first_has_waited_max_wait():
+    """max_wait_ms counts from when the first job of a batch was queued: a job that waited
+    behind a running batch that long goes as soon as the model thread is free, instead
+    of waiting max_wait_ms more (here a minute on the batcher's clock, which stands still)."""
+    now = [0.0]
+    gate, started, sizes = threading.Event(), threading.Event(), []
+
+    def run(px):
+        sizes.append(len(px))
+        if len(sizes) == 1:
+            started.set()
+            gate.wait(10)
+        return px[:, :1, 0, 0].float()
+
+    b = MicroBatcher(run, max_batch_size=8, max_wait_ms=60_000, clock=lambda: now[0])
+    b.start()
+    try:
+        first = b.submit(torch.zeros((1, 3, 2, 2), dtype=torch.uint8))
+        now[0] = 60.0  # its minute is up: it runs alone (and holds the model thread)
+        assert started.wait(10)
+        second = b.submit(torch.ones((1, 3, 2, 2), dtype=torch.uint8))
+        now[0] = 120.0  # the second job has now waited a minute in the queue
+        gate.set()
+        assert first.result(10).shape == (1, 1)
+        assert second.result(10).shape == (1, 1)  # no further minute of waiting for company
+        assert sizes == [1, 1]
+        third = b.submit(torch.ones((2, 3, 2, 2), dtype=torch.uint8))
+        fourth = b.submit(torch.ones((3, 3, 2, 2), dtype=torch.uint8))
+        now[0] = 180.0
+        assert [f.result(10).shape for f in (third, fourth)] == [(2, 1), (3, 1)]
+        assert sizes == [1, 1, 5]  # jobs queued within the first one's minute share its batch
+    finally:
+        b.stop()
+
+
+def test_bulk_text_jobs_run_apart_at_the_lowest_priority():
+    """A large request's text jobs (bulk=True) run on a thread of their own at nice 19
+    and on a budget of their own: a small text job queued behind them runs first, and is
+    admitted while bulk work fills its budget."""
+    import os
+
+    def priority():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    b, order = _recording_batcher(max_pending_texts=4, text_nice=10)
+    try:
+        gate, started = threading.Event(), threading.Event()
+        bulk = b.call(lambda: (started.set(), gate.wait(10), priority())[-1], cost=3, bulk=True)
+        assert started.wait(10)
+        small = b.call(lambda: order.append("T1") or priority(), cost=1)
+        assert small.result(10) == min(19, priority() + 10) and order == ["T1"] and not bulk.done()
+        with pytest.raises(ServiceError) as e:  # the bulk budget (3 + 2 of 4) is full ...
+            b.call(lambda: None, cost=2, bulk=True)
+        assert e.value.status == 503 and "bulk text" in str(e.value)
+        with b.reserved(4):  # ... while the small one takes all of its own
+            assert not b.texts_full()
+            with pytest.raises(ServiceError):
+                b.call(lambda: None, cost=1)
+            with b.reserved(1, bulk=True):
+                assert b.texts_full()
+        gate.set()
+        assert bulk.result(10) == 19
+        stats = b.stats()
+        assert (stats["bulk_jobs"], stats["text_jobs"], stats["pending_texts"], stats["pending_bulk_texts"]) == (1, 1, 0, 0)
+    finally:
+        b.stop()
+    assert priority() < 10  # the caller keeps its own priority
+
+
 def test_images_and_text_work_have_separate_budgets():
     b, _ = _recording_batcher(max_pending=4, max_pending_texts=3)
     try:
@@ -138,6 +207,28 @@ def test_text_work_runs_in_small_jobs():
     assert chunks == [slice(0, 2), slice(2, 3), slice(3, 4), slice(4, 6)]  # at most 100 characters, or one long text alone
     svc.limits = Limits(text_chars_per_image=100, text_job_images=3)
     assert Service._text_chunks(svc, [60, 30, 60, 250, 10, 10]) == [slice(0, 3), slice(3, 6)]
+
+
+def test_large_text_requests_run_on_the_bulk_thread():
+    """/embed/text (and new labels) of more than one job's worth run as bulk jobs; one
+    query's worth stays on the text thread."""
+    calls = []
+    batcher = MicroBatcher(lambda px: px)
+    batcher.start()
+    real_call = batcher.call
+    svc = types.SimpleNamespace(limits=Limits(text_chars_per_image=10, text_job_images=2), batcher=batcher,
+                                _text_embeddings=lambda texts: np.zeros((len(texts), 3)))
+    svc.text_cost, svc._text_chunks = types.MethodType(Service.text_cost, svc), types.MethodType(Service._text_chunks, svc)
+    svc.is_bulk = types.MethodType(Service.is_bulk, svc)
+    batcher.call = lambda fn, cost=0, bulk=False: calls.append(bulk) or real_call(fn, cost, bulk)
+    watch = types.SimpleNamespace(check=lambda: None, result=lambda f: asyncio.wrap_future(f))
+    try:
+        small = asyncio.run(Service.embed_text_list(svc, ["a query"], watch))  # 1 image-equivalent
+        large = asyncio.run(Service.embed_text_list(svc, ["x" * 15] * 4, watch))  # 6, in jobs of 20 characters
+    finally:
+        batcher.stop()
+    assert small.shape == (1, 3) and large.shape == (4, 3)
+    assert calls == [False, True, True, True, True] and batcher.stats()["bulk_jobs"] == 4
 
 
 def test_text_is_costed_as_measured_against_images():
@@ -368,9 +459,10 @@ def test_thumbnails_decode_inline_and_larger_images_through_the_gate(monkeypatch
     assert large == ["image 2 (big.png)"]  # 1000 x 800 x 4 bytes: over an eighth of the limit, in a decode process
 
 
-def test_large_decodes_run_in_a_worker_process_at_a_lower_cpu_priority():
-    """Off the service's GIL, at nice +10; the pixels are image_pixels' own, and an upload
-    the decoder refuses comes back as the same UploadError (status and message)."""
+def test_large_decodes_run_in_a_worker_process_as_background_work():
+    """Off the service's GIL, under SCHED_IDLE (and at nice +10); the pixels are
+    image_pixels' own, and an upload the decoder refuses comes back as the same
+    UploadError (status and message)."""
     import os
 
     from mumic.data.images import image_pixels
@@ -383,17 +475,19 @@ def test_large_decodes_run_in_a_worker_process_at_a_lower_cpu_priority():
     async def go():
         pid = await gate.run_large(os.getpid)
         nice = await gate.run_large(os.getpriority, os.PRIO_PROCESS, 0)
+        policy = await gate.run_large(os.sched_getscheduler, 0)
         px = await gate.run_large(decode_pixels, png, "image 0 (big.png)", 16, 10**8, 10**8)
         with pytest.raises(UploadError) as refused:
             await gate.run_large(decode_pixels, b"not an image", "image 1 (x.png)", 16, 10**8, 10**8)
-        return pid, nice, px, refused.value
+        return pid, nice, policy, px, refused.value
 
     try:
-        pid, nice, px, refused = asyncio.run(go())
+        pid, nice, policy, px, refused = asyncio.run(go())
     finally:
         gate.close()
     assert pid != os.getpid()
     assert nice == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)  # this process keeps its own priority
+    assert policy == os.SCHED_IDLE and os.sched_getscheduler(0) == os.SCHED_OTHER
     np.testing.assert_array_equal(px, image_pixels(png, 16, max_pixels=10**8, name="x", max_decoded_bytes=10**8))
     with pytest.raises(UploadError) as inline:
         image_pixels(b"not an image", 16, max_pixels=10**8, name="image 1 (x.png)", max_decoded_bytes=10**8)

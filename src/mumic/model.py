@@ -10,6 +10,7 @@ b is per label): that is zero-shot prediction, with nothing retrained.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import OrderedDict
@@ -168,9 +169,11 @@ class MuMIC(nn.Module):
         todo: list[int] = []
         for i, ps in enumerate(prompt_sets):
             key = tuple(ps)
-            if use_cache and key in self._text_cache:
-                out[i] = self._text_cache[key]
-                self._text_cache.move_to_end(key)
+            hit = self._text_cache.get(key) if use_cache else None
+            if hit is not None:
+                out[i] = hit
+                with contextlib.suppress(KeyError):  # cleared meanwhile by another thread (a service's text jobs)
+                    self._text_cache.move_to_end(key)
             else:
                 todo.append(i)
         if todo:
@@ -190,7 +193,8 @@ class MuMIC(nn.Module):
                 if use_cache:
                     self._text_cache[tuple(prompt_sets[i])] = f.detach()
                     while len(self._text_cache) > TEXT_CACHE_SIZE:
-                        self._text_cache.popitem(last=False)
+                        with contextlib.suppress(KeyError):
+                            self._text_cache.popitem(last=False)
         return torch.stack(out)  # type: ignore[arg-type]
 
     def class_embeddings(self, labels: Sequence[LabelSpec]) -> torch.Tensor:

@@ -41,7 +41,8 @@ def register(sub: typing.Any) -> argparse.ArgumentParser:
     p.add_argument("--no-batching", action="store_true", help="run each request alone (baseline for benchmarks)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help=f"images per model batch (default: {d.max_batch_size})")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
-                   help=f"how long a batch waits for more requests (default: {d.max_wait_ms:g})")
+                   help="how long a request may wait in the queue for others to share its batch "
+                        f"(default: {d.max_wait_ms:g})")
     p.add_argument("--max-images", type=int, default=d.max_images, help=f"images per request (default: {d.max_images})")
     p.add_argument("--max-labels", type=int, default=d.max_labels,
                    help=f"labels per request, labels and extra_labels together (default: {d.max_labels})")

@@ -13,10 +13,10 @@
     GET  /               a page over this API (tags, zero-shot labels, catalogue search)
     GET  /gallery/{row}  a catalogue image of the index, by its row (the page's gallery)
 
-A model thread runs the image batches and a text thread the text work (MicroBatcher).
-Image requests are queued and run together (micro-batching: up to `max_batch_size`
-images, waiting at most `max_wait_ms` for company), so concurrent clients share forward
-passes. `labels` means what it means in
+A model thread runs the image batches, a text thread the text work and a bulk thread the
+text work of large requests (MicroBatcher). Image requests are queued and run together
+(micro-batching: up to `max_batch_size` images; a batch waits for company until its first
+request has been queued `max_wait_ms`), so concurrent clients share forward passes. `labels` means what it means in
 `mumic predict --labels` and Predictor.predict_proba: score exactly these labels;
 `extra_labels` adds labels to the run's. The run's class embeddings are computed once at
 start; zero-shot labels are embedded on first use and kept in a bounded LRU cache.
@@ -37,12 +37,15 @@ count one each (`max_pending_images`), texts (the prompts of new zero-shot label
 request's images are decoded before any of its labels is embedded, text work runs in
 small jobs on a thread of its own at a lower CPU priority (image batches never wait
 behind it, and on a busy CPU it yields to them and to the event loop) and takes at most
-`text_share_pct` percent of that thread's time, and the queued work of a client that
+`text_share_pct` percent of that thread's time; the jobs of a request of more than one
+job's worth (many new labels, many or long texts) run on the bulk thread instead, at the
+lowest priority and on a budget of the same size of their own (so they never crowd out
+or hold up a small query), and the queued work of a client that
 hangs up is dropped. Decoding holds at most `max_decoded_bytes` per image (checked from
 the header), `max_decoding_bytes` for all decodes at once, on at most `decode_threads`
 threads, one kept for small images (`decoding.DecodeGate`); thumbnails decode on the
 event loop, and a large decode runs in a worker process of its own (off the service's
-GIL; a crash there fails that upload with 503) at a lower CPU priority and gives its
+GIL; a crash there fails that upload with 503) as background work and gives its
 freed memory back to the system. What loading made is frozen out of the garbage collector while
 serving (a full collection of it would stall the event loop), the model's onnxruntime
 pools do not spin when idle, and a response goes out in one send.

@@ -1,6 +1,7 @@
 """Micro-batching: image requests waiting together share a forward pass on the model
 thread; text work (label prompts, /embed/text) runs in small jobs on a text thread of its
-own, within its share of the CPU; each kind of work within its own queue limit."""
+own, within its share of the CPU, and large text requests' jobs on a thread of background
+priority; each kind of work within its own queue limit."""
 
 import collections
 import concurrent.futures
@@ -15,11 +16,17 @@ from mumic.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
+#: the bulk thread runs at the lowest priority (not SCHED_IDLE: a thread of this process
+#: holds the GIL for stretches, and one preempted while holding it would stall the event
+#: loop until the CPU had nothing better to do)
+BULK_NICE = 19
+
 
 class _Job:
-    __slots__ = ("pixels", "fn", "future", "n")
+    __slots__ = ("pixels", "fn", "future", "n", "queued_at")
 
-    def __init__(self, pixels: Any, fn: Callable[[], Any] | None, n: int) -> None:
+    def __init__(self, pixels: Any, fn: Callable[[], Any] | None, n: int, queued_at: float = 0.0) -> None:
+        self.queued_at = queued_at
         self.pixels = pixels
         self.fn = fn
         self.n = n
@@ -29,32 +36,41 @@ class _Job:
 class _Lane:
     """Queued work of one kind and the image-equivalents it holds against its limit."""
 
-    __slots__ = ("name", "limit", "jobs", "pending")
+    __slots__ = ("name", "limit", "jobs", "pending", "next_at", "ran")
 
     def __init__(self, name: str, limit: int) -> None:
         self.name = name
         self.limit = limit
         self.jobs: collections.deque[_Job] = collections.deque()
         self.pending = 0
+        self.next_at = float("-inf")  # a text lane's next job starts at this time (clock) at the earliest
+        self.ran = 0  # a text lane's jobs run so far
 
 
 class MicroBatcher:
-    """Two worker threads: the model thread runs image batches, the text thread text jobs.
+    """Three worker threads: the model thread runs image batches, the text thread text
+    jobs, the bulk thread the text jobs of large requests.
 
     Image jobs ([n, 3, S, S] uint8 each) waiting together are concatenated into one batch
-    of at most max_batch_size images; the first job of a batch waits at most max_wait_ms
-    for others. Text jobs (`call`: label prompts, /embed/text; the service cuts text work
+    of at most max_batch_size images; a batch waits for more jobs until its first job has
+    been queued for max_wait_ms (a job that waited behind a running batch that long goes
+    at once). Text jobs (`call`: label prompts, /embed/text; the service cuts text work
     into small jobs) run one at a time on the text thread, so an image batch never waits
-    behind text: the towers are used for inference only, from these two threads, and
-    share no state. The text thread runs `text_nice` nice levels below the caller (Linux),
-    so that on a busy CPU it yields to the image batches and the event loop, and the
-    threads it starts (torch's) inherit that. Text work takes at most `text_share` of the text thread's time: after
-    a text job of d seconds the next one starts d x (1 - text_share) / text_share seconds
-    later at the earliest, so a flood of text cannot keep a CPU core busy all the time
-    that the event loop, the decoders and the image batches need.
+    behind text: the towers are used for inference only, from these threads, and share
+    no state. Jobs submitted with bulk=True (the service's large text requests: many new
+    zero-shot labels, many or long texts) run on the bulk thread instead, so that a small
+    text job never waits behind them. The text thread runs `text_nice` nice levels below
+    the caller (Linux), the bulk thread at nice 19 (BULK_NICE), so that on a busy CPU they
+    yield to the image batches and the event loop, and the threads they start (torch's)
+    inherit that. Each takes at most `text_share` of its thread's time: after a job of d
+    seconds the next one starts d x (1 - text_share) / text_share seconds later at the
+    earliest, so a flood of text cannot keep a CPU core busy all the time that the event
+    loop, the decoders and the image batches need.
 
-    Admission counts image-equivalents, in two separate budgets: images against
-    max_pending, text work against max_pending_texts (the cost it is given). While any
+    Admission counts image-equivalents, in three separate budgets: images against
+    max_pending, text work against max_pending_texts (the cost it is given), and bulk
+    text work against a budget of the same size of its own (so that large requests
+    never crowd small text work out). While any
     work of its kind is queued or running, a job that would take its kind past the limit
     is refused: submit, call and reserved raise ServiceError 503 with Retry-After. So a
     flood of text work is refused on its own budget and never fills the image queue. A
@@ -85,18 +101,20 @@ class MicroBatcher:
         self.text_share = float(text_share)
         self.text_nice = int(text_nice)
         self._clock = clock
-        self._text_at = float("-inf")  # the next text job starts at this time (clock) at the earliest
         self._images = _Lane("images", max_pending)
         self._texts = _Lane("text", max_pending_texts)
+        self._bulk = _Lane("bulk text", max_pending_texts)
         self._cond = threading.Condition()
         self._stopped = False
         self.batches = 0
         self.images = 0
         self.largest_batch = 0
-        self.text_jobs = 0
         self.skipped = 0  # jobs cancelled before their turn
-        self._threads = [threading.Thread(target=self._image_loop, name=name, daemon=True),
-                         threading.Thread(target=self._text_loop, name=f"{name}-text", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._image_loop, name=name, daemon=True),
+            threading.Thread(target=self._call_loop, args=(self._texts, self.text_nice), name=f"{name}-text", daemon=True),
+            threading.Thread(target=self._call_loop, args=(self._bulk, BULK_NICE), name=f"{name}-bulk", daemon=True),
+        ]
 
     @property
     def max_pending(self) -> int:
@@ -107,10 +125,10 @@ class MicroBatcher:
         return self._texts.limit
 
     def texts_full(self) -> bool:
-        """True when no text work, of any cost, would be admitted now (the text budget is
-        full): a request can be refused before its body is read."""
+        """True when no text work, of any cost, would be admitted now (the text budgets,
+        small and bulk, are full): a request can be refused before its body is read."""
         with self._cond:
-            return self._stopped or self._texts.pending >= self._texts.limit
+            return self._stopped or all(lane.pending >= lane.limit for lane in (self._texts, self._bulk))
 
     def start(self) -> None:
         for thread in self._threads:
@@ -129,8 +147,10 @@ class MicroBatcher:
     def stats(self) -> dict[str, Any]:
         return {
             "enabled": self.enabled, "max_batch_size": self.max_batch_size, "max_wait_ms": self.max_wait * 1000.0,
-            "batches": self.batches, "images": self.images, "largest_batch": self.largest_batch, "text_jobs": self.text_jobs,
-            "pending_images": self._images.pending, "pending_texts": self._texts.pending, "skipped": self.skipped,
+            "batches": self.batches, "images": self.images, "largest_batch": self.largest_batch, "text_jobs": self._texts.ran,
+            "bulk_jobs": self._bulk.ran,
+            "pending_images": self._images.pending, "pending_texts": self._texts.pending,
+            "pending_bulk_texts": self._bulk.pending, "skipped": self.skipped,
         }
 
     def _admit(self, lane: _Lane, n: int) -> None:
@@ -158,28 +178,31 @@ class MicroBatcher:
         """Queue uint8 pixels [n, 3, S, S]; the future gives the unnormalised embeddings [n, D]."""
         n = int(pixels.shape[0])
         self._admit(self._images, n)
-        job = _Job(pixels, None, n)
+        job = _Job(pixels, None, n, self._clock())
         self._put(self._images, job)
         return job.future
 
     @contextlib.contextmanager
-    def reserved(self, cost: int) -> Iterator[None]:
-        """Hold `cost` image-equivalents of the text budget for the block (503 when they do
-        not fit): text work submitted in several jobs is admitted, or refused, once."""
+    def reserved(self, cost: int, bulk: bool = False) -> Iterator[None]:
+        """Hold `cost` image-equivalents of the text budget (the bulk one with bulk=True)
+        for the block (503 when they do not fit): text work submitted in several jobs is
+        admitted, or refused, once."""
         cost = max(0, int(cost))
-        self._admit(self._texts, cost)
+        lane = self._bulk if bulk else self._texts
+        self._admit(lane, cost)
         try:
             yield
         finally:
-            self._release(self._texts, cost)
+            self._release(lane, cost)
 
-    def call(self, fn: Callable[[], Any], cost: int = 0) -> concurrent.futures.Future:
-        """Run fn() on the text thread, as a text job; `cost` (image-equivalents) counts
-        against max_pending_texts until it has run."""
+    def call(self, fn: Callable[[], Any], cost: int = 0, bulk: bool = False) -> concurrent.futures.Future:
+        """Run fn() on the text thread, as a text job (on the bulk thread with bulk=True);
+        `cost` (image-equivalents) counts against its budget until it has run."""
         cost = max(0, int(cost))
-        self._admit(self._texts, cost)
+        lane = self._bulk if bulk else self._texts
+        self._admit(lane, cost)
         job = _Job(None, fn, cost)
-        self._put(self._texts, job)
+        self._put(lane, job)
         return job.future
 
     # ------------------------------------------------------------------ the worker threads
@@ -195,7 +218,7 @@ class MicroBatcher:
             job = images.popleft()
             batch, n = [job], job.n
             if self.enabled:
-                deadline = time.monotonic() + self.max_wait
+                deadline = job.queued_at + self.max_wait
                 while n < self.max_batch_size and not self._stopped:
                     if images:
                         if n + images[0].n > self.max_batch_size:
@@ -204,26 +227,26 @@ class MicroBatcher:
                         batch.append(nxt)
                         n += nxt.n
                         continue
-                    remaining = deadline - time.monotonic()
+                    remaining = deadline - self._clock()
                     if remaining <= 0:
                         break
-                    self._cond.wait(remaining)
+                    self._cond.wait(min(remaining, 1.0))  # the clock may be a test's: look again
             return batch
 
-    def _next_text(self) -> _Job | None:
-        """The next text job once its share allows (for the text thread); None once stopped
-        and the text work queued before has run."""
-        texts = self._texts.jobs
+    def _next_call(self, lane: _Lane) -> _Job | None:
+        """The next job of a text lane once its share allows (for that lane's thread); None
+        once stopped and the work queued before has run."""
+        jobs = lane.jobs
         with self._cond:
             while True:
-                if not texts:
+                if not jobs:
                     if self._stopped:
                         return None
                     self._cond.wait()
                     continue
-                wait = self._text_at - self._clock()
+                wait = lane.next_at - self._clock()
                 if self._stopped or wait <= 0:
-                    return texts.popleft()
+                    return jobs.popleft()
                 self._cond.wait(min(max(wait, 0.001), 1.0))  # the clock may be a test's: look again
 
     def _image_loop(self) -> None:
@@ -231,31 +254,32 @@ class MicroBatcher:
             self._run_batch(batch)
         self._fail_leftovers(self._images)
 
-    def _text_loop(self) -> None:
-        if self.text_nice > 0:
+    def _call_loop(self, lane: _Lane, nice: int) -> None:
+        if nice > 0:
             from mumic.serve.decoding import lower_priority
 
-            lower_priority(self.text_nice)
-        while (job := self._next_text()) is not None:
-            self._run_call(job)
-        self._fail_leftovers(self._texts)
+            lower_priority(nice)
+        while (job := self._next_call(lane)) is not None:
+            self._run_call(job, lane)
+        self._fail_leftovers(lane)
 
-    def _run_call(self, job: _Job) -> None:
+    def _run_call(self, job: _Job, lane: _Lane) -> None:
+        """Run a text job; its lane's next job may start once the share allows."""
         try:
             if not job.future.set_running_or_notify_cancel():
                 self.skipped += 1
                 return
             assert job.fn is not None  # only call jobs are queued as text
-            self.text_jobs += 1
+            lane.ran += 1
             start = self._clock()
             try:
                 job.future.set_result(job.fn())
             except BaseException as e:  # handed to the waiting request
                 job.future.set_exception(e)
             end = self._clock()
-            self._text_at = end + (end - start) * (1.0 - self.text_share) / self.text_share
+            lane.next_at = end + (end - start) * (1.0 - self.text_share) / self.text_share
         finally:
-            self._release(self._texts, job.n)
+            self._release(lane, job.n)
 
     def _run_batch(self, batch: list[_Job]) -> None:
         import torch

@@ -75,7 +75,7 @@ def trim_memory() -> None:
 
 
 #: large decodes run this much nicer than the rest of the service (in their worker
-#: processes), so that on a busy CPU the event loop and the model thread are served first
+#: processes) where background scheduling is not available
 LARGE_DECODE_NICE = 10
 
 
@@ -89,12 +89,30 @@ def lower_priority(by: int = LARGE_DECODE_NICE) -> None:
         pass
 
 
+def run_in_background(nice: int = LARGE_DECODE_NICE) -> bool:
+    """Make the calling thread background work: Linux's SCHED_IDLE policy, under which it
+    runs only on CPU time that no ordinary thread wants, and an ordinary thread that wakes
+    takes its CPU at once (a nice level still leaves a waking thread waiting for the
+    running one's time slice, and that wait is what an event loop's latency is made of).
+    Where SCHED_IDLE is not available, `nice` levels lower instead. True when
+    SCHED_IDLE was set. Neither can be undone without privileges."""
+    lower_priority(nice)  # also the fallback; threads started from here inherit both
+    policy = getattr(os, "SCHED_IDLE", None)
+    if policy is None:
+        return False
+    try:
+        os.sched_setscheduler(threading.get_native_id(), policy, os.sched_param(0))
+    except OSError:
+        return False
+    return True
+
+
 def _worker_start(nice: int) -> None:
     """A decode worker process starts here: Ctrl-C is the service's to handle (it stops
-    the workers), the allocator gives large buffers back, and the priority is lowered."""
+    the workers), the allocator gives large buffers back, and it runs as background work."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_malloc()
-    lower_priority(nice)
+    run_in_background(nice)
 
 
 class _Refused(NamedTuple):
@@ -150,8 +168,8 @@ class DecodeGate:
     kind's bytes runs when no other of its kind runs. At most `queue_factor` x its
     threads decodes of a kind wait; beyond that, 503 with Retry-After (the client holds
     its upload instead of the service). Large decodes run in worker processes of their
-    own at a lower CPU priority (`run_large`, LARGE_DECODE_NICE): on a busy CPU an
-    ordinary request waits less for the event loop while a huge image decodes.
+    own as background work (`run_large`, run_in_background): on a busy CPU an ordinary
+    request does not wait for the event loop or the model thread while a huge image decodes.
     """
 
     def __init__(self, budget: int, threads: int, small_bytes: int, queue_factor: dict[str, int] | None = None) -> None:
@@ -170,7 +188,7 @@ class DecodeGate:
         self._large_pool: concurrent.futures.ProcessPoolExecutor | None = None
 
     async def run_large(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """fn(*args) in a large-decode worker process (at a lower CPU priority; started on
+        """fn(*args) in a large-decode worker process (background work; started on
         the first call): `fn` and `args` must pickle, an UploadError comes back as itself.
         A worker that dies (a decoder crash, the kernel's OOM killer) fails the decodes it
         held with 503; the next call starts new workers."""

@@ -48,7 +48,9 @@ class Limits:
     own, so that an image batch never waits behind it, on `text_threads` threads of the
     `lite` text tower's onnxruntime session (small jobs gain nothing from more, and lose
     much on a busy CPU; a PyTorch text tower uses torch's threads), and takes at most
-    `text_share_pct` percent of that thread's time (see MicroBatcher).
+    `text_share_pct` percent of that thread's time; a request of more than one job's
+    worth runs its jobs on a bulk thread at the lowest priority instead, on a budget of
+    max_pending_texts of their own (see MicroBatcher).
     """
 
     max_request_bytes: int = 64 * 2**20

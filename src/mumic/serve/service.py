@@ -174,7 +174,7 @@ class Service:
         /embed/text request is refused from its headers, before its body is parsed."""
         if not self.batcher.texts_full():
             return None
-        return (f"the service is busy (its text work budget of {self.batcher.max_pending_texts} image-equivalents is full); "
+        return (f"the service is busy (its text work budgets of {self.batcher.max_pending_texts} image-equivalents are full); "
                 "retry shortly")
 
     def _text_chunks(self, chars: list[int]) -> list[slice]:
@@ -192,14 +192,21 @@ class Service:
             out.append(slice(start, len(chars)))
         return out
 
+    def is_bulk(self, cost: int) -> bool:
+        """Whether text work of `cost` image-equivalents is a large request's, run as
+        background work on the batcher's bulk thread, on the bulk budget: more than one
+        job's worth."""
+        return cost > self.limits.text_job_images
+
     async def embed_text_list(self, texts: list[str], watch: ClientWatch) -> Any:
         """[n, D] normalised text embeddings, admitted by their cost and computed in batch-sized jobs."""
         parts = []
-        with self.batcher.reserved(self.text_cost(texts)):  # 503 here when the queue is full
+        cost = self.text_cost(texts)
+        with self.batcher.reserved(cost, self.is_bulk(cost)):  # 503 here when the queue is full
             for part in self._text_chunks([len(t) for t in texts]):
                 watch.check()
                 job = functools.partial(self._text_embeddings, texts[part])
-                parts.append(np.asarray(await watch.result(self.batcher.call(job))))
+                parts.append(np.asarray(await watch.result(self.batcher.call(job, bulk=self.is_bulk(cost)))))
         return np.concatenate(parts)
 
     @contextlib.asynccontextmanager
@@ -269,17 +276,20 @@ class Service:
     async def label_params(self, specs: list[Any], watch: ClientWatch) -> tuple[list[Any], Any, Any]:
         """Specs, [C, D] class embeddings and [C] biases of `specs` (from LabelBank.requested):
         zero-shot ones are embedded on the text thread the first time they are asked for,
-        admitted by the cost of their prompts and computed in batch-sized jobs."""
+        admitted by the cost of their prompts and computed in batch-sized jobs (many of
+        them on the bulk thread, see is_bulk)."""
         bank = self.bank
         rows = bank.known_rows(specs)
         todo = [s for s in specs if s.name not in rows]
         if todo:
             prompts = [s.texts(self.model.templates) for s in todo]
-            with self.batcher.reserved(self.text_cost([t for p in prompts for t in p])):  # 503 here when the queue is full
+            cost = self.text_cost([t for p in prompts for t in p])
+            with self.batcher.reserved(cost, self.is_bulk(cost)):  # 503 here when the queue is full
                 for part in self._text_chunks([sum(map(len, p)) for p in prompts]):
                     watch.check()
                     chunk = todo[part]
-                    tv, tb = await watch.result(self.batcher.call(functools.partial(bank.compute, chunk)))
+                    job = functools.partial(bank.compute, chunk)
+                    tv, tb = await watch.result(self.batcher.call(job, bulk=self.is_bulk(cost)))
                     bank.put(chunk, tv, tb)
                     rows.update({s.name: (tv[i], tb[i]) for i, s in enumerate(chunk)})
         return bank.params(specs, rows)
