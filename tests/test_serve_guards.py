@@ -179,6 +179,25 @@ def _block_text_threads(svc, cost=1):
     return gate, SimpleNamespace(result=lambda timeout: [j.result(timeout) for j in jobs])
 
 
+def test_image_batches_run_on_model_threads(run, image):
+    """By default on the usable CPUs but one (at least one); the setting reaches the image
+    tower's onnxruntime session, and the CLI takes it as --model-threads."""
+    from mumic.cli import build_parser
+    from mumic.cli.serve import _limits
+    from mumic.serve import Limits
+    from mumic.serve.limits import usable_cpus
+
+    assert Limits().model_threads == max(1, usable_cpus() - 1)
+    with pytest.raises(ConfigError, match="model_threads must be a positive integer"):
+        Limits(model_threads=0)
+    args = build_parser().parse_args(["serve", "RUN", "--model-threads", "3"])
+    assert _limits(args)["model_threads"] == 3
+    with client(run, model_threads=1) as c:
+        session = c.app.state.model._onnx_tower.session
+        assert session.get_session_options().intra_op_num_threads == 1
+        assert c.post("/predict", files=[("images", ("a.png", image, "image/png"))]).status_code == 200
+
+
 def test_text_and_label_work_is_admitted_by_its_cost(run, image):
     with client(run, max_pending_texts=8, text_chars_per_image=100) as c:
         svc = c.app.state.service

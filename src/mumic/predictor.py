@@ -70,15 +70,17 @@ class Predictor(MuMIC):
         self._compiled_tower = torch.compile(self.backbone.image_features, **kwargs)
         return self
 
-    def set_engine(self, engine: str = "auto", cache_dir: str | Path | None = None, text_threads: int | None = None) -> Predictor:
+    def set_engine(self, engine: str = "auto", cache_dir: str | Path | None = None, text_threads: int | None = None,
+                   image_threads: int | None = None) -> Predictor:
         """Which engine runs the image tower at inference: "torch", "onnxruntime" (CPU
         only; the graph is exported once and cached), or "auto" (onnxruntime on the CPU,
-        torch on GPUs). With onnxruntime, a frozen `lite` text tower runs there too, on
-        `text_threads` threads (default: torch's). Training always runs in PyTorch.
-        Returns the predictor."""
+        torch on GPUs). onnxruntime runs the image tower on `image_threads` threads
+        (default: torch's), and a frozen `lite` text tower there too, on `text_threads`
+        threads (default: torch's). Training always runs in PyTorch. Returns the predictor."""
 
         chosen = resolve_engine(engine, self.device)
-        self._onnx_tower = OnnxImageTower(self.backbone, cache_dir=cache_dir) if chosen == "onnxruntime" else None
+        self._onnx_tower = (OnnxImageTower(self.backbone, cache_dir=cache_dir, threads=image_threads)
+                            if chosen == "onnxruntime" else None)
         use_onnx_text = getattr(self.backbone, "use_onnx_text", None)  # backbones whose text tower has a graph
         if use_onnx_text is not None:
             use_onnx_text(chosen == "onnxruntime", cache_dir, text_threads)

@@ -58,6 +58,9 @@ def register(sub: typing.Any) -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=None,
                    help="images decoded at once, all requests together; one is kept for small images, large ones "
                         "decode in worker processes (default: one per usable CPU)")
+    p.add_argument("--model-threads", type=int, default=None,
+                   help="threads an image batch runs on (onnxruntime's and torch's; default: one per usable CPU but one, "
+                        "which is kept for the service's event loop)")
     p.add_argument("--max-pending", type=int, default=d.max_pending_images,
                    help=f"images queued for the model; beyond it 503 (default: {d.max_pending_images})")
     p.add_argument("--max-pending-texts", type=int, default=d.max_pending_texts,
@@ -88,6 +91,7 @@ def _limits(args: argparse.Namespace) -> dict[str, typing.Any]:
         "max_decoding_bytes": args.max_decoding_bytes,
         "max_pending_images": args.max_pending, "max_pending_texts": args.max_pending_texts,
         **({"decode_threads": args.decode_threads} if args.decode_threads is not None else {}),
+        **({"model_threads": args.model_threads} if args.model_threads is not None else {}),
         "max_buffered_bytes": args.max_buffered_bytes, "header_timeout_s": args.header_timeout,
         "body_timeout_s": args.body_timeout, "keep_alive_s": args.keep_alive_timeout,
     }
@@ -120,7 +124,7 @@ def _is_loopback(host: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from mumic.errors import ConfigError
-    from mumic.serve import create_app, protocol_class
+    from mumic.serve import Limits, create_app, protocol_class
 
     try:
         import uvicorn
@@ -142,8 +146,12 @@ def run(args: argparse.Namespace) -> int:
     from mumic.serve.decoding import tune_malloc
 
     tune_malloc()  # before the model and the worker threads start
+    limits = Limits.from_kwargs(**_limits(args))  # checked before the model loads
+    import torch
+
+    torch.set_num_threads(limits.model_threads)  # this process serves: torch's share of the CPU is the batches'
     app = create_app(args.run, index=args.index, device=args.device, engine=args.engine, exposure=exposure,
-                     **_limits(args))  # limits checked first
+                     **_limits(args))
     uvicorn.run(
         app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_connections,
         http=protocol_class(args.header_timeout), timeout_keep_alive=args.keep_alive_timeout,

@@ -27,6 +27,12 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def model_threads_default() -> int:
+    """Threads for the image batches by default: the usable CPUs but one (kept for the
+    event loop), at least one."""
+    return max(1, usable_cpus() - 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """Request limits and batching settings of the service (all per request unless noted).
@@ -50,7 +56,11 @@ class Limits:
     much on a busy CPU; a PyTorch text tower uses torch's threads), and takes at most
     `text_share_pct` percent of that thread's time; a request of more than one job's
     worth runs its jobs on a bulk thread at the lowest priority instead, on a budget of
-    max_pending_texts of their own (see MicroBatcher).
+    max_pending_texts of their own (see MicroBatcher). An image batch runs on
+    `model_threads` threads (onnxruntime's image session; `mumic serve` sets torch's to
+    the same), by default one per usable CPU but one: with all of them, every batch
+    would take the event loop's CPU away, and a batch's threads would wait for each
+    other whenever one of them lost its CPU.
     """
 
     max_request_bytes: int = 64 * 2**20
@@ -76,6 +86,7 @@ class Limits:
     text_share_pct: int = 50
     label_cache_size: int = 4096
     decode_threads: int = dataclasses.field(default_factory=usable_cpus)
+    model_threads: int = dataclasses.field(default_factory=model_threads_default)
     #: slow and abusive clients (whole service: bodies held in memory at once; per connection: timeouts)
     max_buffered_bytes: int = 256 * 2**20
     header_timeout_s: float = 10.0

@@ -123,7 +123,8 @@ class Service:
         self.run_name = Path(run_dir).name
         self.model = model = Predictor.from_run(run_dir, device=device)
         model.eval()
-        model.set_engine(engine, text_threads=lim.text_threads)  # text jobs are small: more threads gain nothing on a busy CPU
+        # text jobs are small: more threads gain nothing on a busy CPU; image batches leave a core to the event loop
+        model.set_engine(engine, text_threads=lim.text_threads, image_threads=lim.model_threads)
         self.size = model.backbone.image_size
         self.dim = model.backbone.embed_dim
         self.bank = LabelBank(model, lim.label_cache_size)
