@@ -1,6 +1,7 @@
 """Load test of `mumic serve` under abuse: good clients and abusive ones at once, on loopback.
 
     python benchmarks/abuse_load.py [--run RUN] [--quick] [--good N] [--abusive N] [--duration S] [--kinds REGEX]
+                                    [--model-threads N]
 
 Without --run it trains a small `lite` run at 64 px on generated shapes first. The server
 runs as its own process on 127.0.0.1 with tight limits (printed); this process is the
@@ -23,7 +24,8 @@ Reports the requests sent and the answers per kind, the count of server errors (
 than 503 "busy": must be 0) and of requests left unanswered (must be 0), p50/p99 latency of
 /health and of good /predict (idle and under abuse), and the server's RSS on the idle
 server and its peak (VmHWM from /proc/<pid>/status; the server process and its decode
-worker processes summed), with the targets: 0 server errors,
+worker processes summed), the share of the abuse phase in which the server's event loop
+thread ran and in which it waited, runnable, for a CPU (Linux schedstat), with the targets: 0 server errors,
 good /predict p99 under abuse within 5x of idle, peak memory within 1.5x of idle: for
 each, the value under abuse, the idle baseline measured in the same run on the same server
 (with the good clients' own mix, /embed/text included), the ratio and met / not met, and
@@ -376,6 +378,16 @@ def abuse_phase(port: int, images: list[bytes], good: int, abusive: int, duratio
     return res
 
 
+def _schedstat(pid: int) -> tuple[float, float] | None:
+    """(seconds run, seconds waited runnable for a CPU) of the thread `pid` (a process's
+    main thread: its event loop, for the server), Linux; None elsewhere."""
+    try:
+        run_ns, wait_ns = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return int(run_ns) / 1e9, int(wait_ns) / 1e9
+
+
 def _load() -> str:
     try:
         return ", ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -390,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--good", type=int, default=None, help="good clients (default: 8; quick: 4)")
     p.add_argument("--abusive", type=int, default=None, help="abusive clients (default: 56; quick: 48)")
     p.add_argument("--duration", type=float, default=None, help="seconds of abuse (default: 30; quick: 10)")
+    p.add_argument("--model-threads", type=int, default=None, help="the server's --model-threads (default: its own)")
     p.add_argument("--max-requests", type=int, default=20_000, help="upper bound on requests in the abuse phase")
     p.add_argument("--kinds", metavar="REGEX", help="only the attacks whose names match (default: all)")
     a = p.parse_args(argv)
@@ -410,14 +423,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run, paths = train_small_run(work)
         images = [Path(x).read_bytes() for x in paths]
-        server = ServeProcess(run, work / "server.log", *(x for kv in LIMITS.items() for x in kv))
+        threads = ("--model-threads", a.model_threads) if a.model_threads is not None else ()
+        server = ServeProcess(run, work / "server.log", *(x for kv in LIMITS.items() for x in kv), *threads)
         try:
             asyncio.run(idle_phase(server.port, images[0], 1.0))  # warm-up
             health_idle, predict_idle, text_idle = asyncio.run(idle_phase(server.port, images[0], idle))
             rss_before = server.memory_mib("VmRSS")
             peak_idle = server.memory_mib("VmHWM")
             reset = all([reset_peak(pid) for pid in server.pids()])  # from here VmHWM is the peak under abuse
+            sched_before, abuse_s = _schedstat(server.proc.pid), time.perf_counter()
             res = abuse_phase(server.port, images, good, abusive, duration, a.max_requests, a.kinds)
+            sched_after, abuse_s = _schedstat(server.proc.pid), time.perf_counter() - abuse_s
             health_after = asyncio.run(call(server.port, get("/health")))[0]
             peak = server.memory_mib("VmHWM")
         finally:
@@ -455,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server memory: RSS {rss_before:.0f} MiB on the idle server (peak so far {peak_idle:.0f} MiB), "
           f"peak under abuse (VmHWM{' reset before the abuse' if reset else ', since start'}) {peak:.0f} MiB; "
           f"health after the abuse: {health_after}; exit code on SIGINT: {code}; tracebacks in its log: {log.count('Traceback')}")
+    if sched_before and sched_after:
+        ran, waited = (after - before for after, before in zip(sched_after, sched_before))
+        print(f"server event loop thread under abuse: ran {ran / abuse_s:.0%} of the time, waited runnable for a CPU "
+              f"{waited / abuse_s:.0%}")
     print(f"total time {time.perf_counter() - t_start:.0f} s")
     p_ratio, m_ratio, h_ratio = p_abuse[1] / p_idle[1], peak / rss_before, h_abuse[1] / h_idle[1]
     checks = [  # (what, under abuse, idle baseline of this run, ratio or count, target, met)

@@ -146,12 +146,12 @@ def run(args: argparse.Namespace) -> int:
     from mumic.serve.decoding import tune_malloc
 
     tune_malloc()  # before the model and the worker threads start
-    limits = Limits.from_kwargs(**_limits(args))  # checked before the model loads
+    limits = _limits(args)
     import torch
 
-    torch.set_num_threads(limits.model_threads)  # this process serves: torch's share of the CPU is the batches'
-    app = create_app(args.run, index=args.index, device=args.device, engine=args.engine, exposure=exposure,
-                     **_limits(args))
+    # this process serves: torch's share of the CPU is the batches' (the limits are checked before the model loads)
+    torch.set_num_threads(Limits.from_kwargs(**limits).model_threads)
+    app = create_app(args.run, index=args.index, device=args.device, engine=args.engine, exposure=exposure, **limits)
     uvicorn.run(
         app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_connections,
         http=protocol_class(args.header_timeout), timeout_keep_alive=args.keep_alive_timeout,

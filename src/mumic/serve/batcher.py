@@ -182,13 +182,16 @@ class MicroBatcher:
         self._put(self._images, job)
         return job.future
 
+    def _text_lane(self, bulk: bool) -> _Lane:
+        return self._bulk if bulk else self._texts
+
     @contextlib.contextmanager
     def reserved(self, cost: int, bulk: bool = False) -> Iterator[None]:
         """Hold `cost` image-equivalents of the text budget (the bulk one with bulk=True)
         for the block (503 when they do not fit): text work submitted in several jobs is
         admitted, or refused, once."""
         cost = max(0, int(cost))
-        lane = self._bulk if bulk else self._texts
+        lane = self._text_lane(bulk)
         self._admit(lane, cost)
         try:
             yield
@@ -199,7 +202,7 @@ class MicroBatcher:
         """Run fn() on the text thread, as a text job (on the bulk thread with bulk=True);
         `cost` (image-equivalents) counts against its budget until it has run."""
         cost = max(0, int(cost))
-        lane = self._bulk if bulk else self._texts
+        lane = self._text_lane(bulk)
         self._admit(lane, cost)
         job = _Job(None, fn, cost)
         self._put(lane, job)

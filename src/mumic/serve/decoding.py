@@ -3,8 +3,8 @@ the cost of a decode read from its header, a gate that admits decodes by bytes a
 threads, large decodes in worker processes of their own, and giving freed memory back to
 the system after a large decode.
 
-Large decodes run in separate processes (spawned on the first one, at a lower CPU
-priority) rather than on threads: a decode holds Python's GIL for part of its work
+Large decodes run in separate processes (spawned on the first one, as background work)
+rather than on threads: a decode holds Python's GIL for part of its work
 (Pillow's conversions, the high-bit-depth arithmetic), and a lower-priority thread that
 holds it when the scheduler takes its core stalls the event loop and the model thread
 with it. A worker process shares no lock with the service, so the scheduler's priority

@@ -194,20 +194,20 @@ class Service:
         return out
 
     def is_bulk(self, cost: int) -> bool:
-        """Whether text work of `cost` image-equivalents is a large request's, run as
-        background work on the batcher's bulk thread, on the bulk budget: more than one
-        job's worth."""
+        """Whether text work of `cost` image-equivalents is a large request's, run on the
+        batcher's bulk thread and budget: more than one job's worth."""
         return cost > self.limits.text_job_images
 
     async def embed_text_list(self, texts: list[str], watch: ClientWatch) -> Any:
         """[n, D] normalised text embeddings, admitted by their cost and computed in batch-sized jobs."""
         parts = []
         cost = self.text_cost(texts)
-        with self.batcher.reserved(cost, self.is_bulk(cost)):  # 503 here when the queue is full
+        bulk = self.is_bulk(cost)
+        with self.batcher.reserved(cost, bulk):  # 503 here when the queue is full
             for part in self._text_chunks([len(t) for t in texts]):
                 watch.check()
                 job = functools.partial(self._text_embeddings, texts[part])
-                parts.append(np.asarray(await watch.result(self.batcher.call(job, bulk=self.is_bulk(cost)))))
+                parts.append(np.asarray(await watch.result(self.batcher.call(job, bulk=bulk))))
         return np.concatenate(parts)
 
     @contextlib.asynccontextmanager
@@ -285,12 +285,12 @@ class Service:
         if todo:
             prompts = [s.texts(self.model.templates) for s in todo]
             cost = self.text_cost([t for p in prompts for t in p])
-            with self.batcher.reserved(cost, self.is_bulk(cost)):  # 503 here when the queue is full
+            bulk = self.is_bulk(cost)
+            with self.batcher.reserved(cost, bulk):  # 503 here when the queue is full
                 for part in self._text_chunks([sum(map(len, p)) for p in prompts]):
                     watch.check()
                     chunk = todo[part]
-                    job = functools.partial(bank.compute, chunk)
-                    tv, tb = await watch.result(self.batcher.call(job, bulk=self.is_bulk(cost)))
+                    tv, tb = await watch.result(self.batcher.call(functools.partial(bank.compute, chunk), bulk=bulk))
                     bank.put(chunk, tv, tb)
                     rows.update({s.name: (tv[i], tb[i]) for i, s in enumerate(chunk)})
         return bank.params(specs, rows)
